@@ -1,0 +1,48 @@
+# Infinite-LLM: build, run locally, test. `make help` lists the targets.
+
+CARGO   ?= cargo
+WORKERS ?= 3
+PORT    ?= 8000
+# Per-worker KV pool cap in rBlocks, and a Hugging Face model folder; both optional.
+KV_BLOCKS ?=
+MODEL     ?=
+PYTHON  ?= python3
+VENV    := .venv
+
+WORKER_BIN := target/release/infinite-llm-worker
+
+.PHONY: help build run test lint unit test-python bench venv
+
+help:
+	@echo "make run        local pool: WORKERS=$(WORKERS) workers behind http://127.0.0.1:$(PORT) (MODEL=, KV_BLOCKS=)"
+	@echo "make test       every check: fmt, clippy, Rust tests, the openai client against make run"
+	@echo "make bench      CPU decode tokens/s against candle-transformers"
+
+build:
+	$(CARGO) build --release --workspace --bins
+
+run: build
+	$(WORKER_BIN) local --workers $(WORKERS) --port $(PORT) \
+		$(if $(KV_BLOCKS),--kv-blocks $(KV_BLOCKS)) $(if $(MODEL),--model $(MODEL))
+
+test: lint unit test-python
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --release --workspace
+
+$(VENV)/.installed: tests/python/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -r tests/python/requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+test-python: build venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash tests/python/run_against_local.sh
+
+bench:
+	$(CARGO) bench -p infinite-llm-worker --bench decode

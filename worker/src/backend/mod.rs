@@ -1,0 +1,139 @@
+//! The operations the model needs, behind one trait, so the engine runs the same on CPU and GPU.
+//!
+//! Activations are row-major `[rows, width]` buffers. Weights are `[out, in]` matrices as Hugging
+//! Face stores them. The KV cache is one allocation of rBlocks for all layers.
+
+pub mod cpu;
+mod cpu_attention;
+
+use std::ops::Range;
+
+/// Geometry of the paged KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvShape {
+    pub layers: usize,
+    pub blocks: usize,
+    pub block_tokens: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvShape {
+    /// Floats of K (or of V) in one rBlock of one layer.
+    pub fn block_floats(&self) -> usize {
+        self.block_tokens * self.kv_heads * self.head_dim
+    }
+
+    /// Bytes one rBlock takes for all layers, K and V, in f32.
+    pub fn block_bytes_f32(&self) -> usize {
+        2 * self.layers * self.block_floats() * std::mem::size_of::<f32>()
+    }
+}
+
+/// A run of consecutive tokens stored in one rBlock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvSegment {
+    pub block: u32,
+    /// Position (in the request) of the block's first token.
+    pub first_pos: u32,
+    /// Tokens of the block that hold data.
+    pub tokens: u32,
+}
+
+/// One request's share of an attention call: its query rows and the KV segments they attend to.
+/// A query row at position `p` sees the KV tokens at positions `<= p` (causal); segments wholly
+/// before the queries need no mask, which is what a creditor holding old blocks sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttnSeq {
+    pub rows: Range<usize>,
+    /// Position of the first query row; row `i` is at `first_row_pos + i`.
+    pub first_row_pos: u32,
+    pub segments: Vec<KvSegment>,
+}
+
+/// Attention geometry of the model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnShape {
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+pub trait Backend: Send + 'static {
+    /// An activation buffer of f32 values on the device.
+    type Buf: Send;
+    /// A weight matrix or vector on the device.
+    type Weight: Send + Sync;
+    /// The KV cache on the device.
+    type Kv: Send;
+
+    fn name(&self) -> &'static str;
+
+    /// Uploads a `[rows, cols]` weight (a vector has one row).
+    fn weight(&self, rows: usize, cols: usize, data: Vec<f32>) -> Self::Weight;
+    fn alloc(&self, len: usize) -> Self::Buf;
+    fn alloc_kv(&self, shape: KvShape) -> Self::Kv;
+    fn upload(&self, data: &[f32], out: &mut Self::Buf);
+    fn download(&self, buf: &Self::Buf, len: usize) -> Vec<f32>;
+
+    /// `out[r] = table[ids[r]]`.
+    fn embed(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Buf);
+    /// `out[rows, out] = x[rows, in] @ w^T (+ bias)`.
+    fn linear(
+        &self,
+        x: &Self::Buf,
+        rows: usize,
+        w: &Self::Weight,
+        bias: Option<&Self::Weight>,
+        out: &mut Self::Buf,
+    );
+    /// `out[r] = x[r] / rms(x[r]) * w`, computed in f32.
+    fn rms_norm(&self, x: &Self::Buf, rows: usize, w: &Self::Weight, eps: f32, out: &mut Self::Buf);
+    /// `acc += x` over the first `len` values.
+    fn add_assign(&self, acc: &mut Self::Buf, x: &Self::Buf, len: usize);
+    /// Rotates, in place, the first `heads` heads of each row (half-split layout, as Llama).
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        row_width: usize,
+        heads: usize,
+        head_dim: usize,
+        positions: &[u32],
+        inv_freq: &[f32],
+    );
+    /// `out[r] = silu(x[r][..width]) * x[r][width..2 width]`.
+    fn silu_mul(&self, x: &Self::Buf, rows: usize, width: usize, out: &mut Self::Buf);
+    /// Copies the `rows` rows of `[rows, row_width]` starting at column `col` (one row per slot)
+    /// into layer `layer` of the cache, K from `k_src` and V from `v_src`.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_write(
+        &self,
+        kv: &mut Self::Kv,
+        layer: usize,
+        src: &Self::Buf,
+        row_width: usize,
+        k_col: usize,
+        v_col: usize,
+        slots: &[(u32, u32)],
+    );
+    /// MicroAttention: for each query row and head, the softmax-weighted sum of V over the
+    /// sequence's KV segments (`out`, `[rows, q_heads * head_dim]`) and its log-sum-exp
+    /// (`lse`, `[rows, q_heads]`). Queries are read from `q` at column `q_col` of rows of
+    /// `q_width` values. A row that sees no token gets output 0 and lse -inf.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        q_width: usize,
+        q_col: usize,
+        kv: &Self::Kv,
+        layer: usize,
+        shape: AttnShape,
+        seqs: &[AttnSeq],
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+    );
+    /// Gathers rows `rows` of `[_, width]` into `out`, in order.
+    fn gather_rows(&self, x: &Self::Buf, width: usize, rows: &[usize], out: &mut Self::Buf);
+}

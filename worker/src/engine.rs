@@ -1,0 +1,376 @@
+//! The engine loop: one OS thread that runs model steps over the running batch, fed by a queue.
+//!
+//! The HTTP side talks to it through `EngineHandle`: a request goes in over a channel and its
+//! tokens come back over a per-request channel. The thread notices a dropped receiver before each
+//! step and frees that request's blocks at once.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc as std_mpsc};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::backend::Backend;
+use crate::backend::cpu::Cpu;
+use crate::model::llama::{Llama, StepInput};
+use crate::request::{Event, FinishReason, GenerateRequest, SubmitError};
+use crate::sampling::Sampler;
+use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
+
+/// A snapshot of what the engine is doing, read by `/metrics` and `/ready`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_blocks_total: usize,
+    pub kv_blocks_used: usize,
+    pub preemptions_total: u64,
+}
+
+/// How the engine is sized. The worker's flags map onto this one to one.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Tokens per rBlock.
+    pub block_tokens: usize,
+    /// Size of the KV pool in rBlocks (`None`: as many as `kv_memory_bytes` holds).
+    pub kv_blocks: Option<usize>,
+    /// Memory for the KV pool when `kv_blocks` is not given.
+    pub kv_memory_bytes: usize,
+    /// Most requests in one running batch.
+    pub max_num_seqs: usize,
+    /// Most tokens (prefill chunks plus decodes) in one step.
+    pub max_batched_tokens: usize,
+    /// Most requests waiting to start; beyond it `submit` answers `Overloaded`.
+    pub max_waiting: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            block_tokens: 16,
+            kv_blocks: None,
+            kv_memory_bytes: 2 << 30,
+            max_num_seqs: 64,
+            max_batched_tokens: 512,
+            max_waiting: 256,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("loading the model from {dir}: {source}")]
+    Load {
+        dir: PathBuf,
+        #[source]
+        source: crate::model::llama::ModelError,
+    },
+    #[error("invalid engine options: {0}")]
+    Options(String),
+    #[error("starting the engine thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+struct Submitted {
+    id: SeqId,
+    req: GenerateRequest,
+    tx: mpsc::UnboundedSender<Event>,
+}
+
+struct Shared {
+    accepting: AtomicBool,
+    /// Submitted but not yet taken in by the engine thread.
+    queued: AtomicUsize,
+    next_id: std::sync::atomic::AtomicU64,
+    max_context: usize,
+    max_waiting: usize,
+    max_num_seqs: usize,
+}
+
+/// Cheap to clone; every clone talks to the same engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    shared: Arc<Shared>,
+    submit: std_mpsc::Sender<Submitted>,
+    stats: watch::Receiver<EngineStats>,
+}
+
+/// Loads the model folder onto the CPU backend and starts the engine thread.
+pub fn start(model_dir: &Path, opts: EngineOptions) -> Result<EngineHandle, EngineError> {
+    let model = Llama::load(model_dir, Cpu::new()).map_err(|source| EngineError::Load {
+        dir: model_dir.to_path_buf(),
+        source,
+    })?;
+    start_with(model, opts)
+}
+
+fn start_with<B: Backend>(model: Llama<B>, opts: EngineOptions) -> Result<EngineHandle, EngineError> {
+    if opts.block_tokens == 0 || !opts.block_tokens.is_power_of_two() {
+        return Err(EngineError::Options(format!(
+            "block tokens must be a power of two, got {}",
+            opts.block_tokens
+        )));
+    }
+    if opts.max_num_seqs == 0 || opts.max_batched_tokens == 0 {
+        return Err(EngineError::Options(
+            "max_num_seqs and max_batched_tokens must be positive".into(),
+        ));
+    }
+    let probe = model.kv_shape(1, opts.block_tokens);
+    let blocks = opts
+        .kv_blocks
+        .unwrap_or(opts.kv_memory_bytes / probe.block_bytes_f32());
+    if blocks == 0 {
+        return Err(EngineError::Options("the KV pool would hold no rBlock".into()));
+    }
+    let kv = model.backend().alloc_kv(model.kv_shape(blocks, opts.block_tokens));
+    let scheduler = Scheduler::new(
+        SchedulerConfig {
+            block_tokens: opts.block_tokens,
+            max_num_seqs: opts.max_num_seqs,
+            max_batched_tokens: opts.max_batched_tokens,
+        },
+        blocks,
+    );
+    let max_context = scheduler
+        .capacity_tokens()
+        .min(model.config().max_position_embeddings);
+    tracing::info!(
+        backend = model.backend().name(),
+        kv_blocks = blocks,
+        block_tokens = opts.block_tokens,
+        max_context,
+        "engine ready"
+    );
+    let shared = Arc::new(Shared {
+        accepting: AtomicBool::new(true),
+        queued: AtomicUsize::new(0),
+        next_id: Default::default(),
+        max_context,
+        max_waiting: opts.max_waiting,
+        max_num_seqs: opts.max_num_seqs,
+    });
+    let (stats_tx, stats_rx) = watch::channel(EngineStats {
+        kv_blocks_total: blocks,
+        ..Default::default()
+    });
+    let (submit_tx, submit_rx) = std_mpsc::channel();
+    let mut runner = Runner {
+        model,
+        kv,
+        scheduler,
+        active: HashMap::new(),
+        shared: shared.clone(),
+        stats: stats_tx,
+    };
+    std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || runner.run(submit_rx))?;
+    Ok(EngineHandle {
+        shared,
+        submit: submit_tx,
+        stats: stats_rx,
+    })
+}
+
+impl EngineHandle {
+    /// Queues a request. The receiver yields its tokens; dropping it cancels the request.
+    pub fn submit(&self, req: GenerateRequest) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
+        let s = &self.shared;
+        if !s.accepting.load(Ordering::Acquire) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let prompt = req.prompt_tokens.len();
+        if prompt == 0 {
+            return Err(SubmitError::EmptyPrompt);
+        }
+        let max_tokens = req.sampling.max_tokens;
+        if prompt + max_tokens > s.max_context {
+            return Err(SubmitError::ContextLengthExceeded {
+                max: s.max_context,
+                requested: prompt + max_tokens,
+                prompt,
+                max_tokens,
+            });
+        }
+        let waiting = self.stats.borrow().waiting + s.queued.load(Ordering::Acquire);
+        if waiting >= s.max_waiting {
+            return Err(SubmitError::Overloaded {
+                waiting,
+                retry_after: self.retry_after(),
+            });
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = s.next_id.fetch_add(1, Ordering::Relaxed);
+        s.queued.fetch_add(1, Ordering::AcqRel);
+        if self.submit.send(Submitted { id, req, tx }).is_err() {
+            s.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::ShuttingDown);
+        }
+        Ok(rx)
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        *self.stats.borrow()
+    }
+
+    /// The longest prompt plus output this engine can ever hold.
+    pub fn max_context_tokens(&self) -> usize {
+        self.shared.max_context
+    }
+
+    pub fn is_accepting(&self) -> bool {
+        self.shared.accepting.load(Ordering::Acquire)
+    }
+
+    /// Stops accepting new requests; running and queued ones go on to the end.
+    pub fn stop_accepting(&self) {
+        self.shared.accepting.store(false, Ordering::Release);
+    }
+
+    /// Resolves when no request is running or waiting.
+    pub async fn wait_idle(&self) {
+        let mut rx = self.stats.clone();
+        let shared = self.shared.clone();
+        // The engine thread publishes stats after every step and whenever it goes idle.
+        let _ = rx
+            .wait_for(|s| s.running == 0 && s.waiting == 0 && shared.queued.load(Ordering::Acquire) == 0)
+            .await;
+    }
+
+    /// How long an overloaded client should wait before retrying: about the time for the
+    /// queue ahead of it to start.
+    pub fn retry_after(&self) -> Duration {
+        let waiting = self.stats.borrow().waiting;
+        Duration::from_secs(1 + (waiting / self.shared.max_num_seqs.max(1)) as u64)
+    }
+}
+
+struct Active {
+    req: GenerateRequest,
+    sampler: Sampler,
+    tx: mpsc::UnboundedSender<Event>,
+    generated: usize,
+}
+
+struct Runner<B: Backend> {
+    model: Llama<B>,
+    kv: B::Kv,
+    scheduler: Scheduler,
+    active: HashMap<SeqId, Active>,
+    shared: Arc<Shared>,
+    stats: watch::Sender<EngineStats>,
+}
+
+impl<B: Backend> Runner<B> {
+    fn run(&mut self, rx: std_mpsc::Receiver<Submitted>) {
+        loop {
+            if self.scheduler.is_idle() {
+                self.publish();
+                match rx.recv() {
+                    Ok(s) => self.admit(s),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(s) = rx.try_recv() {
+                self.admit(s);
+            }
+            self.drop_cancelled();
+            self.step();
+            self.publish();
+        }
+    }
+
+    fn admit(&mut self, s: Submitted) {
+        self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+        self.scheduler.add(s.id, s.req.prompt_tokens.clone());
+        self.active.insert(
+            s.id,
+            Active {
+                sampler: Sampler::new(s.req.sampling.clone()),
+                req: s.req,
+                tx: s.tx,
+                generated: 0,
+            },
+        );
+    }
+
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<SeqId> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.tx.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            tracing::debug!(request = id, "client went away; freeing its blocks");
+            self.finish(id);
+        }
+    }
+
+    fn finish(&mut self, id: SeqId) {
+        self.scheduler.remove(id);
+        self.active.remove(&id);
+    }
+
+    fn step(&mut self) {
+        let step = self.scheduler.schedule();
+        if !step.preempted.is_empty() {
+            tracing::debug!(preempted = ?step.preempted, "KV pool full; recomputing later");
+        }
+        if step.items.is_empty() {
+            return;
+        }
+        let logits = self.model.forward(
+            &mut self.kv,
+            &StepInput {
+                tokens: &step.tokens,
+                positions: &step.positions,
+                slots: &step.slots,
+                seqs: &step.attn,
+                logit_rows: &step.logit_rows,
+            },
+        );
+        let vocab = self.model.config().vocab_size;
+        let sampling = step.items.iter().filter(|it| it.samples);
+        for (row, item) in sampling.enumerate() {
+            let a = self.active.get_mut(&item.seq).expect("scheduled requests are active");
+            let (token, logprob) = a.sampler.sample(&logits[row * vocab..(row + 1) * vocab]);
+            a.generated += 1;
+            let sent = a.tx.send(Event::Token { id: token, logprob });
+            let eos = !a.req.sampling.ignore_eos && a.req.stop_token_ids.contains(&token);
+            let done = if eos {
+                Some(FinishReason::Stop)
+            } else if a.generated >= a.req.sampling.max_tokens {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            match (sent, done) {
+                (Err(_), _) => self.finish(item.seq),
+                (Ok(()), Some(reason)) => {
+                    let _ = a.tx.send(Event::Finished {
+                        reason,
+                        prompt_tokens: a.req.prompt_tokens.len(),
+                        completion_tokens: a.generated,
+                    });
+                    self.finish(item.seq);
+                }
+                (Ok(()), None) => self.scheduler.append_token(item.seq, token),
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let s = &self.scheduler;
+        self.stats.send_replace(EngineStats {
+            running: s.running(),
+            waiting: s.waiting(),
+            kv_blocks_total: s.blocks_total(),
+            kv_blocks_used: s.blocks_used(),
+            preemptions_total: s.preemptions(),
+        });
+    }
+}

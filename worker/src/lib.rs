@@ -1,0 +1,11 @@
+//! Infinite-LLM worker: a Llama-family inference engine with a paged KV cache of rBlocks,
+//! served over an OpenAI-compatible HTTP API.
+
+pub mod backend;
+pub mod engine;
+pub mod merge;
+pub mod model;
+pub mod rblock_pool;
+pub mod request;
+pub mod sampling;
+pub mod scheduler;

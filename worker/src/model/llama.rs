@@ -1,0 +1,287 @@
+//! The Llama-family decoder (Llama 2/3, Mistral, Qwen2) over any backend.
+//!
+//! One forward pass takes a flat batch of token rows from many requests (prefill chunks and
+//! decode tokens alike), writes their K and V into the paged cache and returns logits for the
+//! rows that need a next token.
+
+use std::path::Path;
+
+use crate::backend::{AttnSeq, AttnShape, Backend, KvShape};
+use crate::model::config::ModelConfig;
+use crate::model::weights::{Weights, WeightsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Config(#[from] crate::model::config::ConfigError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("tensor {name} has shape {got:?}, expected {want:?}")]
+    Shape {
+        name: String,
+        got: Vec<usize>,
+        want: Vec<usize>,
+    },
+}
+
+/// Most rows whose logits one lm_head GEMM produces.
+const MAX_LOGIT_ROWS: usize = 64;
+
+struct Layer<B: Backend> {
+    input_norm: B::Weight,
+    /// q, k and v projections stacked into one `[q + 2 kv, hidden]` matrix: one GEMM, not three.
+    qkv: B::Weight,
+    qkv_bias: Option<B::Weight>,
+    o: B::Weight,
+    post_norm: B::Weight,
+    /// gate and up stacked into one `[2 intermediate, hidden]` matrix.
+    gate_up: B::Weight,
+    down: B::Weight,
+}
+
+/// Per-step activations, grown to the largest step seen and then reused.
+struct Scratch<B: Backend> {
+    rows: usize,
+    x: B::Buf,
+    h: B::Buf,
+    qkv: B::Buf,
+    attn: B::Buf,
+    lse: B::Buf,
+    proj: B::Buf,
+    gate_up: B::Buf,
+    act: B::Buf,
+    logits: B::Buf,
+}
+
+/// One step's inputs. `slots[r]` is where row `r`'s K and V go.
+pub struct StepInput<'a> {
+    pub tokens: &'a [u32],
+    pub positions: &'a [u32],
+    pub slots: &'a [(u32, u32)],
+    pub seqs: &'a [AttnSeq],
+    /// Rows whose logits are wanted, in the order they are returned.
+    pub logit_rows: &'a [usize],
+}
+
+pub struct Llama<B: Backend> {
+    backend: B,
+    config: ModelConfig,
+    embed: B::Weight,
+    layers: Vec<Layer<B>>,
+    norm: B::Weight,
+    /// `None` when tied to the embedding.
+    lm_head: Option<B::Weight>,
+    inv_freq: Vec<f32>,
+    scratch: Option<Scratch<B>>,
+}
+
+impl<B: Backend> Llama<B> {
+    pub fn load(dir: &Path, backend: B) -> Result<Self, ModelError> {
+        let config = ModelConfig::from_model_dir(dir)?;
+        let weights = Weights::open(dir)?;
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (qd, kvd) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let get = |name: &str, want: &[usize]| -> Result<Vec<f32>, ModelError> {
+            let t = weights.get_f32(name)?;
+            if t.shape != want {
+                return Err(ModelError::Shape {
+                    name: name.to_string(),
+                    got: t.shape,
+                    want: want.to_vec(),
+                });
+            }
+            Ok(t.data)
+        };
+        // Stacks tensors row-wise; `cols == None` stacks vectors (biases) into one row.
+        let stacked = |names: &[(String, usize)], cols: Option<usize>| -> Result<B::Weight, ModelError> {
+            let rows: usize = names.iter().map(|(_, r)| r).sum();
+            let mut data = Vec::with_capacity(rows * cols.unwrap_or(1));
+            for (name, r) in names {
+                let want: Vec<usize> = cols.map_or(vec![*r], |c| vec![*r, c]);
+                data.extend(get(name, &want)?);
+            }
+            Ok(match cols {
+                Some(c) => backend.weight(rows, c, data),
+                None => backend.weight(1, rows, data),
+            })
+        };
+        let vector = |name: &str, n: usize| -> Result<B::Weight, ModelError> {
+            Ok(backend.weight(1, n, get(name, &[n])?))
+        };
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<B::Weight, ModelError> {
+            Ok(backend.weight(rows, cols, get(name, &[rows, cols])?))
+        };
+
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let qkv_names = [
+                (format!("{p}.self_attn.q_proj"), qd),
+                (format!("{p}.self_attn.k_proj"), kvd),
+                (format!("{p}.self_attn.v_proj"), kvd),
+            ];
+            let with = |suffix: &str| -> Vec<(String, usize)> {
+                qkv_names
+                    .iter()
+                    .map(|(n, r)| (format!("{n}.{suffix}"), *r))
+                    .collect()
+            };
+            let qkv_bias = if c.attention_bias {
+                Some(stacked(&with("bias"), None)?)
+            } else {
+                None
+            };
+            let im = c.intermediate_size;
+            layers.push(Layer {
+                input_norm: vector(&format!("{p}.input_layernorm.weight"), h)?,
+                qkv: stacked(&with("weight"), Some(h))?,
+                qkv_bias,
+                o: matrix(&format!("{p}.self_attn.o_proj.weight"), h, qd)?,
+                post_norm: vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                gate_up: stacked(
+                    &[
+                        (format!("{p}.mlp.gate_proj.weight"), im),
+                        (format!("{p}.mlp.up_proj.weight"), im),
+                    ],
+                    Some(h),
+                )?,
+                down: matrix(&format!("{p}.mlp.down_proj.weight"), h, im)?,
+            });
+        }
+        let embed = matrix("model.embed_tokens.weight", c.vocab_size, h)?;
+        // Some tied checkpoints still ship lm_head; the embedding is the source of truth then.
+        let lm_head = if c.tie_word_embeddings || !weights.contains("lm_head.weight") {
+            None
+        } else {
+            Some(matrix("lm_head.weight", c.vocab_size, h)?)
+        };
+        let norm = vector("model.norm.weight", h)?;
+        let inv_freq = config.rope_inv_freq();
+        Ok(Self {
+            backend,
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            scratch: None,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Geometry of a KV cache of `blocks` rBlocks of `block_tokens` tokens for this model.
+    pub fn kv_shape(&self, blocks: usize, block_tokens: usize) -> KvShape {
+        KvShape {
+            layers: self.config.num_hidden_layers,
+            blocks,
+            block_tokens,
+            kv_heads: self.config.num_key_value_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    fn attn_shape(&self) -> AttnShape {
+        let c = &self.config;
+        AttnShape {
+            q_heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+        }
+    }
+
+    fn ensure_scratch(&mut self, rows: usize) {
+        if self.scratch.as_ref().is_some_and(|s| s.rows >= rows) {
+            return;
+        }
+        let c = &self.config;
+        let b = &self.backend;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * hd;
+        self.scratch = Some(Scratch {
+            rows,
+            x: b.alloc(rows * h),
+            h: b.alloc(rows * h),
+            qkv: b.alloc(rows * qkv),
+            attn: b.alloc(rows * c.num_attention_heads * hd),
+            lse: b.alloc(rows * c.num_attention_heads),
+            proj: b.alloc(rows * h),
+            gate_up: b.alloc(rows * 2 * c.intermediate_size),
+            act: b.alloc(rows * c.intermediate_size),
+            // Only the rows that sample need logits; at most one per request in the step.
+            logits: b.alloc(rows.min(MAX_LOGIT_ROWS) * c.vocab_size),
+        });
+    }
+
+    /// Runs one step and returns `[logit_rows.len(), vocab]` logits.
+    pub fn forward(&mut self, kv: &mut B::Kv, input: &StepInput) -> Vec<f32> {
+        let rows = input.tokens.len();
+        assert_eq!(rows, input.positions.len());
+        assert_eq!(rows, input.slots.len());
+        self.ensure_scratch(rows);
+        let shape = self.attn_shape();
+        let Self {
+            backend: b,
+            config: c,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            scratch,
+        } = self;
+        let s = scratch.as_mut().expect("scratch allocated above");
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (qd, kvd) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let qkv_w = qd + 2 * kvd;
+        let eps = c.rms_norm_eps as f32;
+
+        b.embed(embed, input.tokens, &mut s.x);
+        for (li, l) in layers.iter().enumerate() {
+            b.rms_norm(&s.x, rows, &l.input_norm, eps, &mut s.h);
+            b.linear(&s.h, rows, &l.qkv, l.qkv_bias.as_ref(), &mut s.qkv);
+            // q and k are rotated in place inside the stacked buffer (k's heads follow q's).
+            b.rope(
+                &mut s.qkv,
+                qkv_w,
+                c.num_attention_heads + c.num_key_value_heads,
+                hd,
+                input.positions,
+                inv_freq,
+            );
+            b.kv_write(kv, li, &s.qkv, qkv_w, qd, qd + kvd, input.slots);
+            b.attention(
+                &s.qkv, qkv_w, 0, kv, li, shape, input.seqs, &mut s.attn, &mut s.lse,
+            );
+            b.linear(&s.attn, rows, &l.o, None, &mut s.proj);
+            b.add_assign(&mut s.x, &s.proj, rows * h);
+            b.rms_norm(&s.x, rows, &l.post_norm, eps, &mut s.h);
+            b.linear(&s.h, rows, &l.gate_up, None, &mut s.gate_up);
+            b.silu_mul(&s.gate_up, rows, c.intermediate_size, &mut s.act);
+            b.linear(&s.act, rows, &l.down, None, &mut s.proj);
+            b.add_assign(&mut s.x, &s.proj, rows * h);
+        }
+        let n = input.logit_rows.len();
+        b.gather_rows(&s.x, h, input.logit_rows, &mut s.h);
+        b.rms_norm(&s.h, n, norm, eps, &mut s.x);
+        let head = lm_head.as_ref().unwrap_or(embed);
+        let mut out = Vec::with_capacity(n * c.vocab_size);
+        // Chunked so the logits buffer stays small whatever the number of sampling rows.
+        for chunk in (0..n).step_by(MAX_LOGIT_ROWS) {
+            let m = (n - chunk).min(MAX_LOGIT_ROWS);
+            b.gather_rows(&s.x, h, &(chunk..chunk + m).collect::<Vec<_>>(), &mut s.h);
+            b.linear(&s.h, m, head, None, &mut s.logits);
+            out.extend(b.download(&s.logits, m * c.vocab_size));
+        }
+        out
+    }
+}

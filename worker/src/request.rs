@@ -1,0 +1,110 @@
+//! What a client asks the engine for, and what the engine streams back.
+
+use std::time::Duration;
+
+/// How the next token is chosen. Validated by the API layer before it reaches the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means no top-k cut.
+    pub top_k: usize,
+    /// 1.0 means no nucleus cut.
+    pub top_p: f32,
+    /// Same seed, same prompt, same output. `None` draws a fresh seed.
+    pub seed: Option<u64>,
+    pub max_tokens: usize,
+    /// Number of most likely alternatives to report with each token (`None`: no logprobs).
+    pub logprobs: Option<usize>,
+    /// Keep generating past end-of-sequence tokens.
+    pub ignore_eos: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: None,
+            max_tokens: 16,
+            logprobs: None,
+            ignore_eos: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt_tokens: Vec<u32>,
+    pub sampling: SamplingParams,
+    /// Tokens that end the request (the tokenizer's end-of-sequence ids), unless `ignore_eos`.
+    pub stop_token_ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token was produced.
+    Stop,
+    /// `max_tokens` was reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_openai(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub logprob: f32,
+    /// The most likely tokens at this position with their log-probabilities, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// One item of a request's output stream. The stream ends after `Finished` or `Failed`.
+/// Dropping the receiving end cancels the request and frees its KV blocks at the next step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Token {
+        id: u32,
+        logprob: Option<TokenLogprob>,
+    },
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Failed {
+        message: String,
+        /// The client may retry elsewhere (for example after the engine was asked to shut down).
+        retryable: bool,
+    },
+}
+
+/// Why the engine refused a request before running it.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SubmitError {
+    #[error(
+        "this model's maximum context length is {max} tokens; the request needs {requested} tokens ({prompt} in the prompt plus up to {max_tokens} to generate)"
+    )]
+    ContextLengthExceeded {
+        max: usize,
+        requested: usize,
+        prompt: usize,
+        max_tokens: usize,
+    },
+    #[error("the server is overloaded: {waiting} requests are already waiting")]
+    Overloaded {
+        waiting: usize,
+        retry_after: Duration,
+    },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+}
