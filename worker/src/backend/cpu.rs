@@ -59,7 +59,11 @@ impl Backend for Cpu {
     }
 
     fn weight(&self, rows: usize, cols: usize, data: Vec<f32>) -> CpuWeight {
-        assert_eq!(rows * cols, data.len(), "weight shape does not match its data");
+        assert_eq!(
+            rows * cols,
+            data.len(),
+            "weight shape does not match its data"
+        );
         CpuWeight { rows, cols, data }
     }
 
