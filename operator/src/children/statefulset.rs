@@ -1,0 +1,375 @@
+//! The worker StatefulSet: stable names give workers stable ranks and peer DNS names.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, HTTPGetAction,
+    HostPathVolumeSource, ImageVolumeSource, Lifecycle, LifecycleHandler, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SecretKeySelector, SecretVolumeSource, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::children::Settings;
+use crate::crd::{InfiniteLLMCluster, ModelSource, PEER_PORT};
+use crate::names::{Names, TOKEN_KEY};
+
+const WORKER_BIN: &str = "infinite-llm-worker";
+const TOKEN_DIR: &str = "/var/run/infinite-llm/token";
+const MODEL_DIR: &str = "/models";
+const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
+pub fn build(ilc: &InfiniteLLMCluster, names: &Names, settings: &Settings) -> StatefulSet {
+    let spec = &ilc.spec;
+    let workers = &spec.workers;
+    let labels = names.labels();
+    StatefulSet {
+        metadata: super::metadata(ilc, names.workers(), &labels),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(workers.replicas),
+            selector: names.label_selector(),
+            service_name: Some(names.peer_service()),
+            // Workers do not depend on each other to start; ranks come from the gManager.
+            pod_management_policy: Some("Parallel".to_owned()),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![worker_container(ilc, names, settings)],
+                    volumes: Some(volumes(ilc, names)),
+                    termination_grace_period_seconds: Some(
+                        workers.termination_grace_period_seconds,
+                    ),
+                    node_selector: workers.node_selector.clone(),
+                    tolerations: workers.tolerations.clone(),
+                    affinity: workers.affinity.clone(),
+                    priority_class_name: workers.priority_class_name.clone(),
+                    // Service env vars would only shadow the ILM_* configuration.
+                    enable_service_links: Some(false),
+                    ..PodSpec::default()
+                }),
+            },
+            ..StatefulSetSpec::default()
+        }),
+        status: None,
+    }
+}
+
+fn worker_container(ilc: &InfiniteLLMCluster, names: &Names, settings: &Settings) -> Container {
+    let spec = &ilc.spec;
+    let port = spec.api.port;
+    let token_file = format!("{TOKEN_DIR}/{TOKEN_KEY}");
+    let http_probe = |path: &str, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("http".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    };
+    Container {
+        name: "worker".to_owned(),
+        image: Some(spec.workers.image.clone()),
+        image_pull_policy: spec
+            .workers
+            .image_pull_policy
+            .map(|p| p.as_str().to_owned()),
+        command: Some(vec![WORKER_BIN.to_owned(), "serve".to_owned()]),
+        env: Some(env(ilc, names, settings, &token_file)),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("http".to_owned()),
+                container_port: port,
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("peer".to_owned()),
+                container_port: PEER_PORT,
+                ..ContainerPort::default()
+            },
+        ]),
+        resources: Some(resources(
+            spec.workers.resources.clone(),
+            spec.workers.gpus_per_worker,
+        )),
+        // Loading a large model can take minutes; liveness must not kill a worker mid-load.
+        startup_probe: Some(http_probe("/health", 10, 90)),
+        liveness_probe: Some(http_probe("/health", 10, 3)),
+        readiness_probe: Some(http_probe("/ready", 5, 2)),
+        lifecycle: Some(Lifecycle {
+            // The worker hands its KV blocks to peers before it exits, so scale-in fails no request.
+            pre_stop: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec![
+                        WORKER_BIN.to_owned(),
+                        "drain".to_owned(),
+                        "--port".to_owned(),
+                        port.to_string(),
+                        "--token-file".to_owned(),
+                        token_file.clone(),
+                    ]),
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "token".to_owned(),
+                mount_path: TOKEN_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "model".to_owned(),
+                mount_path: MODEL_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    }
+}
+
+fn env(
+    ilc: &InfiniteLLMCluster,
+    names: &Names,
+    settings: &Settings,
+    token_file: &str,
+) -> Vec<EnvVar> {
+    let spec = &ilc.spec;
+    let kv = &spec.kv_cache;
+    let value = |name: &str, value: String| EnvVar {
+        name: name.to_owned(),
+        value: Some(value),
+        value_from: None,
+    };
+    let device = if spec.workers.gpus_per_worker > 0 {
+        "cuda:0"
+    } else {
+        "cpu"
+    };
+    let mut env = vec![
+        value("ILM_MODEL", model_dir(&spec.model.source)),
+        value("ILM_SERVED_MODEL_NAME", spec.model.served_name.clone()),
+        value("ILM_HOST", "0.0.0.0".to_owned()),
+        value("ILM_PORT", spec.api.port.to_string()),
+        value("ILM_PEER_PORT", PEER_PORT.to_string()),
+        value("ILM_DEVICE", device.to_owned()),
+        value("ILM_BLOCK_TOKENS", kv.block_tokens.to_string()),
+        value(
+            "ILM_GPU_MEMORY_FRACTION",
+            kv.gpu_memory_fraction.to_string(),
+        ),
+        value("ILM_LEND_FRACTION", kv.lend_fraction.to_string()),
+        value("ILM_HIGH_WATERMARK", kv.high_watermark.to_string()),
+        value("ILM_GMANAGER_URL", settings.gmanager_url.clone()),
+        value("ILM_TOKEN_FILE", token_file.to_owned()),
+        value("ILM_CLUSTER", names.cluster.clone()),
+        EnvVar {
+            name: "ILM_WORKER_ID".to_owned(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".to_owned(),
+                    api_version: None,
+                }),
+                ..EnvVarSource::default()
+            }),
+        },
+    ];
+    if let Some(blocks) = kv.max_blocks {
+        env.push(value("ILM_KV_BLOCKS", blocks.to_string()));
+    }
+    if let Some(dtype) = spec.model.dtype {
+        env.push(value("ILM_DTYPE", dtype.as_str().to_owned()));
+    }
+    if let Some(key) = &spec.api.api_key_secret {
+        env.push(EnvVar {
+            name: "ILM_API_KEY".to_owned(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: key.name.clone(),
+                    key: key.key.clone(),
+                    optional: None,
+                }),
+                ..EnvVarSource::default()
+            }),
+        });
+    }
+    env
+}
+
+/// Where the model folder appears inside the container.
+fn model_dir(source: &ModelSource) -> String {
+    let sub = source
+        .pvc
+        .as_ref()
+        .and_then(|p| p.path.as_deref())
+        .or_else(|| source.image.as_ref().and_then(|i| i.path.as_deref()))
+        .map(|p| p.trim_matches('/'))
+        .filter(|p| !p.is_empty());
+    match sub {
+        Some(sub) => format!("{MODEL_DIR}/{sub}"),
+        None => MODEL_DIR.to_owned(),
+    }
+}
+
+/// The user's CPU/memory with the GPU count written over any GPU limit they gave.
+fn resources(user: Option<ResourceRequirements>, gpus: i32) -> ResourceRequirements {
+    let mut resources = user.unwrap_or_default();
+    for map in [&mut resources.limits, &mut resources.requests] {
+        if let Some(m) = map.as_mut() {
+            m.remove(GPU_RESOURCE);
+        }
+    }
+    if gpus > 0 {
+        resources
+            .limits
+            .get_or_insert_with(BTreeMap::new)
+            .insert(GPU_RESOURCE.to_owned(), Quantity(gpus.to_string()));
+    }
+    resources
+}
+
+fn volumes(ilc: &InfiniteLLMCluster, names: &Names) -> Vec<Volume> {
+    let source = &ilc.spec.model.source;
+    let mut model = Volume {
+        name: "model".to_owned(),
+        ..Volume::default()
+    };
+    if let Some(pvc) = &source.pvc {
+        model.persistent_volume_claim = Some(PersistentVolumeClaimVolumeSource {
+            claim_name: pvc.claim_name.clone(),
+            read_only: Some(true),
+        });
+    } else if let Some(host) = &source.host_path {
+        model.host_path = Some(HostPathVolumeSource {
+            path: host.path.clone(),
+            type_: Some("Directory".to_owned()),
+        });
+    } else if let Some(image) = &source.image {
+        model.image = Some(ImageVolumeSource {
+            reference: Some(image.reference.clone()),
+            pull_policy: image.pull_policy.map(|p| p.as_str().to_owned()),
+        });
+    }
+    vec![
+        Volume {
+            name: "token".to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(names.token_secret()),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        model,
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::InfiniteLLMClusterSpec;
+
+    fn cluster(spec: serde_json::Value) -> InfiniteLLMCluster {
+        let spec: InfiniteLLMClusterSpec = serde_json::from_value(spec).unwrap();
+        InfiniteLLMCluster::new("c", spec)
+    }
+
+    fn container(sts: &StatefulSet) -> &Container {
+        &sts.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+    }
+
+    fn env_value<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
+        c.env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)?
+            .value
+            .as_deref()
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            gmanager_url: "http://g:8001".into(),
+        }
+    }
+
+    #[test]
+    fn cpu_workers_get_no_gpu_and_the_cpu_device() {
+        let ilc = cluster(serde_json::json!({
+            "model": {"servedName": "m", "source": {"hostPath": {"path": "/srv/m"}}},
+            "workers": {"image": "img", "gpusPerWorker": 0,
+                        "resources": {"limits": {"cpu": "2", "nvidia.com/gpu": "4"}}}
+        }));
+        let sts = build(&ilc, &Names::new("c"), &settings());
+        let c = container(&sts);
+        assert_eq!(env_value(c, "ILM_DEVICE"), Some("cpu"));
+        assert_eq!(env_value(c, "ILM_MODEL"), Some("/models"));
+        let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert!(
+            !limits.contains_key(GPU_RESOURCE),
+            "gpusPerWorker overrides user GPU limits"
+        );
+        assert_eq!(limits["cpu"], Quantity("2".into()));
+        let volumes = sts.spec.unwrap().template.spec.unwrap().volumes.unwrap();
+        let model = volumes.iter().find(|v| v.name == "model").unwrap();
+        assert_eq!(model.host_path.as_ref().unwrap().path, "/srv/m");
+    }
+
+    #[test]
+    fn optional_settings_appear_only_when_set() {
+        let ilc = cluster(serde_json::json!({
+            "model": {"servedName": "m", "source": {"image": {"reference": "r", "path": "/w/"}}},
+            "workers": {"image": "img", "gpusPerWorker": 2},
+            "kvCache": {"maxBlocks": 100},
+            "api": {"port": 9000, "apiKeySecret": {"name": "k", "key": "key"}}
+        }));
+        let sts = build(&ilc, &Names::new("c"), &settings());
+        let c = container(&sts);
+        assert_eq!(env_value(c, "ILM_KV_BLOCKS"), Some("100"));
+        assert_eq!(env_value(c, "ILM_DTYPE"), None);
+        assert_eq!(env_value(c, "ILM_MODEL"), Some("/models/w"));
+        assert_eq!(env_value(c, "ILM_PORT"), Some("9000"));
+        assert_eq!(env_value(c, "ILM_GMANAGER_URL"), Some("http://g:8001"));
+        let key = c
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "ILM_API_KEY")
+            .unwrap();
+        assert_eq!(
+            key.value_from
+                .as_ref()
+                .unwrap()
+                .secret_key_ref
+                .as_ref()
+                .unwrap()
+                .name,
+            "k"
+        );
+        let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert_eq!(limits[GPU_RESOURCE], Quantity("2".into()));
+        let drain = c.lifecycle.as_ref().unwrap().pre_stop.as_ref().unwrap();
+        assert_eq!(
+            drain.exec.as_ref().unwrap().command.as_ref().unwrap()[3],
+            "9000"
+        );
+    }
+}

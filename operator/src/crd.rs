@@ -1,0 +1,411 @@
+//! The `InfiniteLLMCluster` custom resource: what users write, and the status we report.
+//!
+//! Validation lives in the schema and in CEL rules so that the API server refuses bad specs
+//! with a message, before the reconciler ever sees them.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Port of the worker-to-worker transport; fixed so that the NetworkPolicy and the peer
+/// Service can name it.
+pub const PEER_PORT: i32 = 8101;
+
+/// One pool of workers serving a single model.
+// Several printer columns repeat the same keys, which clippy mistakes for duplicates.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "infinitellm.io",
+    version = "v1alpha1",
+    kind = "InfiniteLLMCluster",
+    plural = "infinitellmclusters",
+    shortname = "ilc",
+    namespaced,
+    status = "InfiniteLLMClusterStatus",
+    derive = "PartialEq",
+    doc = "A pool of Infinite-LLM workers that serve one model and share their KV cache",
+    scale(
+        spec_replicas_path = ".spec.workers.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.readyReplicas",
+        description = "Workers that pass their readiness probe"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        json_path = ".spec.workers.replicas",
+        description = "Desired workers"
+    ),
+    printcolumn(
+        name = "Pool Used",
+        type_ = "integer",
+        json_path = ".status.pool.usedBlocks",
+        description = "KV blocks in use across the pool"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct InfiniteLLMClusterSpec {
+    pub model: ModelSpec,
+    pub workers: WorkersSpec,
+    #[serde(default)]
+    pub kv_cache: KvCacheSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self.port != 8101").message("api.port must differ from the peer port 8101"))]
+    pub api: ApiSpec,
+}
+
+/// The model every worker loads.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    /// Name clients pass as `model` in OpenAI requests.
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$')").message("model.servedName must be 1-128 characters of letters, digits and ._:/- starting with a letter or digit"))]
+    pub served_name: String,
+    pub source: ModelSource,
+    /// Weights and compute dtype; the worker picks one from the model config when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<Dtype>,
+}
+
+/// Where the model folder (config.json, *.safetensors, tokenizer.json) comes from; exactly
+/// one of the three.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.pvc), has(self.hostPath), has(self.image)].filter(x, x).size() == 1").message("model.source must set exactly one of pvc, hostPath or image"))]
+pub struct ModelSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<PvcSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<HostPathSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageSource>,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcSource {
+    #[schemars(length(min = 1))]
+    pub claim_name: String,
+    /// Folder of the model inside the volume; the volume root when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.contains('..')").message("model.source.pvc.path must be relative and must not contain '..'"))]
+    pub path: Option<String>,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HostPathSource {
+    /// Absolute folder of the model on every node that may run a worker.
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("model.source.hostPath.path must be an absolute path"))]
+    pub path: String,
+}
+
+/// An OCI image (or artifact) mounted read-only as an image volume.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSource {
+    #[schemars(length(min = 1))]
+    pub reference: String,
+    /// Folder of the model inside the image; the image root when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.contains('..')").message("model.source.image.path must be relative and must not contain '..'"))]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_policy: Option<PullPolicy>,
+}
+
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Dtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+}
+
+/// The worker StatefulSet: how many, on what, and where.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkersSpec {
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1024))]
+    pub replicas: i32,
+    /// GPUs per worker; 0 runs the CPU backend.
+    #[serde(default = "default_gpus")]
+    #[schemars(range(min = 0, max = 16))]
+    pub gpus_per_worker: i32,
+    #[schemars(length(min = 1))]
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
+    /// CPU and memory for each worker; GPU limits come from gpusPerWorker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// Time a worker gets to drain (hand its KV blocks to peers) before it is killed.
+    #[serde(default = "default_grace")]
+    #[schemars(range(min = 30, max = 3600))]
+    pub termination_grace_period_seconds: i64,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+fn default_gpus() -> i32 {
+    1
+}
+
+fn default_grace() -> i64 {
+    300
+}
+
+/// Paged KV cache and pooling knobs, passed to every worker.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.lendFraction < self.highWatermark").message("kvCache.lendFraction must be below kvCache.highWatermark, or a lender would become a debtor"))]
+pub struct KvCacheSpec {
+    /// Tokens per KV block; a power of two.
+    #[serde(default = "default_block_tokens")]
+    #[x_kube(validation = Rule::new("self in [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]").message("kvCache.blockTokens must be a power of two between 1 and 1024"))]
+    pub block_tokens: i32,
+    /// Share of free GPU memory given to the KV cache, in (0, 1].
+    #[serde(default = "default_gpu_memory_fraction")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("kvCache.gpuMemoryFraction must be in (0, 1]"))]
+    pub gpu_memory_fraction: f64,
+    /// Most of its blocks a worker lends to others, in [0, 1].
+    #[serde(default = "default_lend_fraction")]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self <= 1.0").message("kvCache.lendFraction must be in [0, 1]"))]
+    pub lend_fraction: f64,
+    /// Use above which a worker borrows, in (0, 1].
+    #[serde(default = "default_high_watermark")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("kvCache.highWatermark must be in (0, 1]"))]
+    pub high_watermark: f64,
+    /// Cap on KV blocks per worker; sized from memory when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_blocks: Option<i64>,
+}
+
+impl Default for KvCacheSpec {
+    fn default() -> Self {
+        KvCacheSpec {
+            block_tokens: default_block_tokens(),
+            gpu_memory_fraction: default_gpu_memory_fraction(),
+            lend_fraction: default_lend_fraction(),
+            high_watermark: default_high_watermark(),
+            max_blocks: None,
+        }
+    }
+}
+
+fn default_block_tokens() -> i32 {
+    16
+}
+
+fn default_gpu_memory_fraction() -> f64 {
+    0.9
+}
+
+fn default_lend_fraction() -> f64 {
+    0.5
+}
+
+fn default_high_watermark() -> f64 {
+    0.9
+}
+
+/// Bounds for an external autoscaler (HPA or KEDA) that drives the scale subresource.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must be <= autoscaling.maxReplicas"))]
+pub struct AutoscalingSpec {
+    #[schemars(range(min = 1, max = 1024))]
+    pub min_replicas: i32,
+    #[schemars(range(min = 1, max = 1024))]
+    pub max_replicas: i32,
+    /// Pool use (percent of all KV blocks) the autoscaler aims for.
+    #[serde(default = "default_target_utilization")]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_pool_utilization_percent: i32,
+}
+
+fn default_target_utilization() -> i32 {
+    80
+}
+
+/// The OpenAI-compatible API the client Service exposes.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiSpec {
+    #[serde(default = "default_api_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_type: Option<ServiceType>,
+    /// Secret key holding the API key clients must present; the API is open when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret: Option<SecretKeyRef>,
+}
+
+impl Default for ApiSpec {
+    fn default() -> Self {
+        ApiSpec {
+            port: default_api_port(),
+            service_type: None,
+            api_key_secret: None,
+        }
+    }
+}
+
+fn default_api_port() -> i32 {
+    8000
+}
+
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceType {
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1))]
+    pub name: String,
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+/// What the operator observed; written only through the status subresource.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct InfiniteLLMClusterStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub replicas: i32,
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Label selector of the worker Pods, for the scale subresource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// KV block totals across the pool, as the gManager last reported them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolStatus>,
+    /// Bumped by the gManager on every membership change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membership_epoch: Option<i64>,
+}
+
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Pending,
+    Progressing,
+    Ready,
+    Degraded,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolStatus {
+    pub total_blocks: i64,
+    pub used_blocks: i64,
+    pub lent_blocks: i64,
+    pub borrowed_blocks: i64,
+}
+
+/// The CRD as YAML, exactly as `crds/infinitellmclusters.infinitellm.io.yaml` holds it.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    serde_yaml::to_string(&InfiniteLLMCluster::crd())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_port_rule_names_the_peer_port() {
+        let yaml = crd_yaml().unwrap();
+        assert!(yaml.contains(&format!("self.port != {PEER_PORT}")));
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_spec() {
+        let spec: InfiniteLLMClusterSpec = serde_json::from_value(serde_json::json!({
+            "model": {"servedName": "m", "source": {"pvc": {"claimName": "c"}}},
+            "workers": {"image": "img"}
+        }))
+        .unwrap();
+        assert_eq!(spec.workers.replicas, 1);
+        assert_eq!(spec.workers.gpus_per_worker, 1);
+        assert_eq!(spec.kv_cache, KvCacheSpec::default());
+        assert_eq!(spec.api.port, 8000);
+    }
+}

@@ -1,0 +1,83 @@
+//! The Infinite-LLM operator: reconciles `InfiniteLLMCluster` objects into worker
+//! StatefulSets and their Services, policies and token, under leader election.
+
+pub mod apply;
+pub mod children;
+pub mod crd;
+mod error;
+pub mod leader;
+pub mod metrics;
+pub mod names;
+pub mod preflight;
+pub mod reconciler;
+pub mod server;
+pub mod status;
+pub mod token;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::children::Settings;
+pub use crate::error::Error;
+use crate::leader::Election;
+use crate::metrics::Metrics;
+use crate::reconciler::Context;
+use crate::server::Health;
+
+/// How one operator process runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Reconcile only this namespace; all namespaces when unset.
+    pub namespace: Option<String>,
+    pub election: Election,
+    pub metrics_addr: SocketAddr,
+    pub settings: Settings,
+}
+
+/// Runs the operator until `shutdown` flips to true.
+pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+    let client = Client::try_default().await.map_err(Error::Connect)?;
+    preflight::check(
+        &client,
+        config.namespace.as_deref(),
+        &config.election.lease_namespace,
+    )
+    .await?;
+
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::default());
+    let bound = server::spawn(config.metrics_addr, metrics.clone(), health.clone()).await?;
+    info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: names::FIELD_MANAGER.to_owned(),
+                instance: Some(config.election.identity.clone()),
+            },
+        ),
+        client: client.clone(),
+        metrics: metrics.clone(),
+        settings: config.settings.clone(),
+    });
+    let namespace = config.namespace.clone();
+    leader::run(
+        client,
+        &config.election,
+        metrics,
+        health,
+        shutdown,
+        |ended| async move {
+            // The gManager (issue 3) is leader-only too and will start here, beside the
+            // reconciler, stopping when `ended` resolves.
+            reconciler::run(ctx, namespace.as_deref(), ended).await;
+        },
+    )
+    .await
+}

@@ -1,0 +1,135 @@
+use std::net::SocketAddr;
+
+use clap::{Parser, Subcommand};
+use infinite_llm_operator::children::Settings;
+use infinite_llm_operator::leader::Election;
+use infinite_llm_operator::{Config, crd};
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "infinite-llm-operator", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the InfiniteLLMCluster CRD as YAML.
+    Crd,
+    /// Run the operator (the default).
+    Run,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Reconcile only this namespace; all namespaces when unset.
+    #[arg(long, env = "ILM_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Namespace of the leader Lease: the operator's own.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "infinite-llm-system")]
+    lease_namespace: String,
+    #[arg(long, env = "ILM_LEASE_NAME", default_value = "infinite-llm-operator")]
+    lease_name: String,
+    /// Seconds a leader's lease lasts without renewal.
+    #[arg(long, env = "ILM_LEASE_DURATION", default_value_t = 15)]
+    lease_duration: u64,
+    /// Seconds before expiry the leader renews.
+    #[arg(long, env = "ILM_LEASE_GRACE", default_value_t = 5)]
+    lease_grace: u64,
+    /// Unique name of this replica in the election: the Pod name.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "ILM_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// gManager URL handed to workers; defaults to the operator Service in the lease namespace.
+    #[arg(long, env = "ILM_GMANAGER_URL")]
+    gmanager_url: Option<String>,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "ILM_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Crd) = cli.command {
+        return match crd::crd_yaml() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    let args = cli.run;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if args.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+
+    let identity = args.identity.unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "operator".to_owned());
+        format!("{host}-{}", std::process::id())
+    });
+    let gmanager_url = args.gmanager_url.unwrap_or_else(|| {
+        format!(
+            "http://infinite-llm-operator.{}.svc:8001",
+            args.lease_namespace
+        )
+    });
+    let config = Config {
+        namespace: args.watch_namespace,
+        election: Election {
+            lease_name: args.lease_name,
+            lease_namespace: args.lease_namespace,
+            identity,
+            duration: args.lease_duration,
+            grace: args.lease_grace,
+        },
+        metrics_addr: args.metrics_addr,
+        settings: Settings { gmanager_url },
+    };
+
+    let (stop, shutdown) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop.send(true);
+    });
+    match infinite_llm_operator::run(config, shutdown).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "operator failed");
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

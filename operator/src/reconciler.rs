@@ -1,0 +1,293 @@
+//! The reconcile loop: InfiniteLLMCluster in, owned children and status out.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{Timestamp, Unit};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use tracing::{debug, info, warn};
+
+use crate::Error;
+use crate::apply::{Outcome, covers, ensure};
+use crate::children::{Desired, Settings};
+use crate::crd::{InfiniteLLMCluster, InfiniteLLMClusterStatus, Phase};
+use crate::metrics::Metrics;
+use crate::names::{FIELD_MANAGER, Names};
+use crate::{status, token};
+
+/// Everything a reconcile needs, shared by all of them.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub settings: Settings,
+}
+
+/// Nothing changes in a healthy cluster without a watch event, so this is only a safety net.
+const RESYNC: Duration = Duration::from_secs(300);
+const RETRY: Duration = Duration::from_secs(10);
+
+/// Runs the controller until `shutdown` resolves. `namespace` limits it to one namespace.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<&str>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let owned =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
+    Controller::new(
+        api::<InfiniteLLMCluster>(&client, namespace),
+        watcher::Config::default(),
+    )
+    .owns(api::<StatefulSet>(&client, namespace), owned.clone())
+    .owns(api::<Service>(&client, namespace), owned.clone())
+    .owns(
+        api::<PodDisruptionBudget>(&client, namespace),
+        owned.clone(),
+    )
+    .owns(api::<NetworkPolicy>(&client, namespace), owned)
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|result| async move {
+        match result {
+            Ok((obj, _)) => debug!(cluster = %obj.name, namespace = ?obj.namespace, "reconciled"),
+            Err(e) => debug!(error = %e, "reconcile did not run"),
+        }
+    })
+    .await;
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+fn error_policy(ilc: Arc<InfiniteLLMCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.error(error.metric_label());
+    warn!(cluster = %ilc.name_any(), namespace = ?ilc.namespace(), %error, "reconcile failed");
+    Action::requeue(RETRY)
+}
+
+async fn reconcile(ilc: Arc<InfiniteLLMCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile();
+    if ilc.meta().deletion_timestamp.is_some() {
+        // Garbage collection is removing the children; applying them now would recreate them.
+        return Ok(Action::await_change());
+    }
+    let ns = ilc
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let names = Names::new(&ilc.name_any());
+    let client = &ctx.client;
+    let desired = Desired::build(&ilc, &ctx.settings);
+
+    ensure_token(&ilc, &names, &ns, &ctx).await?;
+    let metrics = &ctx.metrics;
+    for service in [desired.peer_service, desired.client_service] {
+        ensure(
+            &Api::<Service>::namespaced(client.clone(), &ns),
+            service,
+            metrics,
+        )
+        .await?;
+    }
+    ensure(&Api::namespaced(client.clone(), &ns), desired.pdb, metrics).await?;
+    ensure(
+        &Api::namespaced(client.clone(), &ns),
+        desired.network_policy,
+        metrics,
+    )
+    .await?;
+
+    let template = desired
+        .statefulset
+        .spec
+        .as_ref()
+        .map(|s| s.template.clone());
+    let sts = ensure(
+        &Api::<StatefulSet>::namespaced(client.clone(), &ns),
+        desired.statefulset,
+        metrics,
+    )
+    .await?;
+    announce_statefulset(&ilc, &sts, template.as_ref(), &ctx).await;
+
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default().labels(&names.selector_string()))
+        .await
+        .map_err(Error::kube("list", "Pod"))?;
+    // The API server keeps whole seconds; rounding keeps our copy identical to its copy.
+    let now = Time(
+        Timestamp::now()
+            .round(Unit::Second)
+            .unwrap_or_else(|_| Timestamp::now()),
+    );
+    let next = status::compute(&ilc, Some(sts.object()), &pods.items, &now);
+    if ilc.status.as_ref() != Some(&next) {
+        write_status(&ilc, &ns, &next, &ctx).await?;
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Creates the token Secret once; afterwards only its labels and owner are kept in place,
+/// with the token it already holds.
+async fn ensure_token(
+    ilc: &InfiniteLLMCluster,
+    names: &Names,
+    ns: &str,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let api = Api::<Secret>::namespaced(ctx.client.clone(), ns);
+    let existing = api
+        .get_opt(&names.token_secret())
+        .await
+        .map_err(Error::kube("get", "Secret"))?
+        .as_ref()
+        .and_then(token::existing);
+    let value = match existing {
+        Some(value) => value,
+        None => k8s_openapi::ByteString(token::generate()?.into_bytes()),
+    };
+    let outcome = ensure(&api, token::secret(ilc, names, value), &ctx.metrics).await?;
+    if matches!(outcome, Outcome::Created(_)) {
+        info!(cluster = %names.cluster, namespace = ns, secret = %names.token_secret(), "generated the cluster token");
+        publish(
+            ctx,
+            ilc,
+            EventType::Normal,
+            "TokenGenerated",
+            format!(
+                "Generated the cluster token in Secret {}",
+                names.token_secret()
+            ),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// Events for the StatefulSet changes a user wants to see: creation, scaling, rollouts.
+async fn announce_statefulset(
+    ilc: &InfiniteLLMCluster,
+    outcome: &Outcome<StatefulSet>,
+    template: Option<&k8s_openapi::api::core::v1::PodTemplateSpec>,
+    ctx: &Context,
+) {
+    let replicas = |s: &StatefulSet| s.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+    match outcome {
+        Outcome::Unchanged(_) => {}
+        Outcome::Created(sts) => {
+            let note = format!(
+                "Created StatefulSet {} with {} workers",
+                sts.name_any(),
+                replicas(sts)
+            );
+            info!(cluster = %ilc.name_any(), namespace = ?ilc.namespace(), "{note}");
+            publish(ctx, ilc, EventType::Normal, "Created", note).await;
+        }
+        Outcome::Updated { before, after } => {
+            let (from, to) = (replicas(before), replicas(after));
+            if from != to {
+                let note = format!("Scaling workers from {from} to {to}");
+                info!(cluster = %ilc.name_any(), namespace = ?ilc.namespace(), "{note}");
+                publish(ctx, ilc, EventType::Normal, "Scaled", note).await;
+            }
+            let old = before.spec.as_ref().map(|s| &s.template);
+            let rolled = match (old, template) {
+                (Some(old), Some(new)) => {
+                    let have = serde_json::to_value(old).unwrap_or_default();
+                    let want = serde_json::to_value(new).unwrap_or_default();
+                    !covers(&have, &want)
+                }
+                _ => false,
+            };
+            if rolled {
+                let note =
+                    "Rolling workers to the new spec, one drained worker at a time".to_owned();
+                info!(cluster = %ilc.name_any(), namespace = ?ilc.namespace(), "{note}");
+                publish(ctx, ilc, EventType::Normal, "RollingUpdate", note).await;
+            }
+        }
+    }
+}
+
+async fn write_status(
+    ilc: &InfiniteLLMCluster,
+    ns: &str,
+    next: &InfiniteLLMClusterStatus,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let api = Api::<InfiniteLLMCluster>::namespaced(ctx.client.clone(), ns);
+    let patch = serde_json::json!({
+        "apiVersion": InfiniteLLMCluster::api_version(&()),
+        "kind": InfiniteLLMCluster::kind(&()),
+        "status": next,
+    });
+    api.patch_status(
+        &ilc.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::kube("update status of", "InfiniteLLMCluster"))?;
+    ctx.metrics.write("InfiniteLLMClusterStatus");
+
+    let before = ilc.status.as_ref().and_then(|s| s.phase);
+    if before != next.phase {
+        info!(cluster = %ilc.name_any(), namespace = ns, phase = ?next.phase, "phase changed");
+        match next.phase {
+            Some(Phase::Ready) => {
+                let note = format!("All {} workers are ready", next.ready_replicas);
+                publish(ctx, ilc, EventType::Normal, "Ready", note).await;
+            }
+            Some(Phase::Degraded) => {
+                let note = next
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == status::DEGRADED)
+                    .map(|c| c.message.clone())
+                    .unwrap_or_default();
+                publish(ctx, ilc, EventType::Warning, "WorkersFailing", note).await;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Events are best effort: failing to record one must not fail the reconcile.
+async fn publish(
+    ctx: &Context,
+    ilc: &InfiniteLLMCluster,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    };
+    match ctx.recorder.publish(&event, &ilc.object_ref(&())).await {
+        Ok(()) => ctx.metrics.write("Event"),
+        Err(error) => warn!(%error, reason, "could not record an event"),
+    }
+}

@@ -1,0 +1,300 @@
+//! Status from what the StatefulSet and the worker Pods report. Pure, so every transition
+//! is unit-tested; the reconciler writes the result only when it differs.
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+
+use crate::crd::{InfiniteLLMCluster, InfiniteLLMClusterStatus, Phase};
+use crate::names::Names;
+
+pub const READY: &str = "Ready";
+pub const PROGRESSING: &str = "Progressing";
+pub const DEGRADED: &str = "Degraded";
+
+/// Container waiting reasons that will not fix themselves.
+const FAILING_REASONS: &[&str] = &[
+    "CrashLoopBackOff",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+pub fn compute(
+    ilc: &InfiniteLLMCluster,
+    sts: Option<&StatefulSet>,
+    pods: &[Pod],
+    now: &Time,
+) -> InfiniteLLMClusterStatus {
+    let names = Names::new(&ilc.name_any());
+    let generation = ilc.metadata.generation;
+    let desired = ilc.spec.workers.replicas;
+    let sts_status = sts.and_then(|s| s.status.clone()).unwrap_or_default();
+    let replicas = sts_status.replicas;
+    let ready = sts_status.ready_replicas.unwrap_or(0);
+    let updated = sts_status.updated_replicas.unwrap_or(0);
+    // The StatefulSet controller has not yet looked at our latest template.
+    let stale = sts.is_some_and(|s| sts_status.observed_generation < s.metadata.generation);
+
+    let failing: Vec<String> = pods.iter().filter_map(failing_reason).collect();
+
+    let progressing = if sts.is_none() {
+        Some(("Creating", "creating the worker StatefulSet".to_owned()))
+    } else if stale || updated < desired.min(replicas) {
+        Some((
+            "RollingUpdate",
+            format!("{updated} of {desired} workers run the current spec"),
+        ))
+    } else if replicas != desired {
+        Some((
+            "Scaling",
+            format!("scaling workers from {replicas} to {desired}"),
+        ))
+    } else if ready < desired && failing.is_empty() {
+        Some((
+            "WaitingForWorkers",
+            format!("{ready} of {desired} workers ready"),
+        ))
+    } else {
+        None
+    };
+    let all_ready = progressing.is_none() && failing.is_empty() && ready == desired;
+
+    let conditions = vec![
+        condition(
+            READY,
+            all_ready,
+            if all_ready {
+                "AllWorkersReady"
+            } else {
+                "WorkersNotReady"
+            },
+            format!("{ready} of {desired} workers ready"),
+            generation,
+        ),
+        match &progressing {
+            Some((reason, message)) => {
+                condition(PROGRESSING, true, reason, message.clone(), generation)
+            }
+            None => condition(
+                PROGRESSING,
+                false,
+                "Stable",
+                "workers match the spec".to_owned(),
+                generation,
+            ),
+        },
+        if failing.is_empty() {
+            condition(
+                DEGRADED,
+                false,
+                "AsExpected",
+                "no worker is failing".to_owned(),
+                generation,
+            )
+        } else {
+            condition(
+                DEGRADED,
+                true,
+                "WorkersFailing",
+                failing.join("; "),
+                generation,
+            )
+        },
+    ];
+
+    let phase = if !failing.is_empty() {
+        Phase::Degraded
+    } else if all_ready {
+        Phase::Ready
+    } else if sts.is_none() {
+        Phase::Pending
+    } else {
+        Phase::Progressing
+    };
+
+    let previous = ilc.status.clone().unwrap_or_default();
+    InfiniteLLMClusterStatus {
+        phase: Some(phase),
+        conditions: keep_transition_times(conditions, &previous.conditions, now),
+        observed_generation: generation,
+        replicas,
+        ready_replicas: ready,
+        selector: Some(names.selector_string()),
+        pool: previous.pool,
+        membership_epoch: previous.membership_epoch,
+    }
+}
+
+/// Whether a condition of this type is True.
+pub fn is_true(status: &InfiniteLLMClusterStatus, type_: &str) -> bool {
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == "True")
+}
+
+fn failing_reason(pod: &Pod) -> Option<String> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    statuses.iter().find_map(|cs| {
+        let reason = cs.state.as_ref()?.waiting.as_ref()?.reason.as_deref()?;
+        FAILING_REASONS
+            .contains(&reason)
+            .then(|| format!("{}: {reason}", pod.name_any()))
+    })
+}
+
+fn condition(
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+) -> Condition {
+    Condition {
+        type_: type_.to_owned(),
+        status: if status { "True" } else { "False" }.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        observed_generation: generation,
+        // Filled by keep_transition_times.
+        last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+    }
+}
+
+/// A condition's transition time moves only when its status flips, so an unchanged cluster
+/// yields an identical status and no write.
+fn keep_transition_times(
+    mut conditions: Vec<Condition>,
+    previous: &[Condition],
+    now: &Time,
+) -> Vec<Condition> {
+    for c in &mut conditions {
+        c.last_transition_time = previous
+            .iter()
+            .find(|p| p.type_ == c.type_ && p.status == c.status)
+            .map_or_else(|| now.clone(), |p| p.last_transition_time.clone());
+    }
+    conditions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::InfiniteLLMClusterSpec;
+    use k8s_openapi::api::apps::v1::StatefulSetStatus;
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateWaiting, ContainerStatus, PodStatus,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn cluster(replicas: i32) -> InfiniteLLMCluster {
+        let spec: InfiniteLLMClusterSpec = serde_json::from_value(serde_json::json!({
+            "model": {"servedName": "m", "source": {"hostPath": {"path": "/m"}}},
+            "workers": {"replicas": replicas, "image": "img"}
+        }))
+        .unwrap();
+        let mut ilc = InfiniteLLMCluster::new("c", spec);
+        ilc.metadata.generation = Some(1);
+        ilc
+    }
+
+    fn sts(replicas: i32, ready: i32, updated: i32) -> StatefulSet {
+        StatefulSet {
+            metadata: ObjectMeta {
+                generation: Some(1),
+                ..ObjectMeta::default()
+            },
+            spec: None,
+            status: Some(StatefulSetStatus {
+                replicas,
+                ready_replicas: Some(ready),
+                updated_replicas: Some(updated),
+                observed_generation: Some(1),
+                ..StatefulSetStatus::default()
+            }),
+        }
+    }
+
+    fn now() -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).unwrap())
+    }
+
+    #[test]
+    fn ready_when_every_worker_is_ready() {
+        let s = compute(&cluster(2), Some(&sts(2, 2, 2)), &[], &now());
+        assert_eq!(s.phase, Some(Phase::Ready));
+        assert!(is_true(&s, READY));
+        assert!(!is_true(&s, PROGRESSING));
+        assert_eq!(s.ready_replicas, 2);
+        assert_eq!(s.observed_generation, Some(1));
+        assert!(s.selector.unwrap().contains("app.kubernetes.io/instance=c"));
+    }
+
+    #[test]
+    fn progressing_while_scaling_or_rolling() {
+        let s = compute(&cluster(3), Some(&sts(2, 2, 2)), &[], &now());
+        assert_eq!(s.phase, Some(Phase::Progressing));
+        assert!(is_true(&s, PROGRESSING));
+        let reason = |s: &InfiniteLLMClusterStatus| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == PROGRESSING)
+                .unwrap()
+                .reason
+                .clone()
+        };
+        assert_eq!(reason(&s), "Scaling");
+        let s = compute(&cluster(2), Some(&sts(2, 2, 1)), &[], &now());
+        assert_eq!(reason(&s), "RollingUpdate");
+        let s = compute(&cluster(2), None, &[], &now());
+        assert_eq!(s.phase, Some(Phase::Pending));
+    }
+
+    #[test]
+    fn degraded_when_a_worker_crash_loops() {
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: Some("c-0".into()),
+                ..ObjectMeta::default()
+            },
+            spec: None,
+            status: Some(PodStatus {
+                container_statuses: Some(vec![ContainerStatus {
+                    name: "worker".into(),
+                    state: Some(ContainerState {
+                        waiting: Some(ContainerStateWaiting {
+                            reason: Some("CrashLoopBackOff".into()),
+                            message: None,
+                        }),
+                        ..ContainerState::default()
+                    }),
+                    ..ContainerStatus::default()
+                }]),
+                ..PodStatus::default()
+            }),
+        };
+        let s = compute(&cluster(1), Some(&sts(1, 0, 1)), &[pod], &now());
+        assert_eq!(s.phase, Some(Phase::Degraded));
+        assert!(is_true(&s, DEGRADED));
+        let d = s.conditions.iter().find(|c| c.type_ == DEGRADED).unwrap();
+        assert_eq!(d.message, "c-0: CrashLoopBackOff");
+    }
+
+    #[test]
+    fn unchanged_inputs_give_an_identical_status() {
+        let mut ilc = cluster(2);
+        let first = compute(&ilc, Some(&sts(2, 2, 2)), &[], &now());
+        ilc.status = Some(first.clone());
+        let later = Time(k8s_openapi::jiff::Timestamp::from_second(1_900_000_000).unwrap());
+        let second = compute(&ilc, Some(&sts(2, 2, 2)), &[], &later);
+        assert_eq!(first, second);
+        let third = compute(&ilc, Some(&sts(2, 1, 2)), &[], &later);
+        let ready = third.conditions.iter().find(|c| c.type_ == READY).unwrap();
+        assert_eq!(ready.last_transition_time, later);
+    }
+}

@@ -1,0 +1,208 @@
+//! The CRD: up to date, accepted, usable with kubectl, and refusing bad specs.
+
+use std::fs;
+
+use infinite_llm_operator::crd::{InfiniteLLMCluster, crd_yaml};
+use kube::api::{Api, DynamicObject, PostParams};
+use kube::core::ApiResource;
+
+use crate::harness::{self, shared, stderr, stdout};
+
+const CRD_FILE: &str = "crds/infinitellmclusters.infinitellm.io.yaml";
+
+#[test]
+fn checked_in_crd_matches_the_rust_types() {
+    let path = harness::workspace_root().join(CRD_FILE);
+    let checked_in = fs::read_to_string(&path).unwrap_or_default();
+    let generated = crd_yaml().unwrap();
+    assert!(
+        checked_in == generated,
+        "{CRD_FILE} is stale or missing: run `make crds` \
+         (cargo run -p infinite-llm-operator -- crd > {CRD_FILE}) and commit the result"
+    );
+}
+
+#[test]
+fn crd_is_established_and_kubectl_knows_it() {
+    let cp = shared();
+    let out = cp.kubectl(&[
+        "get",
+        "crd",
+        "infinitellmclusters.infinitellm.io",
+        "-o",
+        "jsonpath={.status.conditions[?(@.type==\"Established\")].status} {.spec.names.shortNames}",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "True [\"ilc\"]");
+    // The OpenAPI document that `kubectl explain` reads is published a few seconds after
+    // the CRD is established.
+    let mut explained = String::new();
+    cp.wait_until(
+        "kubectl explain knows ilc",
+        std::time::Duration::from_secs(60),
+        || {
+            let out = cp.kubectl(&["explain", "ilc.spec.kvCache.blockTokens"]);
+            explained = stdout(&out) + &stderr(&out);
+            out.status.success()
+        },
+    );
+    assert!(explained.contains("power of two"), "{explained}");
+}
+
+#[tokio::test]
+async fn examples_apply_with_kubectl() {
+    let cp = shared();
+    let client = cp.client().await;
+    let ns = harness::namespace(&client, "examples").await;
+    let examples = harness::workspace_root().join("examples");
+    let out = cp.kubectl(&["apply", "-n", &ns, "-f", examples.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "kubectl apply examples/: {}",
+        stderr(&out)
+    );
+    let files = fs::read_dir(&examples).unwrap().count();
+    assert!(files >= 3, "expected at least three examples");
+    let out = cp.kubectl(&["get", "ilc", "-n", &ns, "-o", "name"]);
+    assert_eq!(stdout(&out).lines().count(), files, "{}", stdout(&out));
+    // The printer columns are what `kubectl get` shows.
+    let out = cp.kubectl(&["get", "ilc", "-n", &ns]);
+    let header = stdout(&out).lines().next().unwrap_or_default().to_owned();
+    for column in ["NAME", "PHASE", "READY", "REPLICAS", "POOL USED", "AGE"] {
+        assert!(
+            header.contains(column),
+            "missing column {column} in {header:?}"
+        );
+    }
+}
+
+/// One way to break the valid spec, and what the API server must say about it.
+struct Invalid {
+    what: &'static str,
+    edit: fn(&mut serde_json::Value),
+    message: &'static str,
+}
+
+#[tokio::test]
+async fn invalid_specs_are_refused_with_a_message() {
+    let cp = shared();
+    let client = cp.client().await;
+    let ns = harness::namespace(&client, "invalid").await;
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client, &ns, &ApiResource::erase::<InfiniteLLMCluster>(&()));
+    let cases = [
+        Invalid {
+            what: "min above max replicas",
+            edit: |s| s["autoscaling"] = serde_json::json!({"minReplicas": 5, "maxReplicas": 2}),
+            message: "autoscaling.minReplicas must be <= autoscaling.maxReplicas",
+        },
+        Invalid {
+            what: "block size not a power of two",
+            edit: |s| s["kvCache"]["blockTokens"] = 24.into(),
+            message: "kvCache.blockTokens must be a power of two",
+        },
+        Invalid {
+            what: "memory fraction above one",
+            edit: |s| s["kvCache"]["gpuMemoryFraction"] = 1.5.into(),
+            message: "kvCache.gpuMemoryFraction must be in (0, 1]",
+        },
+        Invalid {
+            what: "zero high watermark",
+            edit: |s| s["kvCache"]["highWatermark"] = 0.0.into(),
+            message: "kvCache.highWatermark must be in (0, 1]",
+        },
+        Invalid {
+            what: "negative lend fraction",
+            edit: |s| s["kvCache"]["lendFraction"] = (-0.1).into(),
+            message: "kvCache.lendFraction must be in [0, 1]",
+        },
+        Invalid {
+            what: "lend fraction above the watermark",
+            edit: |s| {
+                s["kvCache"]["lendFraction"] = 0.95.into();
+                s["kvCache"]["highWatermark"] = 0.9.into();
+            },
+            message: "kvCache.lendFraction must be below kvCache.highWatermark",
+        },
+        Invalid {
+            what: "two model sources",
+            edit: |s| s["model"]["source"]["hostPath"] = serde_json::json!({"path": "/m"}),
+            message: "model.source must set exactly one of pvc, hostPath or image",
+        },
+        Invalid {
+            what: "no model source",
+            edit: |s| s["model"]["source"] = serde_json::json!({}),
+            message: "model.source must set exactly one of pvc, hostPath or image",
+        },
+        Invalid {
+            what: "relative host path",
+            edit: |s| s["model"]["source"] = serde_json::json!({"hostPath": {"path": "models/x"}}),
+            message: "model.source.hostPath.path must be an absolute path",
+        },
+        Invalid {
+            what: "escaping volume path",
+            edit: |s| s["model"]["source"]["pvc"]["path"] = "../etc".into(),
+            message: "model.source.pvc.path must be relative and must not contain '..'",
+        },
+        Invalid {
+            what: "API port on the peer port",
+            edit: |s| s["api"] = serde_json::json!({"port": 8101}),
+            message: "api.port must differ from the peer port 8101",
+        },
+        Invalid {
+            what: "bad served name",
+            edit: |s| s["model"]["servedName"] = " spaces ".into(),
+            message: "model.servedName must be 1-128 characters",
+        },
+        Invalid {
+            what: "negative replicas",
+            edit: |s| s["workers"]["replicas"] = (-1).into(),
+            message: "spec.workers.replicas: Invalid value: -1",
+        },
+        Invalid {
+            what: "too many GPUs",
+            edit: |s| s["workers"]["gpusPerWorker"] = 17.into(),
+            message: "spec.workers.gpusPerWorker: Invalid value: 17",
+        },
+        Invalid {
+            what: "unknown dtype",
+            edit: |s| s["model"]["dtype"] = "int3".into(),
+            message: "spec.model.dtype: Unsupported value: \"int3\"",
+        },
+        Invalid {
+            what: "missing image",
+            edit: |s| {
+                s["workers"].as_object_mut().unwrap().remove("image");
+            },
+            message: "spec.workers.image: Required value",
+        },
+        Invalid {
+            what: "grace period too short to drain",
+            edit: |s| s["workers"]["terminationGracePeriodSeconds"] = 5.into(),
+            message: "spec.workers.terminationGracePeriodSeconds: Invalid value: 5",
+        },
+    ];
+    assert!(cases.len() >= 8);
+    let mut failures = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        let mut obj = crate::cluster_json(&format!("bad-{i}"), 1);
+        (case.edit)(&mut obj["spec"]);
+        let obj: DynamicObject = serde_json::from_value(obj).unwrap();
+        match api.create(&PostParams::default(), &obj).await {
+            Ok(_) => failures.push(format!("{}: accepted", case.what)),
+            Err(kube::Error::Api(status)) => {
+                if status.code != 422 || !status.message.contains(case.message) {
+                    failures.push(format!(
+                        "{}: expected 422 with {:?}, got {} {:?}",
+                        case.what, case.message, status.code, status.message
+                    ));
+                }
+            }
+            Err(e) => failures.push(format!("{}: {e}", case.what)),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // The valid spec itself goes through, so the refusals above are about the edits.
+    let ok: DynamicObject = serde_json::from_value(crate::cluster_json("good", 1)).unwrap();
+    api.create(&PostParams::default(), &ok).await.unwrap();
+}

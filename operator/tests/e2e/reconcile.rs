@@ -1,0 +1,561 @@
+//! The reconciler against the real API server, StatefulSet controller and garbage collector.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use infinite_llm_operator::crd::{InfiniteLLMCluster, Phase};
+use infinite_llm_operator::names::Names;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::scheduling::v1::PriorityClass;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, Resource, ResourceExt};
+
+use crate::harness::{self, ControlPlane, Operator, eventually, shared, stderr, stdout};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+struct Setup {
+    cp: &'static ControlPlane,
+    client: Client,
+    ns: String,
+    operator: Operator,
+}
+
+async fn setup(ns: &str) -> Setup {
+    let cp = shared();
+    let client = cp.client().await;
+    let ns = harness::namespace(&client, ns).await;
+    priority_class(&client).await;
+    let operator = Operator::start(cp, &cp.kubeconfig, &ns, "op", &[]);
+    Setup {
+        cp,
+        client,
+        ns,
+        operator,
+    }
+}
+
+/// The test clusters ask for this class; Pods naming a missing one are refused.
+async fn priority_class(client: &Client) {
+    let class = serde_json::json!({
+        "apiVersion": "scheduling.k8s.io/v1",
+        "kind": "PriorityClass",
+        "metadata": {"name": "inference"},
+        "value": 1000,
+    });
+    Api::<PriorityClass>::all(client.clone())
+        .patch(
+            "inference",
+            &PatchParams::apply("e2e"),
+            &Patch::Apply(&class),
+        )
+        .await
+        .unwrap();
+}
+
+impl Setup {
+    fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    async fn create(&self, ilc: &InfiniteLLMCluster) -> InfiniteLLMCluster {
+        self.api::<InfiniteLLMCluster>()
+            .create(&PostParams::default(), ilc)
+            .await
+            .unwrap()
+    }
+
+    async fn statefulset(&self, name: &str) -> StatefulSet {
+        let api = self.api::<StatefulSet>();
+        eventually("the StatefulSet exists", LIMIT, || async {
+            api.get_opt(name).await.unwrap()
+        })
+        .await
+    }
+
+    /// Waits for the StatefulSet controller to create `n` Pods, then marks them Ready.
+    async fn pods_ready(&self, name: &str, n: usize) {
+        let selector = Names::new(name).selector_string();
+        let pods = self.api::<Pod>();
+        eventually(&format!("{n} worker Pods exist"), LIMIT, || async {
+            let list = pods
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .unwrap();
+            (list.items.len() == n).then_some(())
+        })
+        .await;
+        harness::mark_pods_ready(&self.client, &self.ns, &selector).await;
+    }
+
+    async fn wait_phase(&self, name: &str, phase: Phase) -> InfiniteLLMCluster {
+        let api = self.api::<InfiniteLLMCluster>();
+        eventually(&format!("{name} is {phase:?}"), LIMIT, || async {
+            let ilc = api.get(name).await.unwrap();
+            let current = ilc.status.as_ref().and_then(|s| s.phase);
+            (current == Some(phase)).then_some(ilc)
+        })
+        .await
+    }
+
+    async fn events(&self, reason: &str) -> Vec<Event> {
+        self.api::<Event>()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .collect()
+    }
+}
+
+fn env_of(sts: &StatefulSet) -> BTreeMap<String, String> {
+    let container = &sts
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    container
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+        .collect()
+}
+
+#[tokio::test]
+async fn children_have_the_right_specs_and_owners() {
+    let s = setup("children").await;
+    let ilc = s.create(&crate::cluster("llm", 2)).await;
+    let uid = ilc.uid().unwrap();
+
+    let sts = s.statefulset("llm").await;
+    let spec = sts.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    assert_eq!(spec.service_name.as_deref(), Some("llm-peers"));
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.termination_grace_period_seconds, Some(300));
+    assert_eq!(pod.priority_class_name.as_deref(), Some("inference"));
+    assert_eq!(pod.node_selector.as_ref().unwrap()["gpu"], "yes");
+    assert_eq!(
+        pod.tolerations.as_ref().unwrap()[0].key.as_deref(),
+        Some("nvidia.com/gpu")
+    );
+    let c = &pod.containers[0];
+    assert_eq!(c.image.as_deref(), Some("ghcr.io/infinite-llm/worker:test"));
+    assert_eq!(
+        c.command.as_ref().unwrap(),
+        &["infinite-llm-worker", "serve"]
+    );
+    let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
+    assert_eq!(limits["nvidia.com/gpu"].0, "1");
+    assert_eq!(
+        c.resources.as_ref().unwrap().requests.as_ref().unwrap()["memory"].0,
+        "2Gi"
+    );
+    let env = env_of(&sts);
+    for (k, v) in [
+        ("ILM_MODEL", "/models/tiny-llama"),
+        ("ILM_SERVED_MODEL_NAME", "tiny-llama"),
+        ("ILM_PORT", "8000"),
+        ("ILM_PEER_PORT", "8101"),
+        ("ILM_DEVICE", "cuda:0"),
+        ("ILM_BLOCK_TOKENS", "16"),
+        ("ILM_GPU_MEMORY_FRACTION", "0.8"),
+        ("ILM_LEND_FRACTION", "0.4"),
+        ("ILM_HIGH_WATERMARK", "0.9"),
+        ("ILM_DTYPE", "f32"),
+        ("ILM_CLUSTER", "llm"),
+        ("ILM_TOKEN_FILE", "/var/run/infinite-llm/token/token"),
+        (
+            "ILM_GMANAGER_URL",
+            "http://infinite-llm-operator.children.svc:8001",
+        ),
+    ] {
+        assert_eq!(env.get(k).map(String::as_str), Some(v), "env {k}");
+    }
+    let worker_id = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "ILM_WORKER_ID")
+        .unwrap();
+    let field = worker_id
+        .value_from
+        .as_ref()
+        .unwrap()
+        .field_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(field.field_path, "metadata.name");
+    let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .clone()
+            .unwrap()
+    };
+    assert_eq!(probe_path(&c.readiness_probe), "/ready");
+    assert_eq!(probe_path(&c.liveness_probe), "/health");
+    let pre_stop = c.lifecycle.as_ref().unwrap().pre_stop.as_ref().unwrap();
+    assert_eq!(
+        pre_stop.exec.as_ref().unwrap().command.as_ref().unwrap(),
+        &[
+            "infinite-llm-worker",
+            "drain",
+            "--port",
+            "8000",
+            "--token-file",
+            "/var/run/infinite-llm/token/token"
+        ]
+    );
+    let volumes = pod.volumes.as_ref().unwrap();
+    let token_volume = volumes.iter().find(|v| v.name == "token").unwrap();
+    assert_eq!(
+        token_volume.secret.as_ref().unwrap().secret_name.as_deref(),
+        Some("llm-token")
+    );
+    let model = volumes.iter().find(|v| v.name == "model").unwrap();
+    assert_eq!(
+        model.persistent_volume_claim.as_ref().unwrap().claim_name,
+        "models"
+    );
+
+    let peers = s.api::<Service>().get("llm-peers").await.unwrap();
+    let peers_spec = peers.spec.as_ref().unwrap();
+    assert_eq!(peers_spec.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(peers_spec.publish_not_ready_addresses, Some(true));
+    let client_svc = s.api::<Service>().get("llm").await.unwrap();
+    assert_eq!(
+        client_svc.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port,
+        8000
+    );
+    let pdb = s.api::<PodDisruptionBudget>().get("llm").await.unwrap();
+    assert_eq!(
+        pdb.spec.as_ref().unwrap().max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+    let np = s.api::<NetworkPolicy>().get("llm-peers").await.unwrap();
+    let rules = np.spec.as_ref().unwrap().ingress.as_ref().unwrap();
+    let peer_rule = rules
+        .iter()
+        .find(|r| {
+            r.ports.as_ref().unwrap()[0].port
+                == Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(8101))
+        })
+        .expect("a rule for the peer port");
+    let from = peer_rule
+        .from
+        .as_ref()
+        .expect("the peer port is not open to all");
+    assert_eq!(
+        from[0].pod_selector.as_ref().unwrap().match_labels,
+        Some(Names::new("llm").selector_labels())
+    );
+
+    let secret = s.api::<Secret>().get("llm-token").await.unwrap();
+    let token = secret.data.as_ref().unwrap()["token"].0.clone();
+    assert_eq!(token.len(), 64);
+
+    // Every child is controlled by the cluster, so garbage collection removes it.
+    let owned_by_cluster = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        let refs = meta.owner_references.as_ref().expect("owner references");
+        refs.len() == 1
+            && refs[0].uid == uid
+            && refs[0].controller == Some(true)
+            && refs[0].kind == "InfiniteLLMCluster"
+    };
+    assert!(owned_by_cluster(&sts.metadata));
+    assert!(owned_by_cluster(&peers.metadata));
+    assert!(owned_by_cluster(&client_svc.metadata));
+    assert!(owned_by_cluster(&pdb.metadata));
+    assert!(owned_by_cluster(&np.metadata));
+    assert!(owned_by_cluster(&secret.metadata));
+
+    let token_text = String::from_utf8(token).unwrap();
+    assert!(
+        !s.operator.log().contains(&token_text),
+        "the token leaked into the operator log"
+    );
+    assert!(!s.events("TokenGenerated").await.is_empty());
+}
+
+#[tokio::test]
+async fn ready_when_the_pods_are_ready() {
+    let s = setup("ready").await;
+    s.create(&crate::cluster("llm", 2)).await;
+    let ilc = s.wait_phase("llm", Phase::Progressing).await;
+    assert_eq!(ilc.status.unwrap().ready_replicas, 0);
+    s.pods_ready("llm", 2).await;
+    let ilc = s.wait_phase("llm", Phase::Ready).await;
+    let status = ilc.status.unwrap();
+    assert_eq!(status.ready_replicas, 2);
+    assert_eq!(status.replicas, 2);
+    assert_eq!(status.observed_generation, ilc.metadata.generation);
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "AllWorkersReady")
+    );
+    assert!(
+        status.pool.is_none(),
+        "pool totals stay unset until the gManager reports them"
+    );
+    let out =
+        s.cp.kubectl(&["get", "ilc", "llm", "-n", &s.ns, "--no-headers"]);
+    let row: Vec<String> = stdout(&out).split_whitespace().map(str::to_owned).collect();
+    assert_eq!(&row[..4], ["llm", "Ready", "2", "2"], "{}", stderr(&out));
+    assert!(!s.events("Ready").await.is_empty());
+}
+
+#[tokio::test]
+async fn kubectl_scale_changes_the_statefulset() {
+    let s = setup("scale").await;
+    s.create(&crate::cluster("llm", 1)).await;
+    s.statefulset("llm").await;
+    let out =
+        s.cp.kubectl(&["scale", "-n", &s.ns, "ilc/llm", "--replicas=3"]);
+    assert!(out.status.success(), "kubectl scale: {}", stderr(&out));
+    let api = s.api::<StatefulSet>();
+    eventually("the StatefulSet has 3 replicas", LIMIT, || async {
+        let sts = api.get("llm").await.unwrap();
+        (sts.spec.unwrap().replicas == Some(3)).then_some(())
+    })
+    .await;
+    // The scale subresource reads back through status.replicas and status.selector.
+    s.pods_ready("llm", 3).await;
+    s.wait_phase("llm", Phase::Ready).await;
+    let out = s.cp.kubectl(&[
+        "get",
+        "--raw",
+        &format!(
+            "/apis/infinitellm.io/v1alpha1/namespaces/{}/infinitellmclusters/llm/scale",
+            s.ns
+        ),
+    ]);
+    let scale: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(scale["spec"]["replicas"], 3);
+    assert_eq!(scale["status"]["replicas"], 3);
+    assert_eq!(
+        scale["status"]["selector"],
+        Names::new("llm").selector_string()
+    );
+    let scaled = s.events("Scaled").await;
+    assert!(
+        scaled
+            .iter()
+            .any(|e| e.note.as_deref() == Some("Scaling workers from 1 to 3"))
+    );
+}
+
+#[tokio::test]
+async fn deleting_the_cluster_collects_its_children() {
+    let s = setup("delete").await;
+    s.create(&crate::cluster("llm", 1)).await;
+    s.statefulset("llm").await;
+    s.pods_ready("llm", 1).await;
+    s.wait_phase("llm", Phase::Ready).await;
+    s.api::<InfiniteLLMCluster>()
+        .delete("llm", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    let selector = Names::new("llm").selector_string();
+    let kinds = [
+        "statefulsets",
+        "services",
+        "secrets",
+        "poddisruptionbudgets",
+        "networkpolicies",
+        "pods",
+        "infinitellmclusters",
+    ];
+    eventually("garbage collection removed every child", LIMIT, || async {
+        for kind in kinds {
+            let out =
+                s.cp.kubectl(&["get", kind, "-n", &s.ns, "-l", &selector, "-o", "name"]);
+            assert!(out.status.success(), "{}", stderr(&out));
+            if !stdout(&out).trim().is_empty() {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    assert!(
+        s.api::<InfiniteLLMCluster>()
+            .get_opt("llm")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn editing_the_spec_rolls_the_statefulset() {
+    let s = setup("rollout").await;
+    s.create(&crate::cluster("llm", 2)).await;
+    s.statefulset("llm").await;
+    s.pods_ready("llm", 2).await;
+    s.wait_phase("llm", Phase::Ready).await;
+    let before = s.statefulset("llm").await;
+    let revision = before
+        .status
+        .as_ref()
+        .and_then(|st| st.update_revision.clone())
+        .unwrap();
+
+    let patch = serde_json::json!({"spec": {"kvCache": {"blockTokens": 32}}});
+    s.api::<InfiniteLLMCluster>()
+        .patch("llm", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let api = s.api::<StatefulSet>();
+    let after = eventually("the StatefulSet runs a new revision", LIMIT, || async {
+        let sts = api.get("llm").await.unwrap();
+        let rev = sts
+            .status
+            .as_ref()
+            .and_then(|st| st.update_revision.clone());
+        (rev.is_some() && rev.as_deref() != Some(revision.as_str())).then_some(sts)
+    })
+    .await;
+    assert_eq!(env_of(&after)["ILM_BLOCK_TOKENS"], "32");
+    // The StatefulSet controller replaces Pods one by one (each drains through preStop).
+    let ilc = s.wait_phase("llm", Phase::Progressing).await;
+    let progressing = ilc
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Progressing")
+        .unwrap();
+    assert_eq!(progressing.status, "True");
+    assert!(!s.events("RollingUpdate").await.is_empty());
+}
+
+#[tokio::test]
+async fn a_second_reconcile_writes_nothing() {
+    let s = setup("idle").await;
+    s.create(&crate::cluster("llm", 2)).await;
+    s.statefulset("llm").await;
+    s.pods_ready("llm", 2).await;
+    s.wait_phase("llm", Phase::Ready).await;
+
+    // Let the watch events of the operator's own writes settle.
+    let settle = std::time::Instant::now();
+    let mut last = total_writes(&s.operator).await;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = total_writes(&s.operator).await;
+        if now == last {
+            break;
+        }
+        last = now;
+        assert!(settle.elapsed() < LIMIT, "the operator keeps writing");
+    }
+    let versions = resource_versions(&s).await;
+    let writes_before = total_writes(&s.operator).await;
+    let reconciles_before = s
+        .operator
+        .metric("infinite_llm_operator_reconciliations_total")
+        .await;
+
+    // Any change to the cluster object triggers a reconcile; this one changes nothing that
+    // matters.
+    let patch = serde_json::json!({"metadata": {"annotations": {"e2e/touch": "1"}}});
+    s.api::<InfiniteLLMCluster>()
+        .patch("llm", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually("the operator reconciles again", LIMIT, || async {
+        let n = s
+            .operator
+            .metric("infinite_llm_operator_reconciliations_total")
+            .await;
+        (n > reconciles_before).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        total_writes(&s.operator).await,
+        writes_before,
+        "the reconcile wrote something"
+    );
+    assert_eq!(resource_versions(&s).await, versions, "an object changed");
+}
+
+/// Sum of every `writes_total` sample.
+async fn total_writes(op: &Operator) -> f64 {
+    let text = op.metrics().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("infinite_llm_operator_writes_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// Resource versions of every child and of the cluster's status-bearing fields.
+async fn resource_versions(s: &Setup) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut push =
+        |kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            out.push((
+                format!("{kind}/{}", meta.name.clone().unwrap()),
+                meta.resource_version.clone().unwrap(),
+            ));
+        };
+    push(
+        "StatefulSet",
+        &s.api::<StatefulSet>().get("llm").await.unwrap().metadata,
+    );
+    for name in ["llm", "llm-peers"] {
+        push(
+            "Service",
+            &s.api::<Service>().get(name).await.unwrap().metadata,
+        );
+    }
+    push(
+        "PodDisruptionBudget",
+        &s.api::<PodDisruptionBudget>()
+            .get("llm")
+            .await
+            .unwrap()
+            .metadata,
+    );
+    push(
+        "NetworkPolicy",
+        &s.api::<NetworkPolicy>()
+            .get("llm-peers")
+            .await
+            .unwrap()
+            .metadata,
+    );
+    push(
+        "Secret",
+        &s.api::<Secret>().get("llm-token").await.unwrap().metadata,
+    );
+    let ilc = s.api::<InfiniteLLMCluster>().get("llm").await.unwrap();
+    out.push((
+        "InfiniteLLMCluster/status".to_owned(),
+        serde_json::to_string(&ilc.status).unwrap(),
+    ));
+    out
+}
