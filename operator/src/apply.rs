@@ -70,20 +70,62 @@ where
 }
 
 /// Whether `have` holds every value `want` sets. Empty lists and maps in `want` match
-/// absent ones, because the server drops them.
+/// absent ones, because the server drops them; resource quantities match by value,
+/// because the server rewrites them in canonical form ("1000m" comes back as "1").
 pub fn covers(have: &Value, want: &Value) -> bool {
+    covers_under(have, want, None)
+}
+
+fn covers_under(have: &Value, want: &Value, key: Option<&str>) -> bool {
     match (have, want) {
         (_, Value::Null) => true,
-        (Value::Object(h), Value::Object(w)) => w.iter().all(|(k, wv)| match h.get(k) {
-            Some(hv) => covers(hv, wv),
-            None => is_empty(wv),
-        }),
+        (Value::Object(h), Value::Object(w)) => {
+            let quantities = matches!(key, Some("limits" | "requests"));
+            w.iter().all(|(k, wv)| match (h.get(k), wv) {
+                (Some(Value::String(hq)), Value::String(wq)) if quantities => same_quantity(hq, wq),
+                (Some(hv), _) => covers_under(hv, wv, Some(k)),
+                (None, _) => is_empty(wv),
+            })
+        }
         (Value::Array(h), Value::Array(w)) => {
-            h.len() == w.len() && h.iter().zip(w).all(|(hv, wv)| covers(hv, wv))
+            h.len() == w.len() && h.iter().zip(w).all(|(hv, wv)| covers_under(hv, wv, key))
         }
         (Value::Null, w) => is_empty(w),
         (h, w) => h == w,
     }
+}
+
+fn same_quantity(a: &str, b: &str) -> bool {
+    match (quantity(a), quantity(b)) {
+        (Some(x), Some(y)) => (x - y).abs() <= 1e-12 * x.abs().max(y.abs()),
+        _ => a == b,
+    }
+}
+
+/// The value of a Kubernetes quantity ("512Mi", "1.5", "250m", "1e3").
+fn quantity(s: &str) -> Option<f64> {
+    const SUFFIXES: &[(&str, f64)] = &[
+        ("Ki", 1024.0),
+        ("Mi", 1048576.0),
+        ("Gi", 1073741824.0),
+        ("Ti", 1099511627776.0),
+        ("Pi", 1125899906842624.0),
+        ("Ei", 1152921504606846976.0),
+        ("n", 1e-9),
+        ("u", 1e-6),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+        ("E", 1e18),
+    ];
+    let (number, scale) = SUFFIXES
+        .iter()
+        .find_map(|(suffix, scale)| Some((s.strip_suffix(suffix)?, *scale)))
+        .unwrap_or((s, 1.0));
+    number.parse::<f64>().ok().map(|n| n * scale)
 }
 
 fn is_empty(v: &Value) -> bool {
@@ -127,6 +169,19 @@ mod tests {
             &json!({"ports": [{"port": 80}, {"port": 81}]}),
             &want
         ));
+    }
+
+    #[test]
+    fn quantities_match_by_value_only_in_resource_lists() {
+        let want = json!({"resources": {"limits": {"cpu": "1000m", "memory": "1Gi"}}});
+        let have = json!({"resources": {"limits": {"cpu": "1", "memory": "1073741824"}}});
+        assert!(covers(&have, &want));
+        let have = json!({"resources": {"limits": {"cpu": "2", "memory": "1Gi"}}});
+        assert!(!covers(&have, &want));
+        assert!(!covers(&json!({"env": "1"}), &json!({"env": "1.0"})));
+        assert_eq!(quantity("1e3"), Some(1000.0));
+        assert_eq!(quantity("250m"), Some(0.25));
+        assert_eq!(quantity("lots"), None);
     }
 
     #[test]

@@ -87,3 +87,8 @@ impl Names {
             .join(",")
     }
 }
+
+/// Selects everything any cluster owns, Pods included; keeps the operator's watches small.
+pub fn managed_selector() -> String {
+    format!("{MANAGED_BY_LABEL}={FIELD_MANAGER}")
+}

@@ -35,7 +35,7 @@ const RECONCILER: &[(&str, &str, &[&str])] = &[
         &["get", "list", "watch", "create", "patch"],
     ),
     ("", "secrets", &["get", "create", "patch"]),
-    ("", "pods", &["list"]),
+    ("", "pods", &["list", "watch"]),
     ("events.k8s.io", "events", &["create", "patch"]),
 ];
 

@@ -13,6 +13,7 @@ use k8s_openapi::jiff::{Timestamp, Unit};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use tracing::{debug, info, warn};
@@ -22,7 +23,7 @@ use crate::apply::{Outcome, covers, ensure};
 use crate::children::{Desired, Settings};
 use crate::crd::{InfiniteLLMCluster, InfiniteLLMClusterStatus, Phase};
 use crate::metrics::Metrics;
-use crate::names::{FIELD_MANAGER, Names};
+use crate::names::{self, CLUSTER_LABEL, FIELD_MANAGER, Names};
 use crate::{status, token};
 
 /// Everything a reconcile needs, shared by all of them.
@@ -44,8 +45,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
-    let owned =
-        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
+    let owned = watcher::Config::default().labels(&names::managed_selector());
+    // Worker Pods are not owned by the cluster directly (the StatefulSet owns them), so they
+    // are mapped back through their cluster label: a crash-looping worker must show in status.
+    let pod_owner = |pod: Pod| {
+        let cluster = pod.labels().get(CLUSTER_LABEL)?.clone();
+        Some(ObjectRef::<InfiniteLLMCluster>::new(&cluster).within(&pod.namespace()?))
+    };
     Controller::new(
         api::<InfiniteLLMCluster>(&client, namespace),
         watcher::Config::default(),
@@ -56,7 +62,8 @@ pub async fn run(
         api::<PodDisruptionBudget>(&client, namespace),
         owned.clone(),
     )
-    .owns(api::<NetworkPolicy>(&client, namespace), owned)
+    .owns(api::<NetworkPolicy>(&client, namespace), owned.clone())
+    .watches(api::<Pod>(&client, namespace), owned, pod_owner)
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx)
     .for_each(|result| async move {
@@ -84,6 +91,8 @@ fn error_policy(ilc: Arc<InfiniteLLMCluster>, error: &Error, ctx: Arc<Context>) 
     Action::requeue(RETRY)
 }
 
+/// Every child is owned through a controller reference and removed by garbage collection,
+/// so no finalizer is needed.
 async fn reconcile(ilc: Arc<InfiniteLLMCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile();
     if ilc.meta().deletion_timestamp.is_some() {

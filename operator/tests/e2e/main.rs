@@ -26,7 +26,8 @@ pub fn cluster_json(name: &str, replicas: i32) -> serde_json::Value {
                 "replicas": replicas,
                 "gpusPerWorker": 1,
                 "image": "ghcr.io/infinite-llm/worker:test",
-                "resources": {"requests": {"cpu": "1", "memory": "2Gi"}},
+                // "1000m" comes back from the server as "1"; that must not look like drift.
+                "resources": {"requests": {"cpu": "1000m", "memory": "2Gi"}},
                 "nodeSelector": {"gpu": "yes"},
                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
                 "priorityClassName": "inference"

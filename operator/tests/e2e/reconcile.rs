@@ -559,3 +559,44 @@ async fn resource_versions(s: &Setup) -> Vec<(String, String)> {
     ));
     out
 }
+
+#[tokio::test]
+async fn a_crash_looping_worker_degrades_the_cluster() {
+    let s = setup("degraded").await;
+    s.create(&crate::cluster("llm", 2)).await;
+    s.statefulset("llm").await;
+    s.pods_ready("llm", 2).await;
+    s.wait_phase("llm", Phase::Ready).await;
+
+    // What the kubelet reports for a worker that keeps failing, say on a bad model path.
+    let patch = serde_json::json!({"status": {
+        "conditions": [{"type": "Ready", "status": "False"}],
+        "containerStatuses": [{
+            "name": "worker",
+            "image": "ghcr.io/infinite-llm/worker:test",
+            "imageID": "",
+            "ready": false,
+            "restartCount": 5,
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 2m40s"}}
+        }]
+    }});
+    s.api::<Pod>()
+        .patch_status("llm-1", &PatchParams::default(), &Patch::Strategic(&patch))
+        .await
+        .unwrap();
+    let ilc = s.wait_phase("llm", Phase::Degraded).await;
+    let status = ilc.status.unwrap();
+    let degraded = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap();
+    assert_eq!(degraded.status, "True");
+    assert_eq!(degraded.message, "llm-1: CrashLoopBackOff");
+    let warnings = s.events("WorkersFailing").await;
+    assert!(
+        warnings
+            .iter()
+            .any(|e| e.type_.as_deref() == Some("Warning"))
+    );
+}
