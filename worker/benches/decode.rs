@@ -18,7 +18,9 @@ const PROMPT: usize = 32;
 const NEW_TOKENS: usize = 64;
 
 fn prompt(k: u32, vocab: u32) -> Vec<u32> {
-    (0..PROMPT as u32).map(|i| (i * 7919 + k * 104_729 + 3) % vocab).collect()
+    (0..PROMPT as u32)
+        .map(|i| (i * 7919 + k * 104_729 + 3) % vocab)
+        .collect()
 }
 
 fn candle_tokens_per_s(dir: &Path) -> f64 {
@@ -27,7 +29,11 @@ fn candle_tokens_per_s(dir: &Path) -> f64 {
     let config = config.into_config(false);
     // SAFETY: the model file is written once before the bench and not modified while mapped.
     let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu)
+        VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
     }
     .unwrap();
     let model = candle_llama::Llama::load(vb, &config).unwrap();
@@ -40,7 +46,10 @@ fn candle_tokens_per_s(dir: &Path) -> f64 {
             // Decode only: the clock starts after the prompt is in.
             start = Instant::now();
         }
-        let x = Tensor::new(input.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let x = Tensor::new(input.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let logits: Vec<f32> = model
             .forward(&x, pos, &mut cache)
             .unwrap()
@@ -74,11 +83,12 @@ fn ours_tokens_per_s(rt: &tokio::runtime::Runtime, dir: &Path, vocab: u32, batch
             })
             .collect();
         // The clock starts when every request has its first token: decode only, as for candle.
-        let mut streams: Vec<_> = futures::future::join_all(streams.into_iter().map(|mut rx| async move {
-            assert!(matches!(rx.recv().await, Some(Event::Token { .. })));
-            rx
-        }))
-        .await;
+        let mut streams: Vec<_> =
+            futures::future::join_all(streams.into_iter().map(|mut rx| async move {
+                assert!(matches!(rx.recv().await, Some(Event::Token { .. })));
+                rx
+            }))
+            .await;
         let start = Instant::now();
         let mut tokens = 0;
         for rx in &mut streams {
@@ -120,7 +130,10 @@ fn main() {
     let ours1 = ours_tokens_per_s(&rt, dir.path(), vocab, 1);
     let ours16 = ours_tokens_per_s(&rt, dir.path(), vocab, 16);
     println!("candle-transformers  batch 1:  {candle:8.1} tok/s");
-    println!("infinite-llm         batch 1:  {ours1:8.1} tok/s  ({:.2}x candle)", ours1 / candle);
+    println!(
+        "infinite-llm         batch 1:  {ours1:8.1} tok/s  ({:.2}x candle)",
+        ours1 / candle
+    );
     println!(
         "infinite-llm         batch 16: {ours16:8.1} tok/s  ({:.2}x candle batch 1, {:.2}x ours batch 1)",
         ours16 / candle,

@@ -106,7 +106,10 @@ pub fn start(model_dir: &Path, opts: EngineOptions) -> Result<EngineHandle, Engi
     start_with(model, opts)
 }
 
-fn start_with<B: Backend>(model: Llama<B>, opts: EngineOptions) -> Result<EngineHandle, EngineError> {
+fn start_with<B: Backend>(
+    model: Llama<B>,
+    opts: EngineOptions,
+) -> Result<EngineHandle, EngineError> {
     if opts.block_tokens == 0 || !opts.block_tokens.is_power_of_two() {
         return Err(EngineError::Options(format!(
             "block tokens must be a power of two, got {}",
@@ -123,9 +126,13 @@ fn start_with<B: Backend>(model: Llama<B>, opts: EngineOptions) -> Result<Engine
         .kv_blocks
         .unwrap_or(opts.kv_memory_bytes / probe.block_bytes_f32());
     if blocks == 0 {
-        return Err(EngineError::Options("the KV pool would hold no rBlock".into()));
+        return Err(EngineError::Options(
+            "the KV pool would hold no rBlock".into(),
+        ));
     }
-    let kv = model.backend().alloc_kv(model.kv_shape(blocks, opts.block_tokens));
+    let kv = model
+        .backend()
+        .alloc_kv(model.kv_shape(blocks, opts.block_tokens));
     let scheduler = Scheduler::new(
         SchedulerConfig {
             block_tokens: opts.block_tokens,
@@ -177,7 +184,10 @@ fn start_with<B: Backend>(model: Llama<B>, opts: EngineOptions) -> Result<Engine
 
 impl EngineHandle {
     /// Queues a request. The receiver yields its tokens; dropping it cancels the request.
-    pub fn submit(&self, req: GenerateRequest) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
+    pub fn submit(
+        &self,
+        req: GenerateRequest,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
         let s = &self.shared;
         if !s.accepting.load(Ordering::Acquire) {
             return Err(SubmitError::ShuttingDown);
@@ -236,7 +246,9 @@ impl EngineHandle {
         let shared = self.shared.clone();
         // The engine thread publishes stats after every step and whenever it goes idle.
         let _ = rx
-            .wait_for(|s| s.running == 0 && s.waiting == 0 && shared.queued.load(Ordering::Acquire) == 0)
+            .wait_for(|s| {
+                s.running == 0 && s.waiting == 0 && shared.queued.load(Ordering::Acquire) == 0
+            })
             .await;
     }
 
@@ -336,7 +348,10 @@ impl<B: Backend> Runner<B> {
         let vocab = self.model.config().vocab_size;
         let sampling = step.items.iter().filter(|it| it.samples);
         for (row, item) in sampling.enumerate() {
-            let a = self.active.get_mut(&item.seq).expect("scheduled requests are active");
+            let a = self
+                .active
+                .get_mut(&item.seq)
+                .expect("scheduled requests are active");
             let (token, logprob) = a.sampler.sample(&logits[row * vocab..(row + 1) * vocab]);
             a.generated += 1;
             let sent = a.tx.send(Event::Token { id: token, logprob });

@@ -2,6 +2,8 @@
 //! served over an OpenAI-compatible HTTP API.
 
 pub mod backend;
+pub mod chat_template;
+pub mod demo_model;
 pub mod engine;
 pub mod merge;
 pub mod model;
@@ -9,3 +11,4 @@ pub mod rblock_pool;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;
+pub mod tokenizer;

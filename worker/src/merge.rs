@@ -53,12 +53,23 @@ mod tests {
     fn any_split_equals_the_whole() {
         let n = 37;
         let d = 8;
-        let s: Vec<f64> = (0..n).map(|i| ((i * 7919) % 23) as f64 * 0.37 - 4.0).collect();
+        let s: Vec<f64> = (0..n)
+            .map(|i| ((i * 7919) % 23) as f64 * 0.37 - 4.0)
+            .collect();
         let v: Vec<Vec<f64>> = (0..n)
-            .map(|i| (0..d).map(|j| ((i * 31 + j * 17) % 13) as f64 - 6.0).collect())
+            .map(|i| {
+                (0..d)
+                    .map(|j| ((i * 31 + j * 17) % 13) as f64 - 6.0)
+                    .collect()
+            })
             .collect();
         let (whole_o, whole_lse) = attend(&s, &v);
-        for cuts in [vec![0, n], vec![0, 1, n], vec![0, 10, 20, n], vec![0, 5, 6, 30, n]] {
+        for cuts in [
+            vec![0, n],
+            vec![0, 1, n],
+            vec![0, 10, 20, n],
+            vec![0, 5, 6, 30, n],
+        ] {
             let parts: Vec<(Vec<f32>, f32)> = cuts
                 .windows(2)
                 .map(|w| {
@@ -78,7 +89,10 @@ mod tests {
                 for (o, lse) in it {
                     merge_into(&mut acc, &mut acc_lse, o, *lse);
                 }
-                assert!((acc_lse as f64 - whole_lse).abs() < 1e-5, "lse {acc_lse} vs {whole_lse}");
+                assert!(
+                    (acc_lse as f64 - whole_lse).abs() < 1e-5,
+                    "lse {acc_lse} vs {whole_lse}"
+                );
                 for j in 0..d {
                     assert!((acc[j] as f64 - whole_o[j]).abs() < 1e-5 * (1.0 + whole_o[j].abs()));
                 }

@@ -88,12 +88,7 @@ impl BlockTable {
     /// Claims the next `n` token slots (block, offset within block), in order.
     pub fn push_tokens(&mut self, n: usize, block_tokens: usize) -> Vec<(u32, u32)> {
         let slots = (self.tokens..self.tokens + n)
-            .map(|p| {
-                (
-                    self.blocks[p / block_tokens],
-                    (p % block_tokens) as u32,
-                )
-            })
+            .map(|p| (self.blocks[p / block_tokens], (p % block_tokens) as u32))
             .collect();
         self.tokens += n;
         assert!(
@@ -168,8 +163,16 @@ mod tests {
         assert_eq!(
             segs,
             vec![
-                KvSegment { block: 7, first_pos: 0, tokens: 4 },
-                KvSegment { block: 3, first_pos: 4, tokens: 2 },
+                KvSegment {
+                    block: 7,
+                    first_pos: 0,
+                    tokens: 4
+                },
+                KvSegment {
+                    block: 3,
+                    first_pos: 4,
+                    tokens: 2
+                },
             ]
         );
         assert_eq!(t.take_blocks(), vec![7, 3]);

@@ -25,7 +25,11 @@ impl Sampler {
     /// (before temperature and cuts, as OpenAI reports it) with the top alternatives.
     pub fn sample(&mut self, logits: &[f32]) -> (u32, Option<TokenLogprob>) {
         let greedy = self.params.temperature == 0.0 || self.params.top_k == 1;
-        let id = if greedy { argmax(logits) } else { self.draw(logits) };
+        let id = if greedy {
+            argmax(logits)
+        } else {
+            self.draw(logits)
+        };
         let logprob = self.params.logprobs.map(|n| token_logprob(logits, id, n));
         (id, logprob)
     }
@@ -38,7 +42,8 @@ impl Sampler {
             .enumerate()
             .map(|(i, &l)| (i as u32, l * inv_t))
             .collect();
-        let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let by_logit_desc =
+            |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < cand.len() {
             cand.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
             cand.truncate(p.top_k);
@@ -89,7 +94,11 @@ fn token_logprob(logits: &[f32], id: u32, top: usize) -> TokenLogprob {
     let lse = m + logits.iter().map(|l| (l - m).exp()).sum::<f32>().ln();
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
     let k = top.min(idx.len());
-    let desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    let desc = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
     if k > 0 && k < idx.len() {
         idx.select_nth_unstable_by(k - 1, desc);
     }
@@ -152,7 +161,10 @@ mod tests {
         let mut s = Sampler::new(params(1.0, 0, 1.0, 11));
         let ones = (0..4000).filter(|_| s.sample(&logits).0 == 1).count();
         let frac = ones as f64 / 4000.0;
-        assert!((frac - 0.75).abs() < 0.03, "expected about 0.75, got {frac}");
+        assert!(
+            (frac - 0.75).abs() < 0.03,
+            "expected about 0.75, got {frac}"
+        );
     }
 
     #[test]

@@ -80,7 +80,10 @@ impl Scheduler {
     }
 
     pub fn add(&mut self, id: SeqId, prompt: Vec<u32>) {
-        assert!(!prompt.is_empty(), "empty prompts are refused before the scheduler");
+        assert!(
+            !prompt.is_empty(),
+            "empty prompts are refused before the scheduler"
+        );
         self.seqs.insert(
             id,
             Seq {
@@ -93,7 +96,11 @@ impl Scheduler {
 
     /// Appends a sampled token to a running request.
     pub fn append_token(&mut self, id: SeqId, token: u32) {
-        self.seqs.get_mut(&id).expect("known request").tokens.push(token);
+        self.seqs
+            .get_mut(&id)
+            .expect("known request")
+            .tokens
+            .push(token);
     }
 
     /// Forgets a request (finished or cancelled) and frees its blocks.
@@ -259,10 +266,16 @@ mod tests {
         let mut s = sched(16, 8);
         s.add(1, (0..19).collect());
         let steps = drive(&mut s, 4);
-        let fed: Vec<Range<usize>> = steps.iter().map(|st| st.items[0].positions.clone()).collect();
+        let fed: Vec<Range<usize>> = steps
+            .iter()
+            .map(|st| st.items[0].positions.clone())
+            .collect();
         assert_eq!(fed, vec![0..8, 8..16, 16..19, 19..20]);
         assert_eq!(
-            steps.iter().map(|st| st.items[0].samples).collect::<Vec<_>>(),
+            steps
+                .iter()
+                .map(|st| st.items[0].samples)
+                .collect::<Vec<_>>(),
             vec![false, false, true, true]
         );
         assert_eq!(steps[2].logit_rows, vec![2]);
@@ -278,7 +291,11 @@ mod tests {
         let step = s.schedule();
         assert_eq!(step.items.len(), 2);
         assert_eq!(step.items[0].positions, 3..4, "the decode goes first");
-        assert_eq!(step.items[1].positions, 0..7, "the prefill takes the rest of the budget");
+        assert_eq!(
+            step.items[1].positions,
+            0..7,
+            "the prefill takes the rest of the budget"
+        );
         assert_eq!(step.attn[1].rows, 1..8);
         assert_eq!(step.attn[1].first_row_pos, 0);
     }
@@ -299,7 +316,11 @@ mod tests {
         s.remove(1);
         let step = s.schedule();
         assert_eq!(step.items[0].seq, 2);
-        assert_eq!(step.items[0].positions, 0..8, "prompt and its sampled token are recomputed");
+        assert_eq!(
+            step.items[0].positions,
+            0..8,
+            "prompt and its sampled token are recomputed"
+        );
     }
 
     #[test]
@@ -310,7 +331,11 @@ mod tests {
         }
         for _ in 0..20 {
             let step = s.schedule();
-            let mut owned: Vec<u32> = s.seqs.values().flat_map(|q| q.table.blocks().to_vec()).collect();
+            let mut owned: Vec<u32> = s
+                .seqs
+                .values()
+                .flat_map(|q| q.table.blocks().to_vec())
+                .collect();
             let n = owned.len();
             owned.sort();
             owned.dedup();

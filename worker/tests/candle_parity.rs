@@ -29,20 +29,25 @@ impl Candle {
         let config = config.into_config(false);
         let files = [dir.join("model.safetensors")];
         // SAFETY: the file was written by this test and is not modified while mapped.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu) }.unwrap();
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu) }
+            .unwrap();
         let model = candle_llama::Llama::load(vb, &config).unwrap();
         Self { model, config }
     }
 
     /// Logits after the prompt, then after each greedily chosen token: `steps + 1` rows.
     fn greedy(&self, prompt: &[u32], steps: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
-        let mut cache = candle_llama::Cache::new(true, DType::F32, &self.config, &Device::Cpu).unwrap();
+        let mut cache =
+            candle_llama::Cache::new(true, DType::F32, &self.config, &Device::Cpu).unwrap();
         let mut rows = Vec::new();
         let mut tokens = Vec::new();
         let mut input = prompt.to_vec();
         let mut pos = 0;
         for _ in 0..=steps {
-            let x = Tensor::new(input.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let x = Tensor::new(input.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
             let logits: Vec<f32> = self
                 .model
                 .forward(&x, pos, &mut cache)
@@ -65,7 +70,9 @@ impl Candle {
 fn ours(dir: &Path, prompts: &[Vec<u32>], steps: usize) -> Vec<(Vec<Vec<f32>>, Vec<u32>)> {
     let mut model = Llama::load(dir, Cpu::new()).unwrap();
     let blocks = 64;
-    let mut kv = model.backend().alloc_kv(model.kv_shape(blocks, BLOCK_TOKENS));
+    let mut kv = model
+        .backend()
+        .alloc_kv(model.kv_shape(blocks, BLOCK_TOKENS));
     let mut sched = Scheduler::new(
         SchedulerConfig {
             block_tokens: BLOCK_TOKENS,
@@ -82,7 +89,10 @@ fn ours(dir: &Path, prompts: &[Vec<u32>], steps: usize) -> Vec<(Vec<Vec<f32>>, V
     let vocab = model.config().vocab_size;
     while out.iter().any(|o| o.1.len() <= steps) {
         let step = sched.schedule();
-        assert!(step.preempted.is_empty(), "the pool is large enough for this test");
+        assert!(
+            step.preempted.is_empty(),
+            "the pool is large enough for this test"
+        );
         let logits = model.forward(
             &mut kv,
             &StepInput {
@@ -111,7 +121,10 @@ fn ours(dir: &Path, prompts: &[Vec<u32>], steps: usize) -> Vec<(Vec<Vec<f32>>, V
 
 fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
 }
 
 fn check(spec: DemoModelSpec) {
@@ -123,7 +136,11 @@ fn check(spec: DemoModelSpec) {
     let prompts: Vec<Vec<u32>> = [5usize, 37, 70]
         .iter()
         .enumerate()
-        .map(|(k, &n)| (0..n as u32).map(|i| (i * 7919 + k as u32 * 104_729 + 3) % vocab).collect())
+        .map(|(k, &n)| {
+            (0..n as u32)
+                .map(|i| (i * 7919 + k as u32 * 104_729 + 3) % vocab)
+                .collect()
+        })
         .collect();
     let got = ours(dir.path(), &prompts, DECODE_STEPS);
     for (p, (our_logits, our_tokens)) in prompts.iter().zip(got) {
@@ -136,14 +153,22 @@ fn check(spec: DemoModelSpec) {
                 p.len()
             );
         }
-        assert_eq!(our_tokens, ref_tokens, "greedy continuation of a {}-token prompt", p.len());
+        assert_eq!(
+            our_tokens,
+            ref_tokens,
+            "greedy continuation of a {}-token prompt",
+            p.len()
+        );
     }
 }
 
 #[test]
 fn gqa_with_llama3_rope_scaling_matches_candle() {
     let spec = DemoModelSpec::default();
-    assert!(spec.num_key_value_heads < spec.num_attention_heads, "the demo model has GQA");
+    assert!(
+        spec.num_key_value_heads < spec.num_attention_heads,
+        "the demo model has GQA"
+    );
     assert!(spec.rope_scaling_llama3);
     check(spec);
 }

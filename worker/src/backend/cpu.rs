@@ -3,6 +3,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::vector_math::dot;
 use super::{AttnSeq, AttnShape, Backend, KvShape, cpu_attention};
 
 pub struct Cpu {
@@ -45,7 +46,7 @@ impl CpuKv {
     }
 }
 
-/// Rows below which a projection runs single-threaded inside gemm: threading a thin matrix
+/// Work below which a projection runs single-threaded inside gemm: threading a thin matrix
 /// costs more than it saves.
 const GEMM_PARALLEL_MIN_WORK: usize = 1 << 16;
 
@@ -106,35 +107,10 @@ impl Backend for Cpu {
     ) {
         let (n, k) = (w.rows, w.cols);
         assert!(x.len() >= rows * k && out.len() >= rows * n);
-        let par = if rows * n * k >= GEMM_PARALLEL_MIN_WORK && self.threads > 1 {
-            Parallelism::Rayon(self.threads)
+        if rows <= GEMV_MAX_ROWS {
+            gemv(&x[..rows * k], rows, w, &mut out[..rows * n]);
         } else {
-            Parallelism::None
-        };
-        // SAFETY: the asserts above bound every access: dst is rows x n (row stride n), lhs is
-        // rows x k (row stride k), rhs is w^T, read through w's row-major [n, k] storage.
-        unsafe {
-            gemm::gemm(
-                rows,
-                n,
-                k,
-                out.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.data.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            );
+            gemm_f32(&x[..rows * k], rows, w, &mut out[..rows * n], self.threads);
         }
         if let Some(b) = bias {
             out[..rows * n]
@@ -250,5 +226,68 @@ impl Backend for Cpu {
         for (i, &r) in rows.iter().enumerate() {
             out[i * width..(i + 1) * width].copy_from_slice(&x[r * width..(r + 1) * width]);
         }
+    }
+}
+
+/// Up to this many rows a projection streams the weight matrix once, split over threads by
+/// output features, computing a few dot products per weight row: decode at small batch is bound
+/// by reading the weights, and this reads them at memory speed.
+const GEMV_MAX_ROWS: usize = 4;
+
+/// Output features per task: enough work to amortize scheduling it.
+const GEMV_FEATURES_PER_TASK: usize = 64;
+
+fn gemv(x: &[f32], rows: usize, w: &CpuWeight, out: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    // Feature-major scratch so each task writes one contiguous chunk; transposed at the end.
+    let mut by_feature = vec![0.0f32; n * rows];
+    by_feature
+        .par_chunks_mut(GEMV_FEATURES_PER_TASK * rows)
+        .zip(w.data.par_chunks(GEMV_FEATURES_PER_TASK * k))
+        .for_each(|(o, wc)| {
+            for (o, wr) in o.chunks_mut(rows).zip(wc.chunks(k)) {
+                for (r, o) in o.iter_mut().enumerate() {
+                    *o = dot(&x[r * k..(r + 1) * k], wr);
+                }
+            }
+        });
+    for r in 0..rows {
+        for j in 0..n {
+            out[r * n + j] = by_feature[j * rows + r];
+        }
+    }
+}
+
+fn gemm_f32(x: &[f32], rows: usize, w: &CpuWeight, out: &mut [f32], threads: usize) {
+    let (n, k) = (w.rows, w.cols);
+    let par = if rows * n * k >= GEMM_PARALLEL_MIN_WORK && threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the callers' slices bound every access: dst is rows x n (row stride n), lhs is
+    // rows x k (row stride k), rhs is w^T, read through w's row-major [n, k] storage.
+    unsafe {
+        gemm::gemm(
+            rows,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.data.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
     }
 }

@@ -8,6 +8,7 @@
 use rayon::prelude::*;
 
 use super::cpu::CpuKv;
+use super::vector_math::{axpy, dot};
 use super::{AttnSeq, AttnShape};
 use crate::merge::merge_into;
 
@@ -170,25 +171,6 @@ fn visible_tokens(first_pos: u32, tokens: u32, q_pos: u32) -> u32 {
         0
     } else {
         tokens.min(q_pos - first_pos + 1)
-    }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ac, ar) = a.split_at(a.len() / 8 * 8);
-    let (bc, br) = b.split_at(ac.len());
-    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
-        for i in 0..8 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
-        }
-    }
-    let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
-fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y = alpha.mul_add(*x, *y);
     }
 }
 

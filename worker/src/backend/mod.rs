@@ -5,6 +5,7 @@
 
 pub mod cpu;
 mod cpu_attention;
+mod vector_math;
 
 use std::ops::Range;
 

@@ -171,7 +171,7 @@ impl ModelConfig {
         }
         let head_dim = match raw.head_dim {
             Some(d) => d,
-            None if raw.hidden_size % heads == 0 => raw.hidden_size / heads,
+            None if raw.hidden_size.is_multiple_of(heads) => raw.hidden_size / heads,
             None => {
                 return Err(invalid(format!(
                     "hidden_size {} is not divisible by num_attention_heads {heads} \
@@ -219,18 +219,24 @@ impl ModelConfig {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be positive"));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
         // RoPE rotates pairs of dimensions (first half against second half).
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {} must be even for RoPE", self.head_dim));
         }
         if self.rms_norm_eps <= 0.0 {
-            return Err(format!("rms_norm_eps {} must be positive", self.rms_norm_eps));
+            return Err(format!(
+                "rms_norm_eps {} must be positive",
+                self.rms_norm_eps
+            ));
         }
         if self.rope_theta <= 0.0 {
             return Err(format!("rope_theta {} must be positive", self.rope_theta));
@@ -287,16 +293,18 @@ fn parse_rope_scaling(map: &Map<String, Value>) -> Result<Option<RopeScaling>, S
         .and_then(Value::as_str)
         .ok_or("rope_scaling has no \"rope_type\" or \"type\" string")?;
     let number = |key: &str| {
-        map.get(key)
-            .and_then(Value::as_f64)
-            .ok_or(format!("rope_scaling of type {kind:?} needs a number {key:?}"))
+        map.get(key).and_then(Value::as_f64).ok_or(format!(
+            "rope_scaling of type {kind:?} needs a number {key:?}"
+        ))
     };
     let positive = |key: &str| {
         let value = number(key)?;
         if value > 0.0 {
             Ok(value)
         } else {
-            Err(format!("rope_scaling {key:?} must be positive, got {value}"))
+            Err(format!(
+                "rope_scaling {key:?} must be positive, got {value}"
+            ))
         }
     };
     match kind {
@@ -478,12 +486,20 @@ mod tests {
         let mut v = llama31();
         v["num_key_value_heads"] = json!(5);
         let err = parse(v).unwrap_err().to_string();
-        assert!(err.contains("not a multiple of num_key_value_heads 5"), "{err}");
+        assert!(
+            err.contains("not a multiple of num_key_value_heads 5"),
+            "{err}"
+        );
 
         let mut v = llama31();
         v["architectures"] = json!(["GPT2LMHeadModel"]);
         v["model_type"] = json!("gpt2");
-        assert!(parse(v).unwrap_err().to_string().contains("GPT2LMHeadModel"));
+        assert!(
+            parse(v)
+                .unwrap_err()
+                .to_string()
+                .contains("GPT2LMHeadModel")
+        );
 
         let mut v = llama31();
         v["hidden_size"] = json!(4095);
@@ -522,8 +538,11 @@ mod tests {
         assert_eq!(inv[10], base(10) as f32);
         // Low-frequency band: divided by the factor.
         assert_eq!(inv[63], (base(63) / 8.0) as f32);
+        // Band edges: wavelength 1956 < 2048 keeps i = 28, 10070 > 8192 scales i = 36.
+        assert_eq!(inv[28], base(28) as f32);
+        assert_eq!(inv[36], (base(36) / 8.0) as f32);
         // Medium band: smooth interpolation between the two.
-        let i = 40;
+        let i = 32;
         let wavelen = 2.0 * PI / base(i);
         let smooth = (8192.0 / wavelen - 1.0) / 3.0;
         assert!(smooth > 0.0 && smooth < 1.0);

@@ -94,18 +94,19 @@ impl<B: Backend> Llama<B> {
             Ok(t.data)
         };
         // Stacks tensors row-wise; `cols == None` stacks vectors (biases) into one row.
-        let stacked = |names: &[(String, usize)], cols: Option<usize>| -> Result<B::Weight, ModelError> {
-            let rows: usize = names.iter().map(|(_, r)| r).sum();
-            let mut data = Vec::with_capacity(rows * cols.unwrap_or(1));
-            for (name, r) in names {
-                let want: Vec<usize> = cols.map_or(vec![*r], |c| vec![*r, c]);
-                data.extend(get(name, &want)?);
-            }
-            Ok(match cols {
-                Some(c) => backend.weight(rows, c, data),
-                None => backend.weight(1, rows, data),
-            })
-        };
+        let stacked =
+            |names: &[(String, usize)], cols: Option<usize>| -> Result<B::Weight, ModelError> {
+                let rows: usize = names.iter().map(|(_, r)| r).sum();
+                let mut data = Vec::with_capacity(rows * cols.unwrap_or(1));
+                for (name, r) in names {
+                    let want: Vec<usize> = cols.map_or(vec![*r], |c| vec![*r, c]);
+                    data.extend(get(name, &want)?);
+                }
+                Ok(match cols {
+                    Some(c) => backend.weight(rows, c, data),
+                    None => backend.weight(1, rows, data),
+                })
+            };
         let vector = |name: &str, n: usize| -> Result<B::Weight, ModelError> {
             Ok(backend.weight(1, n, get(name, &[n])?))
         };
@@ -260,7 +261,15 @@ impl<B: Backend> Llama<B> {
             );
             b.kv_write(kv, li, &s.qkv, qkv_w, qd, qd + kvd, input.slots);
             b.attention(
-                &s.qkv, qkv_w, 0, kv, li, shape, input.seqs, &mut s.attn, &mut s.lse,
+                &s.qkv,
+                qkv_w,
+                0,
+                kv,
+                li,
+                shape,
+                input.seqs,
+                &mut s.attn,
+                &mut s.lse,
             );
             b.linear(&s.attn, rows, &l.o, None, &mut s.proj);
             b.add_assign(&mut s.x, &s.proj, rows * h);

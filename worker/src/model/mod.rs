@@ -1,3 +1,3 @@
 pub mod config;
-pub mod weights;
 pub mod llama;
+pub mod weights;
