@@ -1,0 +1,152 @@
+//! The gManager's HTTP API.
+//!
+//! - `POST /v1/workers` (`Register`) → `Registered`: a worker joins; the membership epoch moves.
+//! - `POST /v1/workers/{id}/heartbeat` (`Heartbeat`) → `HeartbeatAck`: pool figures, every
+//!   `heartbeat_interval_ms`; a worker unknown to the gManager (after a gManager restart) gets
+//!   404 and registers again, so the ledger rebuilds from what workers report.
+//! - `POST /v1/borrow` (`BorrowRequest`) → `BorrowAdvice`: where a full home should try to
+//!   reserve blocks, best creditor first. Advice only: the creditor's own reservation is what
+//!   holds, so a stale view never double-books a block.
+//! - `DELETE /v1/workers/{id}`: a worker leaves.
+//! - `GET /v1/pool` → `PoolView`: per worker figures and the epoch, for people and autoscalers.
+
+use serde::{Deserialize, Serialize};
+
+/// Header carrying the cluster token: `Authorization: Bearer <token>`.
+pub const AUTHORIZATION: &str = "authorization";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    pub worker_id: String,
+    /// Base URL of the worker's OpenAI API, e.g. `http://10.0.0.5:8000`.
+    pub api_url: String,
+    /// `host:port` of the worker's peer transport.
+    pub peer_addr: String,
+    pub block_tokens: u32,
+    pub pool: PoolFigures,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registered {
+    pub epoch: u64,
+    pub heartbeat_interval_ms: u64,
+}
+
+/// A worker's KV pool, in rBlocks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolFigures {
+    pub total_blocks: u64,
+    /// Held by this worker's own requests (local blocks).
+    pub used_blocks: u64,
+    /// Held here for other workers' requests.
+    pub lent_blocks: u64,
+    /// Held elsewhere for this worker's requests.
+    pub borrowed_blocks: u64,
+    /// Most blocks this worker will lend at once (its lend cap).
+    pub lend_cap_blocks: u64,
+    pub running_requests: u64,
+    pub waiting_requests: u64,
+}
+
+impl PoolFigures {
+    pub fn free_blocks(&self) -> u64 {
+        self.total_blocks
+            .saturating_sub(self.used_blocks + self.lent_blocks)
+    }
+
+    /// Blocks this worker could lend right now.
+    pub fn lendable_blocks(&self) -> u64 {
+        self.free_blocks()
+            .min(self.lend_cap_blocks.saturating_sub(self.lent_blocks))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub epoch: u64,
+    pub pool: PoolFigures,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatAck {
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BorrowRequest {
+    pub home: String,
+    pub blocks: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Creditor {
+    pub worker_id: String,
+    pub peer_addr: String,
+    pub lendable_blocks: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BorrowAdvice {
+    pub epoch: u64,
+    /// Most lendable blocks first; never the home itself.
+    pub creditors: Vec<Creditor>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerView {
+    pub worker_id: String,
+    pub api_url: String,
+    pub peer_addr: String,
+    pub pool: PoolFigures,
+    pub free_blocks: u64,
+    /// Milliseconds since the last heartbeat.
+    pub last_seen_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolView {
+    pub epoch: u64,
+    pub block_tokens: u32,
+    pub workers: Vec<WorkerView>,
+    pub totals: PoolFigures,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lendable_is_bounded_by_free_blocks_and_the_cap() {
+        let mut p = PoolFigures {
+            total_blocks: 100,
+            used_blocks: 70,
+            lent_blocks: 10,
+            lend_cap_blocks: 50,
+            ..Default::default()
+        };
+        assert_eq!(p.free_blocks(), 20);
+        assert_eq!(p.lendable_blocks(), 20, "free blocks bind");
+        p.used_blocks = 0;
+        assert_eq!(
+            p.lendable_blocks(),
+            40,
+            "the cap binds: 50 minus 10 already lent"
+        );
+    }
+
+    #[test]
+    fn messages_round_trip_as_json() {
+        let r = Register {
+            worker_id: "w0".into(),
+            api_url: "http://127.0.0.1:8010".into(),
+            peer_addr: "127.0.0.1:8110".into(),
+            block_tokens: 16,
+            pool: PoolFigures {
+                total_blocks: 8,
+                ..Default::default()
+            },
+        };
+        let back: Register = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+    }
+}
