@@ -16,6 +16,7 @@ use crate::backend::Backend;
 use crate::backend::cpu::Cpu;
 use crate::model::llama::{Llama, StepInput};
 use crate::request::{Event, FinishReason, GenerateRequest, SubmitError};
+use crate::rmanager::RManager;
 use crate::sampling::Sampler;
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
 
@@ -44,6 +45,8 @@ pub struct EngineOptions {
     pub max_batched_tokens: usize,
     /// Most requests waiting to start; beyond it `submit` answers `Overloaded`.
     pub max_waiting: usize,
+    /// Share of the pool that other workers may borrow at once.
+    pub lend_fraction: f64,
 }
 
 impl Default for EngineOptions {
@@ -55,6 +58,7 @@ impl Default for EngineOptions {
             max_num_seqs: 64,
             max_batched_tokens: 512,
             max_waiting: 256,
+            lend_fraction: 0.5,
         }
     }
 }
@@ -139,7 +143,7 @@ fn start_with<B: Backend>(
             max_num_seqs: opts.max_num_seqs,
             max_batched_tokens: opts.max_batched_tokens,
         },
-        blocks,
+        RManager::new(blocks, opts.lend_fraction),
     );
     let max_context = scheduler
         .capacity_tokens()

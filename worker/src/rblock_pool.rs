@@ -58,20 +58,39 @@ impl RBlockPool {
     }
 }
 
-/// The rBlocks of one request, in token order, and how many tokens they hold.
+/// Where an rBlock lives: on this worker, or on a creditor (an index into the engine's peers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Holder {
+    Local,
+    Peer(u16),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockRef {
+    pub holder: Holder,
+    /// The block's id in its holder's pool.
+    pub block: u32,
+}
+
+/// The rBlocks of one request, in token order, wherever they live, and how many tokens they hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BlockTable {
-    blocks: Vec<u32>,
+    blocks: Vec<BlockRef>,
     tokens: usize,
 }
 
 impl BlockTable {
-    pub fn blocks(&self) -> &[u32] {
+    pub fn blocks(&self) -> &[BlockRef] {
         &self.blocks
     }
 
     pub fn tokens(&self) -> usize {
         self.tokens
+    }
+
+    /// Token slots already held but not yet filled.
+    pub fn slack(&self, block_tokens: usize) -> usize {
+        self.blocks.len() * block_tokens - self.tokens
     }
 
     /// Blocks to add so that `more` further tokens fit.
@@ -81,32 +100,31 @@ impl BlockTable {
             .saturating_sub(self.blocks.len())
     }
 
-    pub fn extend_blocks(&mut self, blocks: Vec<u32>) {
-        self.blocks.extend(blocks);
+    pub fn extend_blocks(&mut self, holder: Holder, blocks: &[u32]) {
+        self.blocks
+            .extend(blocks.iter().map(|&block| BlockRef { holder, block }));
     }
 
     /// Claims the next `n` token slots (block, offset within block), in order.
-    pub fn push_tokens(&mut self, n: usize, block_tokens: usize) -> Vec<(u32, u32)> {
+    pub fn push_tokens(&mut self, n: usize, block_tokens: usize) -> Vec<(BlockRef, u32)> {
+        assert!(n <= self.slack(block_tokens), "block table overflow");
         let slots = (self.tokens..self.tokens + n)
             .map(|p| (self.blocks[p / block_tokens], (p % block_tokens) as u32))
             .collect();
         self.tokens += n;
-        assert!(
-            self.tokens <= self.blocks.len() * block_tokens,
-            "block table overflow"
-        );
         slots
     }
 
-    /// The filled part of each block, as attention segments.
-    pub fn segments(&self, block_tokens: usize) -> Vec<KvSegment> {
+    /// The filled part of each block held by `holder`, as attention segments.
+    pub fn segments(&self, holder: Holder, block_tokens: usize) -> Vec<KvSegment> {
         self.blocks
             .iter()
             .enumerate()
-            .map(|(i, &b)| {
+            .filter(|(_, b)| b.holder == holder)
+            .map(|(i, b)| {
                 let first = i * block_tokens;
                 KvSegment {
-                    block: b,
+                    block: b.block,
                     first_pos: first as u32,
                     tokens: self.tokens.saturating_sub(first).min(block_tokens) as u32,
                 }
@@ -115,8 +133,21 @@ impl BlockTable {
             .collect()
     }
 
+    /// Every holder other than this worker, each once, in first-use order.
+    pub fn peers(&self) -> Vec<u16> {
+        let mut peers = Vec::new();
+        for b in &self.blocks {
+            if let Holder::Peer(p) = b.holder
+                && !peers.contains(&p)
+            {
+                peers.push(p);
+            }
+        }
+        peers
+    }
+
     /// Empties the table, handing back its blocks.
-    pub fn take_blocks(&mut self) -> Vec<u32> {
+    pub fn take_blocks(&mut self) -> Vec<BlockRef> {
         self.tokens = 0;
         std::mem::take(&mut self.blocks)
     }
@@ -154,12 +185,16 @@ mod tests {
         let bt = 4;
         let mut t = BlockTable::default();
         assert_eq!(t.blocks_needed(6, bt), 2);
-        t.extend_blocks(vec![7, 3]);
-        let slots = t.push_tokens(6, bt);
+        t.extend_blocks(Holder::Local, &[7, 3]);
+        let slots: Vec<(u32, u32)> = t
+            .push_tokens(6, bt)
+            .iter()
+            .map(|(b, o)| (b.block, *o))
+            .collect();
         assert_eq!(slots, vec![(7, 0), (7, 1), (7, 2), (7, 3), (3, 0), (3, 1)]);
         assert_eq!(t.blocks_needed(2, bt), 0);
         assert_eq!(t.blocks_needed(3, bt), 1);
-        let segs = t.segments(bt);
+        let segs = t.segments(Holder::Local, bt);
         assert_eq!(
             segs,
             vec![
@@ -175,7 +210,37 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(t.take_blocks(), vec![7, 3]);
+        assert_eq!(
+            t.take_blocks().iter().map(|b| b.block).collect::<Vec<_>>(),
+            vec![7, 3]
+        );
         assert_eq!(t.tokens(), 0);
+    }
+
+    #[test]
+    fn segments_split_by_holder_and_keep_positions() {
+        let bt = 4;
+        let mut t = BlockTable::default();
+        t.extend_blocks(Holder::Local, &[0]);
+        t.extend_blocks(Holder::Peer(2), &[5, 6]);
+        t.extend_blocks(Holder::Local, &[1]);
+        t.push_tokens(14, bt);
+        assert_eq!(t.peers(), vec![2]);
+        let remote = t.segments(Holder::Peer(2), bt);
+        assert_eq!(
+            remote
+                .iter()
+                .map(|s| (s.block, s.first_pos, s.tokens))
+                .collect::<Vec<_>>(),
+            vec![(5, 4, 4), (6, 8, 4)]
+        );
+        let local = t.segments(Holder::Local, bt);
+        assert_eq!(
+            local
+                .iter()
+                .map(|s| (s.block, s.first_pos, s.tokens))
+                .collect::<Vec<_>>(),
+            vec![(0, 0, 4), (1, 12, 2)]
+        );
     }
 }

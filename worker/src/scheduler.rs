@@ -2,15 +2,20 @@
 //! tokens each, and who gives up blocks when the pool runs dry. Pure logic, no model, no I/O.
 //!
 //! Each step mixes decode tokens of running requests with prefill chunks of new ones, up to a
-//! token budget. Running requests go first, oldest first; if one needs a block and none is free,
-//! the newest running request is preempted: its blocks are freed and it goes back to the front of
-//! the queue, to be recomputed from its token ids later (vLLM's recompute policy).
+//! token budget. Running requests go first, oldest first. One that needs a block takes a local
+//! one if any is free, else one the engine borrowed for it from a creditor beforehand
+//! (`borrow_wants`, `add_borrowed`: DistAttention, the block stays there and attention over it
+//! runs there); if nothing can be had, the newest running
+//! request is preempted: its blocks are freed and it goes back to the front of the queue, to be
+//! recomputed from its token ids later (vLLM's recompute policy). New requests start on local
+//! blocks only, so borrowing serves requests that outgrew their home, not queue jumping.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 
-use crate::backend::AttnSeq;
-use crate::rblock_pool::{BlockTable, RBlockPool};
+use crate::backend::{AttnSeq, KvSegment, NO_SLOT};
+use crate::rblock_pool::{BlockTable, Holder};
+use crate::rmanager::RManager;
 
 pub type SeqId = u64;
 
@@ -48,35 +53,75 @@ pub struct Step {
     pub attn: Vec<AttnSeq>,
     /// Rows whose logits are sampled, in `items` order (one per item that samples).
     pub logit_rows: Vec<usize>,
+    /// Attention over blocks held by creditors.
+    pub remote: Vec<RemotePart>,
     /// Requests sent back to the queue to free blocks in this step.
     pub preempted: Vec<SeqId>,
 }
 
+/// One request's attention over the blocks one creditor holds for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemotePart {
+    pub peer: u16,
+    pub seq: SeqId,
+    /// Index into `Step::attn`: the rows and positions of the queries.
+    pub attn: usize,
+    /// The creditor's blocks, in its own ids.
+    pub segments: Vec<KvSegment>,
+    /// Rows whose new K and V the creditor stores: (row, block, offset).
+    pub appends: Vec<(usize, u32, u32)>,
+}
+
 pub struct Scheduler {
     cfg: SchedulerConfig,
-    pool: RBlockPool,
+    rm: RManager,
     seqs: HashMap<SeqId, Seq>,
     waiting: VecDeque<SeqId>,
     /// Oldest first.
     running: Vec<SeqId>,
     preemptions: u64,
+    /// Requests that gave back blocks held by peers, for the engine to tell those peers.
+    released: Vec<(SeqId, u16)>,
 }
 
 impl Scheduler {
-    pub fn new(cfg: SchedulerConfig, total_blocks: usize) -> Self {
+    pub fn new(cfg: SchedulerConfig, rm: RManager) -> Self {
         Self {
             cfg,
-            pool: RBlockPool::new(total_blocks),
+            rm,
             seqs: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
             preemptions: 0,
+            released: Vec::new(),
         }
     }
 
-    /// Tokens the pool can hold for one request: the hard limit on prompt plus output.
+    pub fn rmanager(&self) -> &RManager {
+        &self.rm
+    }
+
+    pub fn rmanager_mut(&mut self) -> &mut RManager {
+        &mut self.rm
+    }
+
+    /// Peers that hold blocks of requests that ended or were preempted since the last call.
+    pub fn take_released(&mut self) -> Vec<(SeqId, u16)> {
+        std::mem::take(&mut self.released)
+    }
+
+    /// Blocks this worker's requests hold on peers.
+    pub fn borrowed_blocks(&self) -> usize {
+        self.seqs
+            .values()
+            .flat_map(|s| s.table.blocks())
+            .filter(|b| b.holder != Holder::Local)
+            .count()
+    }
+
+    /// Tokens the local pool can hold for one request.
     pub fn capacity_tokens(&self) -> usize {
-        self.pool.total() * self.cfg.block_tokens
+        self.rm.total() * self.cfg.block_tokens
     }
 
     pub fn add(&mut self, id: SeqId, prompt: Vec<u32>) {
@@ -106,10 +151,22 @@ impl Scheduler {
     /// Forgets a request (finished or cancelled) and frees its blocks.
     pub fn remove(&mut self, id: SeqId) {
         if let Some(mut s) = self.seqs.remove(&id) {
-            self.pool.release(&s.table.take_blocks());
+            self.release(id, &mut s.table);
             self.running.retain(|&r| r != id);
             self.waiting.retain(|&w| w != id);
         }
+    }
+
+    fn release(&mut self, id: SeqId, table: &mut BlockTable) {
+        let peers = table.peers();
+        let local: Vec<u32> = table
+            .take_blocks()
+            .iter()
+            .filter(|b| b.holder == Holder::Local)
+            .map(|b| b.block)
+            .collect();
+        self.rm.release_local(&local);
+        self.released.extend(peers.into_iter().map(|p| (id, p)));
     }
 
     pub fn running(&self) -> usize {
@@ -121,11 +178,12 @@ impl Scheduler {
     }
 
     pub fn blocks_total(&self) -> usize {
-        self.pool.total()
+        self.rm.total()
     }
 
+    /// Local blocks in use, by this worker's requests and by loans.
     pub fn blocks_used(&self) -> usize {
-        self.pool.used_count()
+        self.rm.total() - self.rm.free()
     }
 
     pub fn preemptions(&self) -> u64 {
@@ -146,24 +204,40 @@ impl Scheduler {
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
             let want = self.pending(id).min(budget);
-            if self.reserve(id, want, &mut step.preempted) {
-                planned.push((id, want));
-                budget -= want;
+            let fit = self.grow(id, want);
+            if fit > 0 || want == 0 {
+                planned.push((id, fit));
+                budget -= fit;
                 i += 1;
+                continue;
             }
-            // Otherwise `id` itself was preempted; the entry at `i` is now the next one.
+            let victim = *self.running.last().expect("id is running");
+            self.preempt(victim);
+            step.preempted.push(victim);
+            // If `id` itself yielded, the entry at `i` is now the next request.
         }
         while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
-            let want = self.pending(id).min(budget);
-            let seq = &self.seqs[&id];
-            let need = seq.table.blocks_needed(want, self.cfg.block_tokens);
-            let Some(blocks) = self.pool.alloc(need) else {
+            let bt = self.cfg.block_tokens;
+            let pending = self.pending(id);
+            let mut want = pending.min(budget);
+            // A prompt larger than the whole local pool can never start all at home: it starts on
+            // what is free here and grows onto borrowed blocks. Others wait for their full chunk.
+            if pending > self.capacity_tokens() {
+                want = want.min(self.rm.free() * bt);
+            }
+            let need = self.seqs[&id].table.blocks_needed(want, bt);
+            if want == 0 || need > self.rm.free() {
                 break;
-            };
-            self.seqs.get_mut(&id).unwrap().table.extend_blocks(blocks);
+            }
+            let blocks = self.rm.alloc_local(need);
+            self.seqs
+                .get_mut(&id)
+                .unwrap()
+                .table
+                .extend_blocks(Holder::Local, &blocks);
             self.waiting.pop_front();
             self.running.push(id);
             planned.push((id, want));
@@ -182,27 +256,49 @@ impl Scheduler {
         s.tokens.len() - s.table.tokens()
     }
 
-    /// Makes room for `n` more tokens of running request `id`, preempting the newest running
-    /// requests as needed. Returns false if `id` itself had to be preempted.
-    fn reserve(&mut self, id: SeqId, n: usize, preempted: &mut Vec<SeqId>) -> bool {
-        loop {
-            let need = self.seqs[&id].table.blocks_needed(n, self.cfg.block_tokens);
-            if let Some(blocks) = self.pool.alloc(need) {
-                self.seqs.get_mut(&id).unwrap().table.extend_blocks(blocks);
-                return true;
+    /// Makes room for up to `want` more tokens of running request `id` with free local blocks.
+    /// Returns how many tokens now fit (borrowed blocks already in the table count too).
+    fn grow(&mut self, id: SeqId, want: usize) -> usize {
+        let bt = self.cfg.block_tokens;
+        let need = self.seqs[&id].table.blocks_needed(want, bt);
+        let local = self.rm.alloc_local(need);
+        let table = &mut self.seqs.get_mut(&id).unwrap().table;
+        table.extend_blocks(Holder::Local, &local);
+        want.min(table.slack(bt))
+    }
+
+    /// Running requests that the free local blocks cannot carry through the next step, with
+    /// the blocks each lacks: what the engine should try to borrow before scheduling.
+    pub fn borrow_wants(&self) -> Vec<(SeqId, usize)> {
+        let bt = self.cfg.block_tokens;
+        let mut free = self.rm.free();
+        let mut budget = self.cfg.max_batched_tokens;
+        let mut wants = Vec::new();
+        for &id in &self.running {
+            let want = self.pending(id).min(budget);
+            budget -= want;
+            let need = self.seqs[&id].table.blocks_needed(want, bt);
+            let local = need.min(free);
+            free -= local;
+            if need > local {
+                wants.push((id, need - local));
             }
-            let victim = *self.running.last().expect("id is running");
-            self.preempt(victim);
-            preempted.push(victim);
-            if victim == id {
-                return false;
+            if budget == 0 {
+                break;
             }
         }
+        wants
+    }
+
+    /// Adds blocks that `peer` reserved for request `id`.
+    pub fn add_borrowed(&mut self, id: SeqId, peer: u16, blocks: &[u32]) {
+        let table = &mut self.seqs.get_mut(&id).expect("known request").table;
+        table.extend_blocks(Holder::Peer(peer), blocks);
     }
 
     fn preempt(&mut self, id: SeqId) {
-        let s = self.seqs.get_mut(&id).unwrap();
-        self.pool.release(&s.table.take_blocks());
+        let mut table = std::mem::take(&mut self.seqs.get_mut(&id).unwrap().table);
+        self.release(id, &mut table);
         self.running.retain(|&r| r != id);
         self.waiting.push_front(id);
         self.preemptions += 1;
@@ -213,14 +309,37 @@ impl Scheduler {
         let s = self.seqs.get_mut(&id).unwrap();
         let start = s.table.tokens();
         let first_row = step.tokens.len();
-        step.slots.extend(s.table.push_tokens(n, bt));
+        let attn = step.attn.len();
+        let mut appends: Vec<(u16, usize, u32, u32)> = Vec::new();
+        for (i, (b, off)) in s.table.push_tokens(n, bt).into_iter().enumerate() {
+            match b.holder {
+                Holder::Local => step.slots.push((b.block, off)),
+                Holder::Peer(p) => {
+                    step.slots.push(NO_SLOT);
+                    appends.push((p, first_row + i, b.block, off));
+                }
+            }
+        }
         step.tokens.extend_from_slice(&s.tokens[start..start + n]);
         step.positions.extend(start as u32..(start + n) as u32);
         step.attn.push(AttnSeq {
             rows: first_row..first_row + n,
             first_row_pos: start as u32,
-            segments: s.table.segments(bt),
+            segments: s.table.segments(Holder::Local, bt),
         });
+        for peer in s.table.peers() {
+            step.remote.push(RemotePart {
+                peer,
+                seq: id,
+                attn,
+                segments: s.table.segments(Holder::Peer(peer), bt),
+                appends: appends
+                    .iter()
+                    .filter(|a| a.0 == peer)
+                    .map(|&(_, row, block, off)| (row, block, off))
+                    .collect(),
+            });
+        }
         let samples = start + n == s.tokens.len();
         if samples {
             step.logit_rows.push(first_row + n - 1);
@@ -244,8 +363,18 @@ mod tests {
                 max_num_seqs: 8,
                 max_batched_tokens: max_tokens,
             },
-            blocks,
+            RManager::new(blocks, 0.5),
         )
+    }
+
+    /// Borrows what the scheduler asks for from a peer's pool, then schedules: the engine's loop.
+    fn schedule_borrowing(s: &mut Scheduler, peer: u16, lender: &mut RManager) -> Step {
+        for (id, n) in s.borrow_wants() {
+            if let Ok(blocks) = lender.lend(("home".into(), id), n) {
+                s.add_borrowed(id, peer, &blocks);
+            }
+        }
+        s.schedule()
     }
 
     /// Runs steps, appending token 1 to every sampling request, until `id` has `len` tokens.
@@ -334,7 +463,7 @@ mod tests {
             let mut owned: Vec<u32> = s
                 .seqs
                 .values()
-                .flat_map(|q| q.table.blocks().to_vec())
+                .flat_map(|q| q.table.blocks().iter().map(|b| b.block))
                 .collect();
             let n = owned.len();
             owned.sort();
@@ -350,5 +479,72 @@ mod tests {
         }
         assert_eq!(s.blocks_used(), 0);
         assert!(s.is_idle());
+    }
+
+    #[test]
+    fn a_request_that_outgrows_its_home_borrows_and_its_new_tokens_go_remote() {
+        let mut s = sched(2, 64);
+        let mut lender = RManager::new(8, 1.0);
+        s.add(1, (0..6).collect());
+        let step = schedule_borrowing(&mut s, 3, &mut lender);
+        assert!(step.remote.is_empty(), "the prompt fits at home");
+        for t in 0..3 {
+            s.append_token(1, 9 + t);
+        }
+        // Tokens 6 and 7 fit in the home's two blocks; token 8 needs a borrowed block.
+        let step = schedule_borrowing(&mut s, 3, &mut lender);
+        assert_eq!(step.items[0].positions, 6..9);
+        assert_eq!(step.remote.len(), 1);
+        let r = &step.remote[0];
+        assert_eq!(r.peer, 3);
+        assert_eq!(r.appends.len(), 1);
+        assert_eq!(
+            r.appends[0].0, 2,
+            "the third row, position 8, is stored by the peer"
+        );
+        assert_eq!(step.slots[2], NO_SLOT);
+        assert_eq!(r.segments.len(), 1);
+        assert_eq!((r.segments[0].first_pos, r.segments[0].tokens), (8, 1));
+        assert_eq!(
+            step.attn[0].segments.iter().map(|s| s.tokens).sum::<u32>(),
+            8
+        );
+        assert_eq!(s.borrowed_blocks(), 1);
+        s.remove(1);
+        assert_eq!(s.take_released(), vec![(1, 3)]);
+        assert_eq!(s.blocks_used(), 0);
+    }
+
+    #[test]
+    fn a_prompt_larger_than_the_home_starts_locally_and_grows_on_loans() {
+        let mut s = sched(2, 64);
+        let mut lender = RManager::new(8, 1.0);
+        s.add(1, (0..20).collect());
+        let first = schedule_borrowing(&mut s, 1, &mut lender);
+        assert_eq!(
+            first.items[0].positions,
+            0..8,
+            "starts on the two local blocks"
+        );
+        let second = schedule_borrowing(&mut s, 1, &mut lender);
+        assert_eq!(second.items[0].positions, 8..20);
+        assert!(second.items[0].samples);
+        assert_eq!(lender.lent(), 3);
+    }
+
+    #[test]
+    fn new_requests_never_borrow() {
+        let mut s = sched(1, 64);
+        let mut lender = RManager::new(8, 1.0);
+        s.add(1, (0..4).collect());
+        s.add(2, (0..4).collect());
+        let step = schedule_borrowing(&mut s, 1, &mut lender);
+        assert_eq!(
+            step.items.len(),
+            1,
+            "the second request waits for a local block"
+        );
+        assert_eq!(s.waiting(), 1);
+        assert_eq!(lender.lent(), 0);
     }
 }

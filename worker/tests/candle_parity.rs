@@ -11,6 +11,7 @@ use infinite_llm_worker::backend::Backend;
 use infinite_llm_worker::backend::cpu::Cpu;
 use infinite_llm_worker::demo_model::{DemoModelSpec, write_demo_model};
 use infinite_llm_worker::model::llama::{Llama, StepInput};
+use infinite_llm_worker::rmanager::RManager;
 use infinite_llm_worker::sampling::argmax;
 use infinite_llm_worker::scheduler::{Scheduler, SchedulerConfig};
 
@@ -80,7 +81,7 @@ fn ours(dir: &Path, prompts: &[Vec<u32>], steps: usize) -> Vec<(Vec<Vec<f32>>, V
             // Smaller than the prompts: prefill goes in chunks, and the requests' blocks interleave.
             max_batched_tokens: 24,
         },
-        blocks,
+        RManager::new(blocks, 0.0),
     );
     for (i, p) in prompts.iter().enumerate() {
         sched.add(i as u64, p.clone());

@@ -4,7 +4,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::vector_math::dot;
-use super::{AttnSeq, AttnShape, Backend, KvShape, cpu_attention};
+use super::{AttnSeq, AttnShape, Backend, KvShape, NO_SLOT, cpu_attention};
 
 pub struct Cpu {
     threads: usize,
@@ -198,6 +198,9 @@ impl Backend for Cpu {
     ) {
         let (heads, hd) = (kv.shape.kv_heads, kv.shape.head_dim);
         for (r, &(block, t)) in slots.iter().enumerate() {
+            if (block, t) == NO_SLOT {
+                continue;
+            }
             let row = &src[r * row_width..(r + 1) * row_width];
             for h in 0..heads {
                 let at = kv.offset(layer, block as usize, h, t as usize);

@@ -31,6 +31,9 @@ impl KvShape {
     }
 }
 
+/// The KV slot of a row whose K and V are not stored here (a creditor stores them).
+pub const NO_SLOT: (u32, u32) = (u32::MAX, 0);
+
 /// A run of consecutive tokens stored in one rBlock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvSegment {
@@ -106,7 +109,8 @@ pub trait Backend: Send + 'static {
     /// `out[r] = silu(x[r][..width]) * x[r][width..2 width]`.
     fn silu_mul(&self, x: &Self::Buf, rows: usize, width: usize, out: &mut Self::Buf);
     /// Copies the `rows` rows of `[rows, row_width]` starting at column `col` (one row per slot)
-    /// into layer `layer` of the cache, K from `k_src` and V from `v_src`.
+    /// into layer `layer` of the cache, K from `k_src` and V from `v_src`. Rows at `NO_SLOT` are
+    /// skipped.
     #[allow(clippy::too_many_arguments)]
     fn kv_write(
         &self,

@@ -1,0 +1,189 @@
+//! The rManager: this worker's rBlock pool seen as a lender. Local requests allocate from it;
+//! other workers' requests borrow from it up to the lend cap, so lending never starves local
+//! work. It only ever lends what it owns: a remote reservation is never forwarded to a third
+//! worker (no borrowing on behalf of a borrower).
+
+use std::collections::HashMap;
+
+use crate::rblock_pool::RBlockPool;
+
+/// Who a lent block is held for: the borrowing worker and its request.
+pub type LoanKey = (String, u64);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LendError {
+    #[error("lend cap reached: {lent} of {cap} blocks already lent, {asked} more asked")]
+    CapReached {
+        lent: usize,
+        cap: usize,
+        asked: usize,
+    },
+    #[error("only {free} blocks free, {asked} asked")]
+    Full { free: usize, asked: usize },
+    #[error("block {block} is not lent to {home} for request {request}")]
+    NotLent {
+        block: u32,
+        home: String,
+        request: u64,
+    },
+}
+
+#[derive(Debug)]
+pub struct RManager {
+    pool: RBlockPool,
+    lend_cap: usize,
+    lent: HashMap<LoanKey, Vec<u32>>,
+    lent_count: usize,
+}
+
+impl RManager {
+    /// `lend_fraction` of the pool may be lent at once.
+    pub fn new(total_blocks: usize, lend_fraction: f64) -> Self {
+        Self {
+            pool: RBlockPool::new(total_blocks),
+            lend_cap: (total_blocks as f64 * lend_fraction.clamp(0.0, 1.0)).floor() as usize,
+            lent: HashMap::new(),
+            lent_count: 0,
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.pool.total()
+    }
+
+    pub fn free(&self) -> usize {
+        self.pool.free_count()
+    }
+
+    pub fn lend_cap(&self) -> usize {
+        self.lend_cap
+    }
+
+    pub fn lent(&self) -> usize {
+        self.lent_count
+    }
+
+    /// Blocks held by this worker's own requests.
+    pub fn used_locally(&self) -> usize {
+        self.pool.used_count() - self.lent_count
+    }
+
+    /// Blocks for a local request: up to `n`, as many as are free.
+    pub fn alloc_local(&mut self, n: usize) -> Vec<u32> {
+        let n = n.min(self.pool.free_count());
+        self.pool.alloc(n).expect("bounded by the free count")
+    }
+
+    pub fn release_local(&mut self, blocks: &[u32]) {
+        self.pool.release(blocks);
+    }
+
+    /// Reserves `n` blocks for another worker's request, all or nothing.
+    pub fn lend(&mut self, key: LoanKey, n: usize) -> Result<Vec<u32>, LendError> {
+        if self.lent_count + n > self.lend_cap {
+            return Err(LendError::CapReached {
+                lent: self.lent_count,
+                cap: self.lend_cap,
+                asked: n,
+            });
+        }
+        let blocks = self.pool.alloc(n).ok_or(LendError::Full {
+            free: self.pool.free_count(),
+            asked: n,
+        })?;
+        self.lent_count += n;
+        self.lent.entry(key).or_default().extend(&blocks);
+        Ok(blocks)
+    }
+
+    /// Checks that every block is lent to `key`: a creditor touches only what it lent.
+    pub fn check_lent(
+        &self,
+        key: &LoanKey,
+        blocks: impl IntoIterator<Item = u32>,
+    ) -> Result<(), LendError> {
+        let held = self.lent.get(key).map(Vec::as_slice).unwrap_or(&[]);
+        for b in blocks {
+            if !held.contains(&b) {
+                return Err(LendError::NotLent {
+                    block: b,
+                    home: key.0.clone(),
+                    request: key.1,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes back everything lent for one request.
+    pub fn take_back(&mut self, key: &LoanKey) -> usize {
+        let blocks = self.lent.remove(key).unwrap_or_default();
+        self.pool.release(&blocks);
+        self.lent_count -= blocks.len();
+        blocks.len()
+    }
+
+    /// Takes back everything lent to one worker (it left or died).
+    pub fn take_back_all(&mut self, home: &str) -> usize {
+        let keys: Vec<LoanKey> = self.lent.keys().filter(|k| k.0 == home).cloned().collect();
+        keys.iter().map(|k| self.take_back(k)).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(h: &str, r: u64) -> LoanKey {
+        (h.to_string(), r)
+    }
+
+    #[test]
+    fn lending_stops_at_the_cap_and_local_work_keeps_the_rest() {
+        let mut m = RManager::new(10, 0.5);
+        assert_eq!(m.lend_cap(), 5);
+        let a = m.lend(key("w1", 1), 3).unwrap();
+        assert_eq!(a.len(), 3);
+        assert_eq!(
+            m.lend(key("w2", 7), 3),
+            Err(LendError::CapReached {
+                lent: 3,
+                cap: 5,
+                asked: 3
+            })
+        );
+        m.lend(key("w2", 7), 2).unwrap();
+        assert_eq!(
+            m.alloc_local(100).len(),
+            5,
+            "what is not lendable stays for local requests"
+        );
+        assert_eq!(m.used_locally(), 5);
+        assert_eq!(m.lent(), 5);
+    }
+
+    #[test]
+    fn a_full_pool_refuses_all_or_nothing() {
+        let mut m = RManager::new(4, 1.0);
+        m.alloc_local(3);
+        assert_eq!(
+            m.lend(key("w1", 1), 2),
+            Err(LendError::Full { free: 1, asked: 2 })
+        );
+        assert_eq!(m.lent(), 0);
+        assert_eq!(m.free(), 1);
+    }
+
+    #[test]
+    fn only_the_borrower_may_touch_its_blocks_and_take_back_frees_them() {
+        let mut m = RManager::new(8, 1.0);
+        let a = m.lend(key("w1", 1), 2).unwrap();
+        let b = m.lend(key("w2", 1), 2).unwrap();
+        assert!(m.check_lent(&key("w1", 1), a.clone()).is_ok());
+        assert!(m.check_lent(&key("w1", 1), b.clone()).is_err());
+        m.lend(key("w1", 2), 1).unwrap();
+        assert_eq!(m.take_back_all("w1"), 3);
+        assert_eq!(m.take_back(&key("w2", 1)), 2);
+        assert_eq!((m.lent(), m.free()), (0, 8));
+    }
+}
