@@ -4,11 +4,16 @@
 pub mod backend;
 pub mod chat_template;
 pub mod demo_model;
+pub mod dist_attention;
 pub mod engine;
+pub mod local;
 pub mod merge;
+pub mod metrics;
 pub mod model;
 pub mod rblock_pool;
 pub mod request;
+pub mod rmanager;
 pub mod sampling;
 pub mod scheduler;
+pub mod server;
 pub mod tokenizer;

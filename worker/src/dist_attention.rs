@@ -1,0 +1,187 @@
+//! DistAttention's data path: the queries a home sends to each creditor for one layer, the
+//! MicroAttention a creditor runs over the blocks it lent, and the exact merge of the partial
+//! outputs back at the home. KV never moves; only queries, new K/V rows and partials do.
+
+use std::collections::BTreeMap;
+
+use crate::backend::{AttnSeq, AttnShape, Backend, KvSegment, NO_SLOT};
+use crate::merge::merge_into;
+use crate::scheduler::RemotePart;
+
+/// A new token's K and V that the creditor stores in a block it lent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Append {
+    /// Row within the part.
+    pub row: u32,
+    pub block: u32,
+    pub offset: u32,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// One request's queries for one creditor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartIn {
+    pub seq: u64,
+    pub first_row_pos: u32,
+    pub rows: u32,
+    /// `[rows, q_heads * head_dim]`, RoPE applied.
+    pub q: Vec<f32>,
+    pub segments: Vec<KvSegment>,
+    pub appends: Vec<Append>,
+}
+
+/// Everything one home asks one creditor for one layer of one step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttnCall {
+    pub layer: u32,
+    pub parts: Vec<PartIn>,
+}
+
+/// A creditor's partial result for one part: `[rows, q_heads * head_dim]` and `[rows, q_heads]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartOut {
+    pub o: Vec<f32>,
+    pub lse: Vec<f32>,
+}
+
+/// Where the stacked q, k, v of a row sit (`[rows, width]`, q then k then v).
+#[derive(Debug, Clone, Copy)]
+pub struct QkvLayout {
+    pub width: usize,
+    pub q: usize,
+    pub kv: usize,
+}
+
+/// Builds one call per creditor from this layer's stacked q/k/v rows (on the host).
+pub fn build_calls(
+    layer: usize,
+    qkv: &[f32],
+    layout: QkvLayout,
+    seqs: &[AttnSeq],
+    remote: &[RemotePart],
+) -> BTreeMap<u16, AttnCall> {
+    let mut calls: BTreeMap<u16, AttnCall> = BTreeMap::new();
+    for part in remote {
+        let seq = &seqs[part.attn];
+        let row_of = |r: usize| &qkv[r * layout.width..(r + 1) * layout.width];
+        let q = seq
+            .rows
+            .clone()
+            .flat_map(|r| &row_of(r)[..layout.q])
+            .copied()
+            .collect();
+        let appends = part
+            .appends
+            .iter()
+            .map(|&(row, block, offset)| {
+                let x = row_of(row);
+                Append {
+                    row: (row - seq.rows.start) as u32,
+                    block,
+                    offset,
+                    k: x[layout.q..layout.q + layout.kv].to_vec(),
+                    v: x[layout.q + layout.kv..layout.q + 2 * layout.kv].to_vec(),
+                }
+            })
+            .collect();
+        calls
+            .entry(part.peer)
+            .or_insert_with(|| AttnCall {
+                layer: layer as u32,
+                parts: Vec::new(),
+            })
+            .parts
+            .push(PartIn {
+                seq: part.seq,
+                first_row_pos: seq.first_row_pos,
+                rows: seq.rows.len() as u32,
+                q,
+                segments: part.segments.clone(),
+                appends,
+            });
+    }
+    calls
+}
+
+/// The creditor's side: stores the new K/V rows, then runs MicroAttention for every part.
+pub fn serve_call<B: Backend>(
+    backend: &B,
+    kv: &mut B::Kv,
+    shape: AttnShape,
+    call: &AttnCall,
+) -> Vec<PartOut> {
+    let (qw, kvw) = (
+        shape.q_heads * shape.head_dim,
+        shape.kv_heads * shape.head_dim,
+    );
+    let layer = call.layer as usize;
+    let rows: usize = call.parts.iter().map(|p| p.rows as usize).sum();
+    let appends: Vec<&Append> = call.parts.iter().flat_map(|p| &p.appends).collect();
+    if !appends.is_empty() {
+        let mut src = Vec::with_capacity(appends.len() * 2 * kvw);
+        let mut slots = Vec::with_capacity(appends.len());
+        for a in &appends {
+            src.extend_from_slice(&a.k);
+            src.extend_from_slice(&a.v);
+            slots.push((a.block, a.offset));
+        }
+        debug_assert!(!slots.contains(&NO_SLOT));
+        let mut buf = backend.alloc(src.len());
+        backend.upload(&src, &mut buf);
+        backend.kv_write(kv, layer, &buf, 2 * kvw, 0, kvw, &slots);
+    }
+    let mut q = Vec::with_capacity(rows * qw);
+    let mut seqs = Vec::with_capacity(call.parts.len());
+    for p in &call.parts {
+        let start = q.len() / qw;
+        q.extend_from_slice(&p.q);
+        seqs.push(AttnSeq {
+            rows: start..start + p.rows as usize,
+            first_row_pos: p.first_row_pos,
+            segments: p.segments.clone(),
+        });
+    }
+    let mut qbuf = backend.alloc(q.len().max(1));
+    backend.upload(&q, &mut qbuf);
+    let mut out = backend.alloc((rows * qw).max(1));
+    let mut lse = backend.alloc((rows * shape.q_heads).max(1));
+    backend.attention(&qbuf, qw, 0, kv, layer, shape, &seqs, &mut out, &mut lse);
+    let (o, l) = (
+        backend.download(&out, rows * qw),
+        backend.download(&lse, rows * shape.q_heads),
+    );
+    seqs.iter()
+        .map(|s| PartOut {
+            o: o[s.rows.start * qw..s.rows.end * qw].to_vec(),
+            lse: l[s.rows.start * shape.q_heads..s.rows.end * shape.q_heads].to_vec(),
+        })
+        .collect()
+}
+
+/// Folds a creditor's partials into the home's attention output (`[rows, q_heads * head_dim]`)
+/// and log-sum-exp (`[rows, q_heads]`), which hold the local partials.
+pub fn merge_call(
+    out: &mut [f32],
+    lse: &mut [f32],
+    shape: AttnShape,
+    seqs: &[AttnSeq],
+    parts: &[&RemotePart],
+    results: &[PartOut],
+) {
+    let (h, hd) = (shape.q_heads, shape.head_dim);
+    for (part, res) in parts.iter().zip(results) {
+        for (i, row) in seqs[part.attn].rows.clone().enumerate() {
+            for head in 0..h {
+                let at = (row * h + head) * hd;
+                let from = (i * h + head) * hd;
+                merge_into(
+                    &mut out[at..at + hd],
+                    &mut lse[row * h + head],
+                    &res.o[from..from + hd],
+                    res.lse[i * h + head],
+                );
+            }
+        }
+    }
+}

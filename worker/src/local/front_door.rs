@@ -1,0 +1,257 @@
+//! The local pool's single address: forwards `/v1/*` to a worker (least outstanding requests,
+//! ties round-robin), streaming responses through as they come, so SSE stays live.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, to_bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use futures::StreamExt;
+use serde_json::json;
+
+use crate::server::{ApiError, DEFAULT_MAX_BODY_BYTES};
+
+/// How long clients should wait before retrying when no worker answers.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One worker behind the front door.
+pub struct Backend {
+    pub name: String,
+    pub base_url: String,
+    outstanding: AtomicUsize,
+}
+
+impl Backend {
+    pub fn new(name: String, base_url: String) -> Self {
+        Self {
+            name,
+            base_url,
+            outstanding: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Counts a request against its backend until the response body is finished or dropped.
+struct Outstanding(Arc<FrontDoor>, usize);
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.backends[self.1]
+            .outstanding
+            .fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pub struct FrontDoor {
+    backends: Vec<Backend>,
+    next: AtomicUsize,
+    client: reqwest::Client,
+}
+
+impl FrontDoor {
+    pub fn new(backends: Vec<Backend>) -> reqwest::Result<Arc<Self>> {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()?;
+        Ok(Arc::new(Self {
+            backends,
+            next: AtomicUsize::new(0),
+            client,
+        }))
+    }
+
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/health", get(health))
+            .route("/ready", get(ready))
+            .route("/v1/{*rest}", any(forward))
+            .fallback(|request: Request| async move {
+                ApiError::route_not_found(request.method().as_str(), request.uri().path())
+            })
+            .with_state(self.clone())
+    }
+
+    /// Backends to try, best first: fewest outstanding requests, ties broken round-robin.
+    /// The rest follow as fallbacks for a worker that cannot be reached.
+    fn candidates(&self) -> Vec<usize> {
+        let n = self.backends.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let mut order: Vec<usize> = (0..n).map(|i| (start + i) % n).collect();
+        // A stable sort keeps the round-robin order among equals.
+        order.sort_by_key(|&i| self.backends[i].outstanding.load(Ordering::Acquire));
+        order
+    }
+}
+
+async fn health() -> impl IntoResponse {
+    axum::Json(json!({"status": "ok"}))
+}
+
+/// Ready while at least one worker is; the body lists each worker's state.
+async fn ready(State(door): State<Arc<FrontDoor>>) -> Response {
+    let checks = door.backends.iter().map(|backend| {
+        let url = format!("{}/ready", backend.base_url);
+        let client = door.client.clone();
+        async move {
+            let ok = client
+                .get(url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            (backend.name.clone(), ok)
+        }
+    });
+    let states = futures::future::join_all(checks).await;
+    let any_ready = states.iter().any(|(_, ok)| *ok);
+    let workers: serde_json::Map<_, _> = states
+        .into_iter()
+        .map(|(name, ok)| (name, json!(if ok { "ready" } else { "unavailable" })))
+        .collect();
+    if !any_ready {
+        return ApiError::unavailable("No worker is ready.", RETRY_AFTER).into_response();
+    }
+    axum::Json(json!({"status": "ready", "workers": workers})).into_response()
+}
+
+async fn forward(State(door): State<Arc<FrontDoor>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    // Buffered so the request can go to another worker if the first cannot be reached.
+    let body = match to_bytes(body, DEFAULT_MAX_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(_) => return ApiError::payload_too_large().into_response(),
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    for index in door.candidates() {
+        let backend = &door.backends[index];
+        backend.outstanding.fetch_add(1, Ordering::AcqRel);
+        let guard = Outstanding(door.clone(), index);
+        let upstream = door
+            .client
+            .request(parts.method.clone(), format!("{}{path}", backend.base_url))
+            .headers(forwarded_headers(&parts.headers))
+            .body(body.clone())
+            .send()
+            .await;
+        match upstream {
+            Ok(response) => return relay(response, guard),
+            Err(err) if err.is_connect() => {
+                tracing::warn!(worker = %backend.name, error = %err, "worker unreachable; trying another");
+            }
+            Err(err) => {
+                tracing::warn!(worker = %backend.name, error = %err, "worker failed the request");
+                return ApiError::unavailable(
+                    format!("The worker failed before answering: {err}"),
+                    RETRY_AFTER,
+                )
+                .into_response();
+            }
+        }
+    }
+    ApiError::unavailable("No worker is available.", RETRY_AFTER).into_response()
+}
+
+/// The worker's answer, body streamed chunk by chunk; `guard` lives as long as the body.
+fn relay(response: reqwest::Response, guard: Outstanding) -> Response {
+    let status = response.status();
+    let headers = forwarded_headers(response.headers());
+    let body = response.bytes_stream().map(move |chunk| {
+        let _counted = &guard;
+        chunk
+    });
+    let mut out = Response::new(Body::from_stream(body));
+    *out.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    *out.headers_mut() = headers;
+    out
+}
+
+/// End-to-end headers only: hop-by-hop ones describe a single connection, and the body length
+/// is set again by whoever sends it on.
+fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
+    const HOP_BY_HOP: [HeaderName; 7] = [
+        header::CONNECTION,
+        header::HOST,
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+    ];
+    headers
+        .iter()
+        .filter(|(name, _)| !HOP_BY_HOP.contains(name) && name.as_str() != "keep-alive")
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unreachable_workers_mean_503_with_retry_after() {
+        // Ports that were just free: nothing listens there.
+        let dead: Vec<Backend> = (0..2)
+            .map(|i| {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port();
+                Backend::new(format!("w{i}"), format!("http://127.0.0.1:{port}"))
+            })
+            .collect();
+        let door = FrontDoor::new(dead).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(axum::serve(listener, door.router()).into_future());
+        let response = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .post(format!("http://{address}/v1/completions"))
+            .body(r#"{"model": "m", "prompt": "hi"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()["retry-after"], "1");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "server_error");
+        assert_eq!(body["error"]["message"], "No worker is available.");
+        assert_eq!(
+            door.backends
+                .iter()
+                .map(|b| b.outstanding.load(Ordering::Acquire))
+                .sum::<usize>(),
+            0,
+            "failed attempts are not counted as outstanding"
+        );
+    }
+
+    #[test]
+    fn least_outstanding_first_ties_round_robin() {
+        let door = FrontDoor::new(
+            (0..3)
+                .map(|i| Backend::new(format!("w{i}"), String::new()))
+                .collect(),
+        )
+        .unwrap();
+        assert_eq!(door.candidates()[0], 0);
+        assert_eq!(door.candidates()[0], 1);
+        assert_eq!(door.candidates()[0], 2);
+        door.backends[0].outstanding.store(2, Ordering::Release);
+        door.backends[1].outstanding.store(1, Ordering::Release);
+        assert_eq!(door.candidates(), vec![2, 1, 0]);
+    }
+}

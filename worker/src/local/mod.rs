@@ -1,0 +1,163 @@
+//! Local mode: the pool on one machine, without Kubernetes. `infinite-llm-worker local` starts
+//! the processes of a cluster on loopback and serves one OpenAI address in front of them:
+//!
+//! ```text
+//! front door 127.0.0.1:P  (this process, front_door.rs)
+//!   -> worker-0 127.0.0.1:P+10, worker-1 P+11, ...  (child `serve` processes, launcher.rs)
+//! ```
+//!
+//! Cluster-wide services (the gManager) are further children started the same way, before the
+//! workers, so that the workers can be pointed at them.
+
+mod front_door;
+mod launcher;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use crate::server::{EngineArgs, folder_name, model_dir_or_demo, stop_signal};
+use front_door::{Backend, FrontDoor};
+use launcher::{ChildProcess, free_port};
+
+pub use launcher::Output;
+
+/// How long workers get to finish running requests when the pool stops.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Workers listen from the front door's port plus this.
+const WORKER_PORT_OFFSET: u16 = 10;
+
+#[derive(Debug, clap::Args)]
+pub struct LocalArgs {
+    /// Worker processes to start.
+    #[arg(long, env = "ILM_WORKERS", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    pub workers: u16,
+    /// Port of the pool's OpenAI address; workers take the ports from P+10 up.
+    #[arg(long, env = "ILM_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// Hugging Face style model folder [default: a demo model, generated under models/demo if absent].
+    #[arg(long, env = "ILM_MODEL")]
+    pub model: Option<PathBuf>,
+    /// The name clients use in `model` [default: the model folder's name].
+    #[arg(long, env = "ILM_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// How long each worker may take to load the model.
+    #[arg(long, env = "ILM_READY_TIMEOUT_SECS", default_value_t = 300)]
+    pub ready_timeout_secs: u64,
+}
+
+/// Runs the pool until SIGINT/SIGTERM, then stops every process it started.
+/// `worker_flags` are passed to every worker as well (such as the log format).
+pub async fn run(args: LocalArgs, worker_flags: Vec<String>, output: Output) -> anyhow::Result<()> {
+    let model = model_dir_or_demo(args.model)?;
+    let model = model
+        .canonicalize()
+        .with_context(|| format!("finding the model folder {}", model.display()))?;
+    let served = args
+        .served_model_name
+        .unwrap_or_else(|| folder_name(&model));
+    // Bind first: if the address is taken, fail before starting anything.
+    let listener = TcpListener::bind(("127.0.0.1", args.port))
+        .await
+        .with_context(|| format!("listening on 127.0.0.1:{}", args.port))?;
+
+    let mut workers = Vec::new();
+    for i in 0..args.workers {
+        let name = format!("worker-{i}");
+        let preferred = args
+            .port
+            .checked_add(WORKER_PORT_OFFSET + i)
+            .unwrap_or_default();
+        let port = free_port(preferred).context("finding a free port for a worker")?;
+        let mut flags = vec![
+            "serve".to_owned(),
+            format!("--model={}", model.display()),
+            format!("--served-model-name={served}"),
+            "--host=127.0.0.1".to_owned(),
+            format!("--port={port}"),
+            format!("--worker-id={name}"),
+            "--exit-on-stdin-eof".to_owned(),
+        ];
+        flags.extend(args.engine.to_flags());
+        flags.extend(worker_flags.iter().cloned());
+        workers.push(ChildProcess::spawn(&name, flags, port, output)?);
+    }
+
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let timeout = Duration::from_secs(args.ready_timeout_secs);
+    let all_ready = async {
+        for worker in &mut workers {
+            worker.wait_ready(&client, timeout).await?;
+        }
+        anyhow::Ok(())
+    };
+    let started = tokio::select! {
+        ready = all_ready => ready,
+        () = stop_signal() => Err(anyhow::anyhow!("stopped before the pool was ready")),
+    };
+    if let Err(err) = started {
+        stop_all(workers).await;
+        return Err(err);
+    }
+
+    let door = FrontDoor::new(
+        workers
+            .iter()
+            .map(|w| Backend::new(w.name.clone(), w.base_url()))
+            .collect(),
+    )?;
+    let (close, closed) = oneshot::channel::<()>();
+    let http = tokio::spawn(
+        axum::serve(listener, door.router())
+            .with_graceful_shutdown(async {
+                let _ = closed.await;
+            })
+            .into_future(),
+    );
+    print_banner(&model, &served, args.port, &workers);
+
+    stop_signal().await;
+    println!("Stopping the pool...");
+    let _ = close.send(());
+    stop_all(workers).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), http).await;
+    Ok(())
+}
+
+async fn stop_all(workers: Vec<ChildProcess>) {
+    futures::future::join_all(workers.into_iter().map(|w| w.stop(STOP_TIMEOUT))).await;
+}
+
+fn print_banner(model: &std::path::Path, served: &str, port: u16, workers: &[ChildProcess]) {
+    let base = format!("http://127.0.0.1:{port}");
+    println!();
+    println!("Infinite-LLM local pool is up");
+    println!(
+        "  {:<10}{} (served as {served:?})",
+        "model",
+        model.display()
+    );
+    for w in workers {
+        println!("  {:<10}pid {:<8} {}", w.name, w.pid, w.base_url());
+    }
+    println!(
+        "  {:<10}{base}/v1  (requests are spread over the workers)",
+        "API"
+    );
+    println!();
+    println!("Try it:");
+    let model_json = serde_json::Value::from(served);
+    let body = format!(
+        r#"{{"model": {model_json}, "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}"#
+    );
+    println!("  curl {base}/v1/chat/completions \\");
+    println!("    -H 'Content-Type: application/json' \\");
+    println!("    -d '{body}'");
+    println!();
+    println!("Ctrl-C stops everything.");
+}

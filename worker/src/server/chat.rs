@@ -1,0 +1,211 @@
+//! `POST /v1/chat/completions`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use tracing::Instrument;
+
+use super::errors::ApiError;
+use super::extract::JsonBody;
+use super::generation::Delta;
+use super::openai_types::{
+    ChatChoice, ChatChunkChoice, ChatDelta, ChatMessageIn, ChatMessageOut, ChatRequest,
+};
+use super::params;
+use super::sse::{self, ChunkFormat, ResponseMeta};
+use super::state::{AppState, PromptField, request_id, unix_now};
+use crate::tokenizer::ChatMessage;
+
+const ASSISTANT: &str = "assistant";
+
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    JsonBody(request): JsonBody<ChatRequest>,
+) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let id = request_id("chatcmpl");
+    let span = tracing::info_span!("chat_completion", id = %id);
+    handle(state, request, id, arrived).instrument(span).await
+}
+
+async fn handle(
+    state: Arc<AppState>,
+    request: ChatRequest,
+    id: String,
+    arrived: Instant,
+) -> Result<Response, ApiError> {
+    let model = state.model(&request.common.model)?;
+    if request.logprobs == Some(true) {
+        return Err(ApiError::invalid_param(
+            "logprobs",
+            "logprobs are not supported on chat completions; use /v1/completions.",
+        ));
+    }
+    let max_tokens = match (request.max_completion_tokens, request.common.max_tokens) {
+        (Some(v), _) => Some((v, "max_completion_tokens")),
+        (None, Some(v)) => Some((v, "max_tokens")),
+        (None, None) => None,
+    };
+    let params = params::validate(&request.common, max_tokens, None)?;
+    let prompt = model.encode_chat(chat_messages(request.messages)?).await?;
+    // As in vLLM: without a limit, a reply may fill whatever context the prompt leaves.
+    let max_tokens = params.max_tokens.unwrap_or_else(|| {
+        model
+            .engine
+            .max_context_tokens()
+            .saturating_sub(prompt.len())
+            .max(1)
+    });
+    let generation = state.start(
+        model,
+        prompt,
+        &params,
+        max_tokens,
+        PromptField::Messages,
+        arrived,
+    )?;
+    let meta = ResponseMeta {
+        id,
+        created: unix_now(),
+        model: request.common.model,
+    };
+    if params.stream {
+        return Ok(sse::respond(
+            generation,
+            ChatFormat,
+            meta,
+            params.include_usage,
+        ));
+    }
+    let done = generation.collect().await?;
+    let choice = ChatChoice {
+        index: 0,
+        message: ChatMessageOut {
+            role: ASSISTANT,
+            content: done.text,
+        },
+        finish_reason: done.reason,
+    };
+    let mut body = meta.envelope("chat.completion", vec![choice]);
+    body.usage = Some(Some(done.usage));
+    Ok(Json(body).into_response())
+}
+
+/// Message content is a string or a list of `{"type": "text", "text": ...}` parts, joined.
+fn chat_messages(messages: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid_param(
+            "messages",
+            "messages must hold at least one message.",
+        ));
+    }
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, message)| {
+            let content = match message.content {
+                Some(Value::String(text)) => text,
+                Some(Value::Array(parts)) => text_parts(&parts).ok_or_else(|| {
+                    ApiError::invalid_param(
+                        &format!("messages[{i}].content"),
+                        "Only content parts of type \"text\" are supported.",
+                    )
+                })?,
+                _ => {
+                    return Err(ApiError::invalid_param(
+                        &format!("messages[{i}].content"),
+                        "content must be a string or a list of text parts.",
+                    ));
+                }
+            };
+            Ok(ChatMessage {
+                role: message.role,
+                content,
+            })
+        })
+        .collect()
+}
+
+fn text_parts(parts: &[Value]) -> Option<String> {
+    parts
+        .iter()
+        .map(
+            |part| match (part.get("type")?.as_str()?, part.get("text")?.as_str()) {
+                ("text", Some(text)) => Some(text),
+                _ => None,
+            },
+        )
+        .collect()
+}
+
+struct ChatFormat;
+
+impl ChunkFormat for ChatFormat {
+    type Choice = ChatChunkChoice;
+    const OBJECT: &'static str = "chat.completion.chunk";
+
+    fn opening(&self) -> Option<ChatChunkChoice> {
+        Some(ChatChunkChoice {
+            index: 0,
+            delta: ChatDelta {
+                role: Some(ASSISTANT),
+                content: Some(String::new()),
+            },
+            finish_reason: None,
+        })
+    }
+
+    fn delta(&self, delta: Delta) -> ChatChunkChoice {
+        ChatChunkChoice {
+            index: 0,
+            delta: ChatDelta {
+                role: None,
+                content: Some(delta.text),
+            },
+            finish_reason: None,
+        }
+    }
+
+    fn finish(&self, reason: &'static str) -> ChatChunkChoice {
+        ChatChunkChoice {
+            index: 0,
+            delta: ChatDelta::default(),
+            finish_reason: Some(reason),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn messages(value: Value) -> Result<Vec<ChatMessage>, ApiError> {
+        chat_messages(serde_json::from_value(value).unwrap())
+    }
+
+    #[test]
+    fn content_is_a_string_or_text_parts() {
+        let out = messages(json!([
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+        ]))
+        .unwrap();
+        assert_eq!(out[0].content, "be brief");
+        assert_eq!(out[1].content, "ab");
+        assert_eq!(out[1].role, "user");
+    }
+
+    #[test]
+    fn bad_content_names_the_message() {
+        let err =
+            messages(json!([{"role": "user", "content": [{"type": "image_url"}]}])).unwrap_err();
+        assert_eq!(err.body().param.as_deref(), Some("messages[0].content"));
+        let err = messages(json!([])).unwrap_err();
+        assert_eq!(err.body().param.as_deref(), Some("messages"));
+    }
+}

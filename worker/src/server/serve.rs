@@ -1,0 +1,286 @@
+//! `infinite-llm-worker serve`: flags, model loading, and the process lifecycle (listen at once,
+//! turn ready when the model is loaded, drain on SIGTERM/SIGINT, exit).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use super::{DEFAULT_MAX_BODY_BYTES, Secret, Server, ServerConfig};
+use crate::demo_model::{DemoModelSpec, write_demo_model_if_missing};
+use crate::engine::{self, EngineHandle, EngineOptions};
+use crate::tokenizer::TextTokenizer;
+
+/// Where the demo model goes when no model folder is given (relative to the working directory).
+pub const DEMO_MODEL_DIR: &str = "models/demo";
+
+/// How long the HTTP side may take to flush final bytes once requests are done.
+const HTTP_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Engine sizing flags, shared by `serve` and `local` (which passes them on to its workers).
+#[derive(Debug, Clone, clap::Args)]
+pub struct EngineArgs {
+    /// Tokens per rBlock (a power of two).
+    #[arg(long, env = "ILM_BLOCK_TOKENS", default_value_t = EngineOptions::default().block_tokens)]
+    pub block_tokens: usize,
+    /// Size of this worker's KV pool in rBlocks [default: as many as 2 GiB holds].
+    #[arg(long, env = "ILM_KV_BLOCKS")]
+    pub kv_blocks: Option<usize>,
+    /// Most requests in one running batch.
+    #[arg(long, env = "ILM_MAX_NUM_SEQS", default_value_t = EngineOptions::default().max_num_seqs)]
+    pub max_num_seqs: usize,
+    /// Most tokens (prefill chunks plus decodes) in one engine step.
+    #[arg(long, env = "ILM_MAX_BATCHED_TOKENS", default_value_t = EngineOptions::default().max_batched_tokens)]
+    pub max_batched_tokens: usize,
+    /// Most requests queued before new ones get 429.
+    #[arg(long, env = "ILM_MAX_WAITING", default_value_t = EngineOptions::default().max_waiting)]
+    pub max_waiting: usize,
+}
+
+impl EngineArgs {
+    pub fn options(&self) -> EngineOptions {
+        EngineOptions {
+            block_tokens: self.block_tokens,
+            kv_blocks: self.kv_blocks,
+            max_num_seqs: self.max_num_seqs,
+            max_batched_tokens: self.max_batched_tokens,
+            max_waiting: self.max_waiting,
+            ..EngineOptions::default()
+        }
+    }
+
+    /// The same settings as command-line flags, for a child `serve` process.
+    pub fn to_flags(&self) -> Vec<String> {
+        let mut flags = vec![
+            format!("--block-tokens={}", self.block_tokens),
+            format!("--max-num-seqs={}", self.max_num_seqs),
+            format!("--max-batched-tokens={}", self.max_batched_tokens),
+            format!("--max-waiting={}", self.max_waiting),
+        ];
+        if let Some(blocks) = self.kv_blocks {
+            flags.push(format!("--kv-blocks={blocks}"));
+        }
+        flags
+    }
+}
+
+/// The compute device. Only the CPU backend exists so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+}
+
+fn parse_device(value: &str) -> Result<Device, String> {
+    match value {
+        "cpu" => Ok(Device::Cpu),
+        cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {
+            Err("the CUDA backend is not built yet; use --device cpu".to_owned())
+        }
+        other => Err(format!("unknown device {other:?}; expected cpu")),
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Hugging Face style model folder [default: a demo model, generated under models/demo if absent].
+    #[arg(long, env = "ILM_MODEL")]
+    pub model: Option<PathBuf>,
+    /// The name clients use in `model` [default: the model folder's name].
+    #[arg(long, env = "ILM_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Address to listen on (0.0.0.0 for all interfaces).
+    #[arg(long, env = "ILM_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port of the API, probes and metrics.
+    #[arg(long, env = "ILM_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// `cpu` (the CUDA backend comes later).
+    #[arg(long, env = "ILM_DEVICE", default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// File holding the cluster token that guards internal routes such as /drain.
+    #[arg(long, env = "ILM_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// File holding an API key that /v1/* then require as a bearer token.
+    #[arg(long, env = "ILM_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Name of this worker in logs.
+    #[arg(long, env = "ILM_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// On SIGTERM/SIGINT, how long running requests may take to finish before the process exits.
+    #[arg(long, env = "ILM_GRACE_PERIOD_SECS", default_value_t = 60)]
+    pub grace_period_secs: u64,
+    /// Shut down (as on SIGTERM) when stdin closes: local mode sets it so that its workers never
+    /// outlive it, even when it is killed outright.
+    #[arg(long, hide = true)]
+    pub exit_on_stdin_eof: bool,
+}
+
+/// The model folder to serve: the given one, or the demo model (written if absent).
+pub fn model_dir_or_demo(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = model {
+        return Ok(dir);
+    }
+    let dir = PathBuf::from(DEMO_MODEL_DIR);
+    write_demo_model_if_missing(&dir, &DemoModelSpec::default())
+        .with_context(|| format!("writing the demo model to {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// The default served name: the model folder's own name.
+pub fn folder_name(dir: &Path) -> String {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+    dir.file_name()
+        .map_or_else(|| "model".to_owned(), |n| n.to_string_lossy().into_owned())
+}
+
+fn read_secret(path: Option<&Path>) -> anyhow::Result<Option<Secret>> {
+    path.map(Secret::from_file).transpose().map_err(Into::into)
+}
+
+/// Runs a worker until it is told to stop, then drains it.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let model_dir = model_dir_or_demo(args.model)?;
+    let served_model_name = args
+        .served_model_name
+        .unwrap_or_else(|| folder_name(&model_dir));
+    let server = Server::new(ServerConfig {
+        served_model_name: served_model_name.clone(),
+        api_key: read_secret(args.api_key_file.as_deref())?,
+        cluster_token: read_secret(args.token_file.as_deref())?,
+        max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        worker_id: args.worker_id,
+    });
+    // Listen before loading, so liveness probes pass (and readiness reports 503) during a long load.
+    let listener = TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("listening on {}:{}", args.host, args.port))?;
+    tracing::info!(
+        address = %listener.local_addr()?,
+        device = ?args.device,
+        model = %model_dir.display(),
+        served_model_name,
+        "listening; loading the model"
+    );
+    let (close_http, http_closed) = oneshot::channel::<()>();
+    let http = tokio::spawn(
+        axum::serve(listener, server.router())
+            .with_graceful_shutdown(async {
+                let _ = http_closed.await;
+            })
+            .into_future(),
+    );
+
+    let shutdown = shutdown_requested(args.exit_on_stdin_eof);
+    tokio::pin!(shutdown);
+    tokio::select! {
+        loaded = load_model(model_dir, args.engine.options()) => {
+            let (engine, tokenizer) = loaded?;
+            server.install(engine, tokenizer);
+            tracing::info!("ready");
+            (&mut shutdown).await;
+        }
+        () = &mut shutdown => tracing::info!("stop requested while loading the model"),
+    }
+
+    let grace = Duration::from_secs(args.grace_period_secs);
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: refusing new requests, finishing running ones"
+    );
+    if tokio::time::timeout(grace, server.drain()).await.is_err() {
+        tracing::warn!("grace period over with requests still running; exiting anyway");
+    }
+    let _ = close_http.send(());
+    match tokio::time::timeout(HTTP_CLOSE_TIMEOUT, http).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(err))) => tracing::warn!(error = %err, "HTTP server error while closing"),
+        Ok(Err(err)) => tracing::warn!(error = %err, "HTTP server task failed"),
+        Err(_) => tracing::warn!("connections still open after the drain; closing them"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Loads the engine and tokenizer off the async threads (it reads and converts all weights).
+async fn load_model(
+    dir: PathBuf,
+    options: EngineOptions,
+) -> anyhow::Result<(EngineHandle, TextTokenizer)> {
+    tokio::task::spawn_blocking(move || {
+        let tokenizer = TextTokenizer::from_model_dir(&dir)
+            .with_context(|| format!("loading the tokenizer from {}", dir.display()))?;
+        let engine = engine::start(&dir, options)?;
+        Ok((engine, tokenizer))
+    })
+    .await
+    .context("the model loading task failed")?
+}
+
+/// Resolves on SIGTERM, SIGINT, or (when asked) stdin reaching end of file.
+async fn shutdown_requested(watch_stdin: bool) {
+    let stdin_closed = async {
+        if watch_stdin {
+            stdin_eof().await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = stop_signal() => {}
+        () = stdin_closed => tracing::info!("stdin closed (the parent went away)"),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn stop_signal() {
+    tokio::select! {
+        () = terminate_signal() => tracing::info!("SIGTERM received"),
+        result = tokio::signal::ctrl_c() => match result {
+            Ok(()) => tracing::info!("SIGINT received"),
+            Err(err) => tracing::error!(error = %err, "cannot listen for SIGINT; stopping"),
+        },
+    }
+}
+
+#[cfg(unix)]
+async fn terminate_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            term.recv().await;
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "cannot listen for SIGTERM");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn terminate_signal() {
+    std::future::pending::<()>().await;
+}
+
+/// Reads stdin on a plain thread: a tokio stdin read would keep the runtime from shutting down.
+async fn stdin_eof() {
+    let (tx, rx) = oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("stdin-watch".into())
+        .spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+            let _ = tx.send(());
+        });
+    match spawned {
+        Ok(_) => {
+            let _ = rx.await;
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "cannot watch stdin");
+            std::future::pending::<()>().await;
+        }
+    }
+}

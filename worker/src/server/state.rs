@@ -1,0 +1,202 @@
+//! What every handler shares: the loaded model, the metrics, and whether the worker is draining.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tracing::Span;
+
+use super::ServerConfig;
+use super::errors::ApiError;
+use super::generation::{Generation, GenerationSetup};
+use super::params::Params;
+use crate::engine::EngineHandle;
+use crate::metrics::Metrics;
+use crate::request::GenerateRequest;
+use crate::tokenizer::{ChatMessage, TextTokenizer, TokenizerError};
+
+pub struct AppState {
+    pub config: ServerConfig,
+    pub metrics: Arc<Metrics>,
+    /// Set once the model has loaded; until then the API answers 503.
+    model: OnceLock<LoadedModel>,
+    draining: AtomicBool,
+}
+
+pub struct LoadedModel {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<TextTokenizer>,
+}
+
+/// Where a request's prompt came from, so errors about it name the right field.
+#[derive(Debug, Clone, Copy)]
+pub enum PromptField {
+    Prompt,
+    Messages,
+}
+
+impl PromptField {
+    pub fn name(self) -> &'static str {
+        match self {
+            PromptField::Prompt => "prompt",
+            PromptField::Messages => "messages",
+        }
+    }
+}
+
+impl AppState {
+    pub fn new(config: ServerConfig) -> Self {
+        Self {
+            config,
+            metrics: Arc::new(Metrics::new()),
+            model: OnceLock::new(),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Installs the loaded model; a second call is ignored.
+    pub fn install(&self, model: LoadedModel) {
+        let _ = self.model.set(model);
+        // Set first, then check: a drain that began meanwhile either sees the model or is seen.
+        if self.draining.load(Ordering::SeqCst) {
+            self.begin_drain();
+        }
+    }
+
+    pub fn loaded(&self) -> Option<&LoadedModel> {
+        self.model.get()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Stops taking new requests; running ones go on.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        if let Some(model) = self.model.get() {
+            model.engine.stop_accepting();
+        }
+    }
+
+    /// Resolves when no request is running or waiting.
+    pub async fn wait_idle(&self) {
+        if let Some(model) = self.model.get() {
+            model.engine.wait_idle().await;
+        }
+    }
+
+    /// The model a request names, if it is the one served here and it has loaded.
+    pub fn model(&self, requested: &str) -> Result<&LoadedModel, ApiError> {
+        let model = self.model.get().ok_or_else(ApiError::not_ready)?;
+        if requested != self.config.served_model_name {
+            return Err(ApiError::model_not_found(requested));
+        }
+        Ok(model)
+    }
+
+    /// Submits a tokenized prompt and returns its output stream.
+    pub fn start(
+        &self,
+        model: &LoadedModel,
+        prompt: Vec<u32>,
+        params: &Params,
+        max_tokens: usize,
+        field: PromptField,
+        arrived: Instant,
+    ) -> Result<Generation, ApiError> {
+        let mut sampling = params.sampling.clone();
+        sampling.max_tokens = max_tokens;
+        let decoder = model.tokenizer.incremental_decoder(&prompt);
+        let prompt_tokens = prompt.len();
+        let request = GenerateRequest {
+            prompt_tokens: prompt,
+            sampling,
+            stop_token_ids: model.tokenizer.eos_token_ids().to_vec(),
+        };
+        let events = model
+            .engine
+            .submit(request)
+            .map_err(|err| ApiError::from_submit(err, field.name(), model.engine.retry_after()))?;
+        Ok(Generation::new(
+            events,
+            GenerationSetup {
+                tokenizer: model.tokenizer.clone(),
+                decoder,
+                prompt_tokens,
+                stop: params.stop.clone(),
+                want_logprobs: params.sampling.logprobs.is_some(),
+                arrived,
+                metrics: self.metrics.clone(),
+                span: Span::current(),
+            },
+        ))
+    }
+}
+
+impl LoadedModel {
+    /// Tokenizes off the async threads: a prompt can be megabytes long.
+    pub async fn encode(&self, text: String) -> Result<Vec<u32>, ApiError> {
+        let tokenizer = self.tokenizer.clone();
+        run_blocking(move || {
+            tokenizer
+                .encode(&text, true)
+                .map_err(|err| ApiError::internal(format!("Tokenizing the prompt: {err}")))
+        })
+        .await
+    }
+
+    /// Renders the chat template and tokenizes the result (the template adds special tokens).
+    pub async fn encode_chat(&self, messages: Vec<ChatMessage>) -> Result<Vec<u32>, ApiError> {
+        let tokenizer = self.tokenizer.clone();
+        run_blocking(move || {
+            let text = tokenizer
+                .apply_chat_template(&messages, true)
+                .map_err(|err| match err {
+                    TokenizerError::NoChatTemplate { .. } => ApiError::invalid_param(
+                        "messages",
+                        "This model has no chat template; use /v1/completions instead.",
+                    ),
+                    err => ApiError::invalid_param(
+                        "messages",
+                        format!("The chat template rejected the messages: {err}"),
+                    ),
+                })?;
+            tokenizer
+                .encode(&text, false)
+                .map_err(|err| ApiError::internal(format!("Tokenizing the messages: {err}")))
+        })
+        .await
+    }
+
+    /// Token ids sent by the client must exist in the vocabulary.
+    pub fn check_token_ids(&self, ids: &[u32]) -> Result<(), ApiError> {
+        let vocab = self.tokenizer.vocab_size();
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(id) => Err(ApiError::invalid_param(
+                "prompt",
+                format!("Token id {id} is out of the vocabulary (size {vocab})."),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+async fn run_blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|err| ApiError::internal(format!("Tokenizer task failed: {err}")))?
+}
+
+/// A fresh id such as `cmpl-3f2a…`.
+pub fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{:032x}", rand::random::<u128>())
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
