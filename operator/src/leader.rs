@@ -3,11 +3,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use kube::Client;
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::Error;
 use crate::metrics::Metrics;
@@ -23,6 +24,17 @@ pub struct Election {
     pub duration: u64,
     /// Seconds before expiry the leader renews.
     pub grace: u64,
+}
+
+/// How long leader-only work gets to wind down once leadership ends.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Resolves when this replica stops leading or is asked to shut down.
+async fn ended(mut leading: watch::Receiver<bool>, mut shutdown: watch::Receiver<bool>) {
+    tokio::select! {
+        _ = leading.wait_for(|leader| !*leader) => {}
+        _ = shutdown.wait_for(|stop| *stop) => {}
+    }
 }
 
 /// Campaigns until `shutdown` flips to true; while leading, runs `lead` and passes it a
@@ -59,15 +71,20 @@ where
     if won {
         info!(identity = %election.identity, "became the leader");
         metrics.set_leader(true);
-        let mut lost = leading.clone();
-        let mut stop = shutdown.clone();
-        let ended = Box::pin(async move {
+        {
+            let work = lead(Box::pin(ended(leading.clone(), shutdown.clone())));
+            tokio::pin!(work);
             tokio::select! {
-                _ = lost.wait_for(|leader| !*leader) => {}
-                _ = stop.wait_for(|stop| *stop) => {}
+                _ = &mut work => {}
+                _ = ended(leading.clone(), shutdown.clone()) => {
+                    // In-flight reconciles may finish, but a stuck one must not keep a dead
+                    // leader from exiting (and its lease from being released).
+                    if tokio::time::timeout(STOP_GRACE, &mut work).await.is_err() {
+                        warn!("leader-only work did not stop within {STOP_GRACE:?}; abandoning it");
+                    }
+                }
             }
-        });
-        lead(ended).await;
+        }
         metrics.set_leader(false);
         if !*shutdown.borrow() {
             result = Err(Error::LostLeadership);
@@ -76,7 +93,12 @@ where
     // Closing the channel makes the campaign release the lease, so a successor need not
     // wait for it to expire.
     drop(leading);
-    campaign.await??;
-    info!(identity = %election.identity, "left the election");
+    match tokio::time::timeout(STOP_GRACE, campaign).await {
+        Ok(joined) => {
+            joined??;
+            info!(identity = %election.identity, "left the election");
+        }
+        Err(_) => warn!("could not release the lease in time; it will expire on its own"),
+    }
     result
 }

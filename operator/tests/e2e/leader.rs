@@ -115,8 +115,8 @@ async fn a_leader_that_stops_releases_the_lease() {
     .await;
     op.terminate();
     let status = op
-        .wait_exit(Duration::from_secs(20))
-        .expect("the operator exits on SIGTERM");
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("the operator did not exit on SIGTERM\n{}", op.log()));
     assert!(status.success(), "exit status {status}\n{}", op.log());
     let lease = Api::<Lease>::namespaced(client, &ns)
         .get("infinite-llm-operator")
