@@ -130,14 +130,6 @@ pub fn compute(
     }
 }
 
-/// Whether a condition of this type is True.
-pub fn is_true(status: &InfiniteLLMClusterStatus, type_: &str) -> bool {
-    status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == type_ && c.status == "True")
-}
-
 fn failing_reason(pod: &Pod) -> Option<String> {
     let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
     statuses.iter().find_map(|cs| {
@@ -218,6 +210,13 @@ mod tests {
                 ..StatefulSetStatus::default()
             }),
         }
+    }
+
+    fn is_true(status: &InfiniteLLMClusterStatus, type_: &str) -> bool {
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == type_ && c.status == "True")
     }
 
     fn now() -> Time {
