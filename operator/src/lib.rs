@@ -5,6 +5,7 @@ pub mod apply;
 pub mod children;
 pub mod crd;
 mod error;
+pub mod gmanager;
 pub mod leader;
 pub mod metrics;
 pub mod names;

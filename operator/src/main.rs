@@ -1,7 +1,10 @@
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use infinite_llm_operator::children::Settings;
+use infinite_llm_operator::gmanager::{self, GManagerConfig, Tokens};
 use infinite_llm_operator::leader::Election;
 use infinite_llm_operator::{Config, crd};
 use tokio::sync::watch;
@@ -22,6 +25,22 @@ enum Command {
     Crd,
     /// Run the operator (the default).
     Run,
+    /// Serve only the gManager, without Kubernetes (local mode).
+    Gmanager(GManagerArgs),
+}
+
+#[derive(clap::Args)]
+struct GManagerArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = gmanager::DEFAULT_PORT)]
+    port: u16,
+    /// File holding the cluster token workers must present.
+    #[arg(long)]
+    token_file: PathBuf,
+    /// How often workers heartbeat; a worker silent for three intervals is expired.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    heartbeat_interval_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -69,9 +88,8 @@ async fn main() -> std::process::ExitCode {
             }
         };
     }
-    let args = cli.run;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    if args.log_json {
+    if cli.run.log_json {
         tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)
@@ -79,6 +97,17 @@ async fn main() -> std::process::ExitCode {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
+    if let Some(Command::Gmanager(args)) = cli.command {
+        return match serve_gmanager(args).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "gManager failed");
+                eprintln!("error: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    let args = cli.run;
 
     let identity = args.identity.unwrap_or_else(|| {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "operator".to_owned());
@@ -117,6 +146,36 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Local mode: one cluster, whose token is read from a file (and never logged).
+async fn serve_gmanager(args: GManagerArgs) -> Result<(), String> {
+    let path = args.token_file.display();
+    let token = std::fs::read_to_string(&args.token_file)
+        .map_err(|e| format!("reading the token file {path}: {e}"))?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(format!("the token file {path} is empty"));
+    }
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .map_err(|e| format!("binding {}:{}: {e}", args.host, args.port))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let config = GManagerConfig {
+        heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
+        ..GManagerConfig::default()
+    };
+    tracing::info!(%addr, heartbeat_interval_ms = args.heartbeat_interval_ms, "serving the gManager");
+    gmanager::serve(
+        listener,
+        config,
+        Tokens::single("local", token),
+        wait_for_signal(),
+    )
+    .await
+    .map_err(|e| format!("serving the gManager on {addr}: {e}"))?;
+    tracing::info!("gManager stopped");
+    Ok(())
 }
 
 async fn wait_for_signal() {

@@ -1,0 +1,264 @@
+//! The gManager's HTTP service: the routes of `infinite_llm_protocol::gmanager` over one
+//! ledger per cluster, behind the cluster's bearer token; `/healthz` and `/metrics` are open.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use infinite_llm_protocol::gmanager::{
+    AUTHORIZATION, BorrowAdvice, BorrowRequest, Heartbeat, HeartbeatAck, PoolView, Register,
+    Registered,
+};
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use super::GManagerConfig;
+use super::ledger::{Ledger, LedgerError};
+use super::metrics::Metrics;
+use super::tokens::Tokens;
+
+/// Everything the handlers share; cheap to clone.
+#[derive(Clone)]
+pub(super) struct Service {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: GManagerConfig,
+    tokens: Tokens,
+    ledgers: Mutex<BTreeMap<String, Ledger>>,
+    metrics: Metrics,
+}
+
+impl Service {
+    pub(super) fn new(config: GManagerConfig, tokens: Tokens) -> Self {
+        Service {
+            inner: Arc::new(Inner {
+                config,
+                tokens,
+                ledgers: Mutex::new(BTreeMap::new()),
+                metrics: Metrics::default(),
+            }),
+        }
+    }
+
+    pub(super) fn router(&self) -> Router {
+        Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/metrics", get(metrics_text))
+            .route("/v1/workers", post(register))
+            .route("/v1/workers/{id}", delete(leave))
+            .route("/v1/workers/{id}/heartbeat", post(heartbeat))
+            .route("/v1/borrow", post(borrow))
+            .route("/v1/pool", get(pool))
+            .with_state(self.clone())
+    }
+
+    /// Expires silent workers of every cluster, so that expiry is logged and counted even
+    /// when no request comes in.
+    pub(super) fn sweep(&self, now: Instant) {
+        let mut ledgers = self.ledgers();
+        for (cluster, ledger) in ledgers.iter_mut() {
+            self.expire(cluster, ledger, now);
+        }
+    }
+
+    /// Runs `f` on the cluster's ledger after expiring its silent workers, then refreshes
+    /// the cluster's metrics.
+    fn with_ledger<T>(&self, cluster: &str, f: impl FnOnce(&mut Ledger, Instant) -> T) -> T {
+        let now = Instant::now();
+        let mut ledgers = self.ledgers();
+        let ledger = ledgers
+            .entry(cluster.to_owned())
+            .or_insert_with(|| Ledger::new(self.inner.config.expiry()));
+        self.expire(cluster, ledger, now);
+        let out = f(ledger, now);
+        self.inner.metrics.observe(cluster, &ledger.view(now));
+        out
+    }
+
+    fn expire(&self, cluster: &str, ledger: &mut Ledger, now: Instant) {
+        let gone = ledger.expire(now);
+        if gone.is_empty() {
+            return;
+        }
+        let expiry = self.inner.config.expiry();
+        for worker in &gone {
+            warn!(
+                cluster,
+                worker,
+                epoch = ledger.epoch(),
+                ?expiry,
+                "worker expired: no heartbeat"
+            );
+        }
+        self.inner.metrics.observe(cluster, &ledger.view(now));
+    }
+
+    fn ledgers(&self) -> MutexGuard<'_, BTreeMap<String, Ledger>> {
+        // Ledger calls leave it consistent even if a handler panicked mid-way.
+        self.inner.ledgers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The cluster whose token the request carries.
+struct Cluster(String);
+
+impl FromRequestParts<Service> for Cluster {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Service) -> Result<Self, ApiError> {
+        let presented = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer)
+            .ok_or(ApiError::Unauthorized)?;
+        state
+            .inner
+            .tokens
+            .cluster_of(presented)
+            .map(Cluster)
+            .ok_or(ApiError::Unauthorized)
+    }
+}
+
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+async fn register(
+    State(s): State<Service>,
+    Cluster(cluster): Cluster,
+    body: Result<Json<Register>, JsonRejection>,
+) -> Result<Json<Registered>, ApiError> {
+    let Json(r) = body?;
+    let (worker, peer) = (r.worker_id.clone(), r.peer_addr.clone());
+    let epoch = s.with_ledger(&cluster, |l, now| l.register(r, now))?;
+    info!(cluster, worker, peer_addr = peer, epoch, "worker joined");
+    Ok(Json(Registered {
+        epoch,
+        heartbeat_interval_ms: u64::try_from(s.inner.config.heartbeat_interval.as_millis())
+            .unwrap_or(u64::MAX),
+    }))
+}
+
+async fn heartbeat(
+    State(s): State<Service>,
+    Cluster(cluster): Cluster,
+    Path(id): Path<String>,
+    body: Result<Json<Heartbeat>, JsonRejection>,
+) -> Result<Json<HeartbeatAck>, ApiError> {
+    let Json(hb) = body?;
+    let epoch = s.with_ledger(&cluster, |l, now| l.heartbeat(&id, hb.pool, now))?;
+    debug!(cluster, worker = id, epoch, "heartbeat");
+    Ok(Json(HeartbeatAck { epoch }))
+}
+
+async fn leave(
+    State(s): State<Service>,
+    Cluster(cluster): Cluster,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let epoch = s.with_ledger(&cluster, |l, _| l.leave(&id))?;
+    info!(cluster, worker = id, epoch, "worker left");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn borrow(
+    State(s): State<Service>,
+    Cluster(cluster): Cluster,
+    body: Result<Json<BorrowRequest>, JsonRejection>,
+) -> Result<Json<BorrowAdvice>, ApiError> {
+    let Json(req) = body?;
+    let advice = s.with_ledger(&cluster, |l, now| l.advise(&req, now))?;
+    s.inner.metrics.advised(&cluster);
+    debug!(
+        cluster,
+        home = req.home,
+        blocks = req.blocks,
+        creditors = advice.creditors.len(),
+        "borrow advice"
+    );
+    Ok(Json(advice))
+}
+
+async fn pool(State(s): State<Service>, Cluster(cluster): Cluster) -> Json<PoolView> {
+    Json(s.with_ledger(&cluster, |l, now| l.view(now)))
+}
+
+async fn metrics_text(State(s): State<Service>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.inner.metrics.render(),
+    )
+}
+
+/// Refusals, as `{"error": {"message", "type", "code"}}` like the workers' OpenAI API.
+#[derive(Debug, thiserror::Error)]
+enum ApiError {
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("invalid request body: {0}")]
+    Body(#[from] JsonRejection),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind, code) = match &self {
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "invalid_token",
+            ),
+            ApiError::Ledger(LedgerError::UnknownWorker(_)) => {
+                (StatusCode::NOT_FOUND, "not_found_error", "unknown_worker")
+            }
+            ApiError::Ledger(LedgerError::BlockTokensMismatch { .. }) => (
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "block_tokens_mismatch",
+            ),
+            ApiError::Ledger(LedgerError::EmptyWorkerId | LedgerError::ZeroBlockTokens) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                "invalid_registration",
+            ),
+            ApiError::Body(rejection) => {
+                (rejection.status(), "invalid_request_error", "invalid_body")
+            }
+        };
+        let body = json!({"error": {"message": self.to_string(), "type": kind, "code": code}});
+        (status, Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer;
+
+    #[test]
+    fn bearer_tokens_are_parsed_strictly() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer "), None);
+        assert_eq!(bearer("Bearerabc"), None);
+    }
+}
