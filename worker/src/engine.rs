@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::backend::Backend;
 use crate::backend::cpu::Cpu;
-use crate::model::llama::{Llama, StepInput};
+use crate::model::llama::{Llama, NoExchange, StepInput};
 use crate::request::{Event, FinishReason, GenerateRequest, SubmitError};
 use crate::rmanager::RManager;
 use crate::sampling::Sampler;
@@ -347,8 +347,11 @@ impl<B: Backend> Runner<B> {
                 slots: &step.slots,
                 seqs: &step.attn,
                 logit_rows: &step.logit_rows,
+                remote: &step.remote,
             },
+            &mut NoExchange,
         );
+        let logits = logits.expect("no remote parts without peers");
         let vocab = self.model.config().vocab_size;
         let sampling = step.items.iter().filter(|it| it.samples);
         for (row, item) in sampling.enumerate() {

@@ -7,8 +7,10 @@
 use std::path::Path;
 
 use crate::backend::{AttnSeq, AttnShape, Backend, KvShape};
+use crate::dist_attention::{self, AttnCall, PartOut, QkvLayout};
 use crate::model::config::ModelConfig;
 use crate::model::weights::{Weights, WeightsError};
+use crate::scheduler::RemotePart;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -61,7 +63,45 @@ pub struct StepInput<'a> {
     pub seqs: &'a [AttnSeq],
     /// Rows whose logits are wanted, in the order they are returned.
     pub logit_rows: &'a [usize],
+    /// Attention over blocks that creditors hold.
+    pub remote: &'a [RemotePart],
 }
+
+/// Answers a creditor's partial results with.
+pub type Reply = Box<dyn FnOnce(Vec<PartOut>) + Send>;
+
+/// What happened while a home waited for its creditors.
+pub enum Waited {
+    /// Every creditor answered: per peer, one result per part, in the order sent.
+    Done(Vec<(u16, Vec<PartOut>)>),
+    /// Another home asks this worker, as a creditor, for MicroAttention meanwhile; serving it
+    /// while waiting is what keeps two homes that borrow from each other from deadlocking.
+    Serve(AttnCall, Reply),
+    Failed(String),
+}
+
+/// The network side of DistAttention, seen from the model's layer loop.
+pub trait Exchange {
+    fn send(&mut self, calls: Vec<(u16, AttnCall)>);
+    fn wait(&mut self) -> Waited;
+}
+
+/// For steps without remote blocks, and for workers on their own.
+pub struct NoExchange;
+
+impl Exchange for NoExchange {
+    fn send(&mut self, calls: Vec<(u16, AttnCall)>) {
+        assert!(calls.is_empty(), "no peers to send to");
+    }
+
+    fn wait(&mut self) -> Waited {
+        Waited::Done(Vec::new())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("remote attention failed: {0}")]
+pub struct RemoteError(pub String);
 
 pub struct Llama<B: Backend> {
     backend: B,
@@ -223,8 +263,18 @@ impl<B: Backend> Llama<B> {
         });
     }
 
+    /// Serves another home's MicroAttention over blocks this worker lent.
+    pub fn serve_attention(&self, kv: &mut B::Kv, call: &AttnCall) -> Vec<PartOut> {
+        dist_attention::serve_call(&self.backend, kv, self.attn_shape(), call)
+    }
+
     /// Runs one step and returns `[logit_rows.len(), vocab]` logits.
-    pub fn forward(&mut self, kv: &mut B::Kv, input: &StepInput) -> Vec<f32> {
+    pub fn forward(
+        &mut self,
+        kv: &mut B::Kv,
+        input: &StepInput,
+        exchange: &mut dyn Exchange,
+    ) -> Result<Vec<f32>, RemoteError> {
         let rows = input.tokens.len();
         assert_eq!(rows, input.positions.len());
         assert_eq!(rows, input.slots.len());
@@ -260,6 +310,19 @@ impl<B: Backend> Llama<B> {
                 inv_freq,
             );
             b.kv_write(kv, li, &s.qkv, qkv_w, qd, qd + kvd, input.slots);
+            let remote = !input.remote.is_empty();
+            if remote {
+                let host = b.download(&s.qkv, rows * qkv_w);
+                let layout = QkvLayout {
+                    width: qkv_w,
+                    q: qd,
+                    kv: kvd,
+                };
+                let calls =
+                    dist_attention::build_calls(li, &host, layout, input.seqs, input.remote);
+                exchange.send(calls.into_iter().collect());
+            }
+            // Local MicroAttention runs while the creditors work on theirs.
             b.attention(
                 &s.qkv,
                 qkv_w,
@@ -271,6 +334,25 @@ impl<B: Backend> Llama<B> {
                 &mut s.attn,
                 &mut s.lse,
             );
+            if remote {
+                let replies = loop {
+                    match exchange.wait() {
+                        Waited::Done(r) => break r,
+                        Waited::Serve(call, reply) => {
+                            reply(dist_attention::serve_call(b, kv, shape, &call))
+                        }
+                        Waited::Failed(e) => return Err(RemoteError(e)),
+                    }
+                };
+                let mut o = b.download(&s.attn, rows * qd);
+                let mut l = b.download(&s.lse, rows * c.num_attention_heads);
+                for (peer, results) in replies {
+                    let parts: Vec<&RemotePart> =
+                        input.remote.iter().filter(|p| p.peer == peer).collect();
+                    dist_attention::merge_call(&mut o, &mut l, shape, input.seqs, &parts, &results);
+                }
+                b.upload(&o, &mut s.attn);
+            }
             b.linear(&s.attn, rows, &l.o, None, &mut s.proj);
             b.add_assign(&mut s.x, &s.proj, rows * h);
             b.rms_norm(&s.x, rows, &l.post_norm, eps, &mut s.h);
@@ -291,6 +373,6 @@ impl<B: Backend> Llama<B> {
             b.linear(&s.h, m, head, None, &mut s.logits);
             out.extend(b.download(&s.logits, m * c.vocab_size));
         }
-        out
+        Ok(out)
     }
 }
