@@ -11,12 +11,14 @@ VENV    := .venv
 
 WORKER_BIN := target/release/infinite-llm-worker
 
-.PHONY: help build run test lint unit test-python bench venv
+.PHONY: help build run test lint unit test-python bench venv tools crds
 
 help:
 	@echo "make run        local pool: WORKERS=$(WORKERS) workers behind http://127.0.0.1:$(PORT) (MODEL=, KV_BLOCKS=)"
 	@echo "make test       every check: fmt, clippy, Rust tests, the openai client against make run"
 	@echo "make bench      CPU decode tokens/s against candle-transformers"
+	@echo "make tools      build etcd, kube-apiserver, kube-controller-manager from their Go modules into bin/"
+	@echo "make crds       regenerate crds/ from the Rust types"
 
 build:
 	$(CARGO) build --release --workspace --bins
@@ -31,8 +33,15 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
-unit:
+# The operator tests run against a real control plane built by `make tools`.
+unit: tools
 	$(CARGO) test --release --workspace
+
+tools:
+	bash tests/tools/build.sh
+
+crds:
+	$(CARGO) run --release -q -p infinite-llm-operator -- crd > crds/infinitellmclusters.infinitellm.io.yaml
 
 $(VENV)/.installed: tests/python/requirements.txt
 	$(PYTHON) -m venv $(VENV)

@@ -107,6 +107,10 @@ pub struct ServeArgs {
     /// File holding an API key that /v1/* then require as a bearer token.
     #[arg(long, env = "ILM_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// The API key itself, for deployments that inject it from a Secret as an environment
+    /// variable (the operator does); never echoed in `--help`.
+    #[arg(long, env = "ILM_API_KEY", hide_env_values = true, conflicts_with = "api_key_file")]
+    pub api_key: Option<String>,
     /// Name of this worker in logs.
     #[arg(long, env = "ILM_WORKER_ID")]
     pub worker_id: Option<String>,
@@ -149,7 +153,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| folder_name(&model_dir));
     let server = Server::new(ServerConfig {
         served_model_name: served_model_name.clone(),
-        api_key: read_secret(args.api_key_file.as_deref())?,
+        api_key: match args.api_key {
+            Some(key) => Some(Secret::new(key)),
+            None => read_secret(args.api_key_file.as_deref())?,
+        },
         cluster_token: read_secret(args.token_file.as_deref())?,
         max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         worker_id: args.worker_id,
