@@ -109,7 +109,12 @@ pub struct ServeArgs {
     pub api_key_file: Option<PathBuf>,
     /// The API key itself, for deployments that inject it from a Secret as an environment
     /// variable (the operator does); never echoed in `--help`.
-    #[arg(long, env = "ILM_API_KEY", hide_env_values = true, conflicts_with = "api_key_file")]
+    #[arg(
+        long,
+        env = "ILM_API_KEY",
+        hide_env_values = true,
+        conflicts_with = "api_key_file"
+    )]
     pub api_key: Option<String>,
     /// Name of this worker in logs.
     #[arg(long, env = "ILM_WORKER_ID")]
