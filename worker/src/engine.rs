@@ -5,20 +5,29 @@
 //! step and frees that request's blocks at once.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc as std_mpsc};
+use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 use std::time::Duration;
+
+use infinite_llm_protocol::gmanager::Creditor;
 
 use tokio::sync::{mpsc, watch};
 
 use crate::backend::Backend;
 use crate::backend::cpu::Cpu;
-use crate::model::llama::{Llama, NoExchange, StepInput};
+use crate::cluster_link::{ClusterLink, LayerExchange, serve_pool_request};
+use crate::model::llama::{Exchange, Llama, NoExchange, StepInput};
+use crate::peer::tcp::TcpPeers;
+use crate::peer::{Incoming, PeerMsg};
 use crate::request::{Event, FinishReason, GenerateRequest, SubmitError};
 use crate::rmanager::RManager;
 use crate::sampling::Sampler;
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
+
+/// How long a stalled engine sleeps on its inbox before it looks again.
+const IDLE_WAIT: Duration = Duration::from_millis(20);
 
 /// A snapshot of what the engine is doing, read by `/metrics` and `/ready`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -27,6 +36,13 @@ pub struct EngineStats {
     pub waiting: usize,
     pub kv_blocks_total: usize,
     pub kv_blocks_used: usize,
+    /// Local blocks held for other workers' requests.
+    pub kv_blocks_lent: usize,
+    /// Blocks other workers hold for this worker's requests.
+    pub kv_blocks_borrowed: usize,
+    pub kv_blocks_lend_cap: usize,
+    /// Blocks borrowed since start.
+    pub kv_borrow_total: u64,
     pub preemptions_total: u64,
 }
 
@@ -47,6 +63,18 @@ pub struct EngineOptions {
     pub max_waiting: usize,
     /// Share of the pool that other workers may borrow at once.
     pub lend_fraction: f64,
+    /// Joins a pool of workers: lend to them and borrow from them.
+    pub cluster: Option<ClusterOptions>,
+}
+
+/// How this worker takes part in the pooled KV cache.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub worker_id: String,
+    /// Where homes that borrow from this worker connect.
+    pub peer_listen: SocketAddr,
+    /// The cluster token peers must present.
+    pub token: String,
 }
 
 impl Default for EngineOptions {
@@ -59,6 +87,7 @@ impl Default for EngineOptions {
             max_batched_tokens: 512,
             max_waiting: 256,
             lend_fraction: 0.5,
+            cluster: None,
         }
     }
 }
@@ -77,10 +106,16 @@ pub enum EngineError {
     Thread(#[from] std::io::Error),
 }
 
-struct Submitted {
+pub(crate) struct Submitted {
     id: SeqId,
     req: GenerateRequest,
     tx: mpsc::UnboundedSender<Event>,
+}
+
+/// Everything the engine thread reacts to, in one queue.
+pub(crate) enum Inbox {
+    Submit(Submitted),
+    Peer(Incoming),
 }
 
 struct Shared {
@@ -88,7 +123,12 @@ struct Shared {
     /// Submitted but not yet taken in by the engine thread.
     queued: AtomicUsize,
     next_id: std::sync::atomic::AtomicU64,
-    max_context: usize,
+    /// Tokens the local pool holds; borrowing adds what creditors can lend.
+    local_capacity: usize,
+    max_positions: usize,
+    block_tokens: usize,
+    creditors: Arc<Mutex<Vec<Creditor>>>,
+    peer_addr: Option<SocketAddr>,
     max_waiting: usize,
     max_num_seqs: usize,
 }
@@ -97,7 +137,7 @@ struct Shared {
 #[derive(Clone)]
 pub struct EngineHandle {
     shared: Arc<Shared>,
-    submit: std_mpsc::Sender<Submitted>,
+    submit: std_mpsc::Sender<Inbox>,
     stats: watch::Receiver<EngineStats>,
 }
 
@@ -145,21 +185,44 @@ fn start_with<B: Backend>(
         },
         RManager::new(blocks, opts.lend_fraction),
     );
-    let max_context = scheduler
-        .capacity_tokens()
-        .min(model.config().max_position_embeddings);
+    let (submit_tx, submit_rx) = std_mpsc::channel();
+    let creditors = Arc::new(Mutex::new(Vec::new()));
+    let (link, peer_addr) = match &opts.cluster {
+        Some(c) => {
+            let tx = Mutex::new(submit_tx.clone());
+            let sink = Arc::new(move |m| {
+                let _ = tx
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .send(Inbox::Peer(m));
+            });
+            let (peers, bound) =
+                TcpPeers::listen(c.peer_listen, c.worker_id.clone(), c.token.clone(), sink)
+                    .map_err(EngineError::Thread)?;
+            (
+                Some(ClusterLink::new(peers, creditors.clone())),
+                Some(bound),
+            )
+        }
+        None => (None, None),
+    };
     tracing::info!(
         backend = model.backend().name(),
         kv_blocks = blocks,
         block_tokens = opts.block_tokens,
-        max_context,
+        lend_cap = scheduler.rmanager().lend_cap(),
+        peer_addr = ?peer_addr,
         "engine ready"
     );
     let shared = Arc::new(Shared {
         accepting: AtomicBool::new(true),
         queued: AtomicUsize::new(0),
         next_id: Default::default(),
-        max_context,
+        local_capacity: scheduler.capacity_tokens(),
+        max_positions: model.config().max_position_embeddings,
+        block_tokens: opts.block_tokens,
+        creditors,
+        peer_addr,
         max_waiting: opts.max_waiting,
         max_num_seqs: opts.max_num_seqs,
     });
@@ -167,7 +230,6 @@ fn start_with<B: Backend>(
         kv_blocks_total: blocks,
         ..Default::default()
     });
-    let (submit_tx, submit_rx) = std_mpsc::channel();
     let mut runner = Runner {
         model,
         kv,
@@ -175,6 +237,8 @@ fn start_with<B: Backend>(
         active: HashMap::new(),
         shared: shared.clone(),
         stats: stats_tx,
+        link,
+        stash: Vec::new(),
     };
     std::thread::Builder::new()
         .name("engine".into())
@@ -201,9 +265,10 @@ impl EngineHandle {
             return Err(SubmitError::EmptyPrompt);
         }
         let max_tokens = req.sampling.max_tokens;
-        if prompt + max_tokens > s.max_context {
+        let max_context = self.max_context_tokens();
+        if prompt + max_tokens > max_context {
             return Err(SubmitError::ContextLengthExceeded {
-                max: s.max_context,
+                max: max_context,
                 requested: prompt + max_tokens,
                 prompt,
                 max_tokens,
@@ -219,7 +284,11 @@ impl EngineHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         let id = s.next_id.fetch_add(1, Ordering::Relaxed);
         s.queued.fetch_add(1, Ordering::AcqRel);
-        if self.submit.send(Submitted { id, req, tx }).is_err() {
+        if self
+            .submit
+            .send(Inbox::Submit(Submitted { id, req, tx }))
+            .is_err()
+        {
             s.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::ShuttingDown);
         }
@@ -230,9 +299,36 @@ impl EngineHandle {
         *self.stats.borrow()
     }
 
-    /// The longest prompt plus output this engine can ever hold.
+    /// The longest prompt plus output a request here can hold: the local pool plus what the
+    /// creditors last advised can lend, within the model's positions.
     pub fn max_context_tokens(&self) -> usize {
-        self.shared.max_context
+        let s = &self.shared;
+        let lendable: u64 = s
+            .creditors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|c| c.lendable_blocks)
+            .sum();
+        (s.local_capacity + lendable as usize * s.block_tokens).min(s.max_positions)
+    }
+
+    pub fn block_tokens(&self) -> usize {
+        self.shared.block_tokens
+    }
+
+    /// Where peers reach this worker's transport, if it is in a pool.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.shared.peer_addr
+    }
+
+    /// Where to borrow from, best first, as the gManager advises.
+    pub fn set_creditors(&self, creditors: Vec<Creditor>) {
+        *self
+            .shared
+            .creditors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = creditors;
     }
 
     pub fn is_accepting(&self) -> bool {
@@ -278,30 +374,115 @@ struct Runner<B: Backend> {
     active: HashMap<SeqId, Active>,
     shared: Arc<Shared>,
     stats: watch::Sender<EngineStats>,
+    link: Option<ClusterLink>,
+    /// Requests that arrived while the engine waited on peers.
+    stash: Vec<Submitted>,
+}
+
+/// Answers a home that asks this worker, as a creditor.
+fn serve_home<B: Backend>(
+    model: &Llama<B>,
+    kv: &mut B::Kv,
+    scheduler: &mut Scheduler,
+    m: Incoming,
+) {
+    match m {
+        Incoming::Request { from, msg, reply } => {
+            if let Some(req) = serve_pool_request(scheduler.rmanager_mut(), from, msg, reply) {
+                let parts = model.serve_attention(kv, &req.attn);
+                req.reply.send(&PeerMsg::AttnOut {
+                    call: req.call,
+                    parts,
+                });
+            }
+        }
+        Incoming::Reply { peer, .. } => {
+            tracing::debug!(peer, "late answer from a creditor dropped")
+        }
+        Incoming::Lost { peer, error } => tracing::warn!(peer, %error, "link to a creditor lost"),
+    }
 }
 
 impl<B: Backend> Runner<B> {
-    fn run(&mut self, rx: std_mpsc::Receiver<Submitted>) {
+    fn run(&mut self, rx: std_mpsc::Receiver<Inbox>) {
         loop {
+            for s in std::mem::take(&mut self.stash) {
+                self.admit(s);
+            }
             if self.scheduler.is_idle() {
                 self.publish();
                 match rx.recv() {
-                    Ok(s) => self.admit(s),
+                    Ok(m) => self.handle(m),
                     Err(_) => return,
                 }
+                continue;
             }
-            while let Ok(s) = rx.try_recv() {
-                self.admit(s);
+            while let Ok(m) = rx.try_recv() {
+                self.handle(m);
             }
             self.drop_cancelled();
-            self.step();
+            self.borrow(&rx);
+            let worked = self.step(&rx);
+            self.send_releases();
             self.publish();
+            if !worked {
+                // Requests wait for blocks that only another request or worker can free: sleep
+                // on the inbox instead of spinning.
+                if let Ok(m) = rx.recv_timeout(IDLE_WAIT) {
+                    self.handle(m);
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, m: Inbox) {
+        match m {
+            Inbox::Submit(s) => self.admit(s),
+            Inbox::Peer(m) => serve_home(&self.model, &mut self.kv, &mut self.scheduler, m),
+        }
+    }
+
+    /// Borrows, before the step, what the next request to start lacks: all of it or nothing,
+    /// so a request that waits never holds blocks another needs.
+    fn borrow(&mut self, rx: &std_mpsc::Receiver<Inbox>) {
+        let Self {
+            model,
+            kv,
+            scheduler,
+            link,
+            stash,
+            ..
+        } = self;
+        let (Some(link), Some((seq, want))) = (link.as_mut(), scheduler.borrow_want()) else {
+            return;
+        };
+        let grants = link.borrow(seq, want, rx, &mut |m| match m {
+            Inbox::Submit(s) => stash.push(s),
+            Inbox::Peer(m) => serve_home(model, kv, scheduler, m),
+        });
+        let got: usize = grants.iter().map(|(_, b)| b.len()).sum();
+        for (peer, blocks) in grants {
+            if got >= want {
+                scheduler.add_borrowed(seq, peer, &blocks);
+            } else {
+                link.release(seq, peer);
+            }
+        }
+    }
+
+    fn send_releases(&mut self) {
+        let released = self.scheduler.take_released();
+        if let Some(link) = &self.link {
+            for (seq, peer) in released {
+                link.release(seq, peer);
+            }
         }
     }
 
     fn admit(&mut self, s: Submitted) {
         self.shared.queued.fetch_sub(1, Ordering::AcqRel);
-        self.scheduler.add(s.id, s.req.prompt_tokens.clone());
+        self.scheduler
+            .add(s.id, s.req.prompt_tokens.clone(), s.req.sampling.max_tokens);
         self.active.insert(
             s.id,
             Active {
@@ -331,27 +512,50 @@ impl<B: Backend> Runner<B> {
         self.active.remove(&id);
     }
 
-    fn step(&mut self) {
+    /// Runs one step; false if nothing could run.
+    fn step(&mut self, rx: &std_mpsc::Receiver<Inbox>) -> bool {
         let step = self.scheduler.schedule();
         if !step.preempted.is_empty() {
             tracing::debug!(preempted = ?step.preempted, "KV pool full; recomputing later");
         }
         if step.items.is_empty() {
-            return;
+            return false;
         }
-        let logits = self.model.forward(
-            &mut self.kv,
-            &StepInput {
-                tokens: &step.tokens,
-                positions: &step.positions,
-                slots: &step.slots,
-                seqs: &step.attn,
-                logit_rows: &step.logit_rows,
-                remote: &step.remote,
-            },
-            &mut NoExchange,
-        );
-        let logits = logits.expect("no remote parts without peers");
+        let input = StepInput {
+            tokens: &step.tokens,
+            positions: &step.positions,
+            slots: &step.slots,
+            seqs: &step.attn,
+            logit_rows: &step.logit_rows,
+            remote: &step.remote,
+        };
+        let mut local = NoExchange;
+        let mut pooled;
+        let exchange: &mut dyn Exchange = match self.link.as_mut() {
+            Some(link) if !step.remote.is_empty() => {
+                pooled =
+                    LayerExchange::new(link, rx, self.scheduler.rmanager_mut(), &mut self.stash);
+                &mut pooled
+            }
+            _ => &mut local,
+        };
+        let logits = match self.model.forward(&mut self.kv, &input, exchange) {
+            Ok(l) => l,
+            Err(e) => {
+                // The step's K/V is partly written; every request in it ends, retryably.
+                tracing::warn!(error = %e, "step failed; failing its requests");
+                for item in &step.items {
+                    if let Some(a) = self.active.get(&item.seq) {
+                        let _ = a.tx.send(Event::Failed {
+                            message: e.to_string(),
+                            retryable: true,
+                        });
+                    }
+                    self.finish(item.seq);
+                }
+                return true;
+            }
+        };
         let vocab = self.model.config().vocab_size;
         let sampling = step.items.iter().filter(|it| it.samples);
         for (row, item) in sampling.enumerate() {
@@ -383,6 +587,7 @@ impl<B: Backend> Runner<B> {
                 (Ok(()), None) => self.scheduler.append_token(item.seq, token),
             }
         }
+        true
     }
 
     fn publish(&self) {
@@ -392,6 +597,10 @@ impl<B: Backend> Runner<B> {
             waiting: s.waiting(),
             kv_blocks_total: s.blocks_total(),
             kv_blocks_used: s.blocks_used(),
+            kv_blocks_lent: s.rmanager().lent(),
+            kv_blocks_borrowed: s.borrowed_blocks(),
+            kv_blocks_lend_cap: s.rmanager().lend_cap(),
+            kv_borrow_total: self.link.as_ref().map_or(0, |l| l.borrow_total),
             preemptions_total: s.preemptions(),
         });
     }

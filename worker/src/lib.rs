@@ -3,13 +3,16 @@
 
 pub mod backend;
 pub mod chat_template;
+mod cluster_link;
 pub mod demo_model;
 pub mod dist_attention;
 pub mod engine;
+pub mod gmanager_client;
 pub mod local;
 pub mod merge;
 pub mod metrics;
 pub mod model;
+pub mod peer;
 pub mod rblock_pool;
 pub mod request;
 pub mod rmanager;

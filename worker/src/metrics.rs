@@ -43,9 +43,10 @@ pub struct Metrics {
     kv_blocks_total: Gauge,
     kv_blocks_used: Gauge,
     kv_cache_usage_ratio: Gauge<f64, AtomicU64>,
-    num_preemptions: Counter,
-    /// The engine's preemption count at the last scrape; the counter advances by the difference.
-    preemptions_seen: AtomicU64,
+    kv_blocks_lent: Gauge,
+    kv_blocks_borrowed: Gauge,
+    num_preemptions: EngineCounter,
+    kv_borrow: EngineCounter,
     generation_tokens: Counter,
     prompt_tokens: Counter,
     request_success: Family<FinishLabels, Counter>,
@@ -69,8 +70,10 @@ impl Metrics {
             kv_blocks_total: Gauge::default(),
             kv_blocks_used: Gauge::default(),
             kv_cache_usage_ratio: Gauge::default(),
-            num_preemptions: Counter::default(),
-            preemptions_seen: AtomicU64::new(0),
+            kv_blocks_lent: Gauge::default(),
+            kv_blocks_borrowed: Gauge::default(),
+            num_preemptions: EngineCounter::default(),
+            kv_borrow: EngineCounter::default(),
             generation_tokens: Counter::default(),
             prompt_tokens: Counter::default(),
             request_success: Family::default(),
@@ -106,9 +109,24 @@ impl Metrics {
             metrics.kv_cache_usage_ratio.clone(),
         );
         registry.register(
+            "kv_blocks_lent",
+            "rBlocks of this worker's pool held for other workers' requests",
+            metrics.kv_blocks_lent.clone(),
+        );
+        registry.register(
+            "kv_blocks_borrowed",
+            "rBlocks other workers hold for this worker's requests",
+            metrics.kv_blocks_borrowed.clone(),
+        );
+        registry.register(
+            "kv_borrow",
+            "rBlocks borrowed from other workers",
+            metrics.kv_borrow.counter.clone(),
+        );
+        registry.register(
             "num_preemptions",
             "Requests preempted because the KV pool was full",
-            metrics.num_preemptions.clone(),
+            metrics.num_preemptions.counter.clone(),
         );
         registry.register(
             "generation_tokens",
@@ -184,16 +202,32 @@ impl Metrics {
             stats.kv_blocks_used as f64 / stats.kv_blocks_total as f64
         };
         self.kv_cache_usage_ratio.set(ratio);
-        // fetch_max keeps concurrent scrapes from counting the same preemptions twice.
-        let seen = self
-            .preemptions_seen
-            .fetch_max(stats.preemptions_total, Ordering::Relaxed);
-        if stats.preemptions_total > seen {
-            self.num_preemptions.inc_by(stats.preemptions_total - seen);
-        }
+        self.kv_blocks_lent.set(gauge_value(stats.kv_blocks_lent));
+        self.kv_blocks_borrowed
+            .set(gauge_value(stats.kv_blocks_borrowed));
+        self.num_preemptions.catch_up(stats.preemptions_total);
+        self.kv_borrow.catch_up(stats.kv_borrow_total);
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// A counter kept by the engine, advanced at scrape time to the engine's figure.
+#[derive(Default)]
+struct EngineCounter {
+    counter: Counter,
+    /// The engine's figure at the last scrape.
+    seen: AtomicU64,
+}
+
+impl EngineCounter {
+    fn catch_up(&self, total: u64) {
+        // fetch_max keeps concurrent scrapes from counting the same events twice.
+        let seen = self.seen.fetch_max(total, Ordering::Relaxed);
+        if total > seen {
+            self.counter.inc_by(total - seen);
+        }
     }
 }
 
@@ -216,7 +250,11 @@ mod tests {
             waiting: 2,
             kv_blocks_total: 8,
             kv_blocks_used: 2,
+            kv_blocks_lent: 1,
+            kv_blocks_borrowed: 4,
+            kv_borrow_total: 6,
             preemptions_total: 3,
+            ..EngineStats::default()
         };
         let text = metrics.render(&stats);
         for line in [
@@ -226,6 +264,9 @@ mod tests {
             "ilm_kv_blocks_used 2",
             "ilm_kv_cache_usage_ratio 0.25",
             "ilm_num_preemptions_total 3",
+            "ilm_kv_blocks_lent 1",
+            "ilm_kv_blocks_borrowed 4",
+            "ilm_kv_borrow_total 6",
             "ilm_generation_tokens_total 2",
             "ilm_prompt_tokens_total 12",
             "ilm_request_success_total{finished_reason=\"length\"} 1",

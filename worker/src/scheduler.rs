@@ -3,9 +3,7 @@
 //!
 //! Each step mixes decode tokens of running requests with prefill chunks of new ones, up to a
 //! token budget. Running requests go first, oldest first. One that needs a block takes a local
-//! one if any is free, else one the engine borrowed for it from a creditor beforehand
-//! (`borrow_wants`, `add_borrowed`: DistAttention, the block stays there and attention over it
-//! runs there); if nothing can be had, the newest running
+//! one if any is free; if none is, the newest running
 //! request is preempted: its blocks are freed and it goes back to the front of the queue, to be
 //! recomputed from its token ids later (vLLM's recompute policy). New requests start on local
 //! blocks only, so borrowing serves requests that outgrew their home, not queue jumping.
@@ -30,7 +28,11 @@ pub struct SchedulerConfig {
 struct Seq {
     /// Prompt and generated tokens so far.
     tokens: Vec<u32>,
+    /// Prompt plus the most tokens it may generate.
+    need_tokens: usize,
     table: BlockTable,
+    /// Blocks borrowed for a request that has not started yet, by peer.
+    reserved: Vec<(u16, Vec<u32>)>,
 }
 
 /// The part of one request that runs in a step.
@@ -124,7 +126,7 @@ impl Scheduler {
         self.rm.total() * self.cfg.block_tokens
     }
 
-    pub fn add(&mut self, id: SeqId, prompt: Vec<u32>) {
+    pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, max_new_tokens: usize) {
         assert!(
             !prompt.is_empty(),
             "empty prompts are refused before the scheduler"
@@ -132,8 +134,10 @@ impl Scheduler {
         self.seqs.insert(
             id,
             Seq {
+                need_tokens: prompt.len() + max_new_tokens,
                 tokens: prompt,
                 table: BlockTable::default(),
+                reserved: Vec::new(),
             },
         );
         self.waiting.push_back(id);
@@ -151,6 +155,9 @@ impl Scheduler {
     /// Forgets a request (finished or cancelled) and frees its blocks.
     pub fn remove(&mut self, id: SeqId) {
         if let Some(mut s) = self.seqs.remove(&id) {
+            for (peer, blocks) in s.reserved.drain(..) {
+                s.table.extend_blocks(Holder::Peer(peer), &blocks);
+            }
             self.release(id, &mut s.table);
             self.running.retain(|&r| r != id);
             self.waiting.retain(|&w| w != id);
@@ -221,23 +228,26 @@ impl Scheduler {
                 break;
             };
             let bt = self.cfg.block_tokens;
-            let pending = self.pending(id);
-            let mut want = pending.min(budget);
-            // A prompt larger than the whole local pool can never start all at home: it starts on
-            // what is free here and grows onto borrowed blocks. Others wait for their full chunk.
-            if pending > self.capacity_tokens() {
-                want = want.min(self.rm.free() * bt);
-            }
-            let need = self.seqs[&id].table.blocks_needed(want, bt);
-            if want == 0 || need > self.rm.free() {
+            let want = self.pending(id).min(budget);
+            let seq = &self.seqs[&id];
+            // A request the local pool cannot carry to its end starts only with its whole need
+            // reserved, here and on creditors, so requests that grow never wait on each other
+            // across workers. One that fits here needs its first chunk, and grows as in vLLM.
+            let need = if self.outgrows_home(id) {
+                let borrowed: usize = seq.reserved.iter().map(|(_, b)| b.len()).sum();
+                seq.need_tokens.div_ceil(bt).saturating_sub(borrowed)
+            } else {
+                seq.table.blocks_needed(want, bt)
+            };
+            if need > self.rm.free() {
                 break;
             }
-            let blocks = self.rm.alloc_local(need);
-            self.seqs
-                .get_mut(&id)
-                .unwrap()
-                .table
-                .extend_blocks(Holder::Local, &blocks);
+            let local = self.rm.alloc_local(need);
+            let seq = self.seqs.get_mut(&id).unwrap();
+            seq.table.extend_blocks(Holder::Local, &local);
+            for (peer, blocks) in seq.reserved.drain(..) {
+                seq.table.extend_blocks(Holder::Peer(peer), &blocks);
+            }
             self.waiting.pop_front();
             self.running.push(id);
             planned.push((id, want));
@@ -267,33 +277,32 @@ impl Scheduler {
         want.min(table.slack(bt))
     }
 
-    /// Running requests that the free local blocks cannot carry through the next step, with
-    /// the blocks each lacks: what the engine should try to borrow before scheduling.
-    pub fn borrow_wants(&self) -> Vec<(SeqId, usize)> {
-        let bt = self.cfg.block_tokens;
-        let mut free = self.rm.free();
-        let mut budget = self.cfg.max_batched_tokens;
-        let mut wants = Vec::new();
-        for &id in &self.running {
-            let want = self.pending(id).min(budget);
-            budget -= want;
-            let need = self.seqs[&id].table.blocks_needed(want, bt);
-            let local = need.min(free);
-            free -= local;
-            if need > local {
-                wants.push((id, need - local));
-            }
-            if budget == 0 {
-                break;
-            }
-        }
-        wants
+    /// Whether a request needs more than this worker's whole pool.
+    fn outgrows_home(&self, id: SeqId) -> bool {
+        self.seqs[&id].need_tokens > self.capacity_tokens()
     }
 
-    /// Adds blocks that `peer` reserved for request `id`.
+    /// The next request to start, if it outgrows this worker and lacks blocks: the blocks to
+    /// borrow for it, all or nothing, before scheduling.
+    pub fn borrow_want(&self) -> Option<(SeqId, usize)> {
+        let &id = self.waiting.front()?;
+        if !self.outgrows_home(id) || self.running.len() >= self.cfg.max_num_seqs {
+            return None;
+        }
+        let seq = &self.seqs[&id];
+        let held: usize = seq.reserved.iter().map(|(_, b)| b.len()).sum();
+        let short = seq
+            .need_tokens
+            .div_ceil(self.cfg.block_tokens)
+            .saturating_sub(held + self.rm.free());
+        (short > 0).then_some((id, short))
+    }
+
+    /// Adds blocks that `peer` reserved for waiting request `id`; they join its table, after its
+    /// local blocks, when it starts.
     pub fn add_borrowed(&mut self, id: SeqId, peer: u16, blocks: &[u32]) {
-        let table = &mut self.seqs.get_mut(&id).expect("known request").table;
-        table.extend_blocks(Holder::Peer(peer), blocks);
+        let seq = self.seqs.get_mut(&id).expect("known request");
+        seq.reserved.push((peer, blocks.to_vec()));
     }
 
     fn preempt(&mut self, id: SeqId) {
@@ -328,11 +337,16 @@ impl Scheduler {
             segments: s.table.segments(Holder::Local, bt),
         });
         for peer in s.table.peers() {
+            let segments = s.table.segments(Holder::Peer(peer), bt);
+            // Reserved blocks that hold nothing yet need no call.
+            if segments.is_empty() {
+                continue;
+            }
             step.remote.push(RemotePart {
                 peer,
                 seq: id,
                 attn,
-                segments: s.table.segments(Holder::Peer(peer), bt),
+                segments,
                 appends: appends
                     .iter()
                     .filter(|a| a.0 == peer)
@@ -369,10 +383,10 @@ mod tests {
 
     /// Borrows what the scheduler asks for from a peer's pool, then schedules: the engine's loop.
     fn schedule_borrowing(s: &mut Scheduler, peer: u16, lender: &mut RManager) -> Step {
-        for (id, n) in s.borrow_wants() {
-            if let Ok(blocks) = lender.lend(("home".into(), id), n) {
-                s.add_borrowed(id, peer, &blocks);
-            }
+        if let Some((id, n)) = s.borrow_want()
+            && let Ok(blocks) = lender.lend(("home".into(), id), n)
+        {
+            s.add_borrowed(id, peer, &blocks);
         }
         s.schedule()
     }
@@ -393,7 +407,7 @@ mod tests {
     #[test]
     fn long_prompts_prefill_in_chunks_then_decode_one_token_a_step() {
         let mut s = sched(16, 8);
-        s.add(1, (0..19).collect());
+        s.add(1, (0..19).collect(), 1);
         let steps = drive(&mut s, 4);
         let fed: Vec<Range<usize>> = steps
             .iter()
@@ -414,9 +428,9 @@ mod tests {
     #[test]
     fn decodes_and_prefills_share_a_step() {
         let mut s = sched(16, 8);
-        s.add(1, vec![5, 6, 7]);
+        s.add(1, vec![5, 6, 7], 4);
         drive(&mut s, 1);
-        s.add(2, (0..10).collect());
+        s.add(2, (0..10).collect(), 4);
         let step = s.schedule();
         assert_eq!(step.items.len(), 2);
         assert_eq!(step.items[0].positions, 3..4, "the decode goes first");
@@ -432,8 +446,8 @@ mod tests {
     #[test]
     fn a_full_pool_preempts_the_newest_and_recomputes_it_later() {
         let mut s = sched(4, 64);
-        s.add(1, (0..8).collect());
-        s.add(2, (0..7).collect());
+        s.add(1, (0..8).collect(), 4);
+        s.add(2, (0..7).collect(), 4);
         drive(&mut s, 1);
         assert_eq!(s.blocks_used(), 4);
         // Request 1 needs a third block at its next token: request 2 must yield.
@@ -456,7 +470,7 @@ mod tests {
     fn removal_frees_everything_and_blocks_are_never_shared() {
         let mut s = sched(32, 16);
         for id in 0..6 {
-            s.add(id, (0..(3 + id as u32 * 5)).collect());
+            s.add(id, (0..(3 + id as u32 * 5)).collect(), 4);
         }
         for _ in 0..20 {
             let step = s.schedule();
@@ -485,7 +499,7 @@ mod tests {
     fn a_request_that_outgrows_its_home_borrows_and_its_new_tokens_go_remote() {
         let mut s = sched(2, 64);
         let mut lender = RManager::new(8, 1.0);
-        s.add(1, (0..6).collect());
+        s.add(1, (0..6).collect(), 4);
         let step = schedule_borrowing(&mut s, 3, &mut lender);
         assert!(step.remote.is_empty(), "the prompt fits at home");
         for t in 0..3 {
@@ -516,28 +530,42 @@ mod tests {
     }
 
     #[test]
-    fn a_prompt_larger_than_the_home_starts_locally_and_grows_on_loans() {
+    fn a_request_larger_than_its_home_starts_with_its_whole_need_reserved() {
         let mut s = sched(2, 64);
         let mut lender = RManager::new(8, 1.0);
-        s.add(1, (0..20).collect());
+        s.add(1, (0..16).collect(), 4);
         let first = schedule_borrowing(&mut s, 1, &mut lender);
+        assert_eq!(first.items[0].positions, 0..16);
+        assert_eq!(lender.lent(), 3, "20 tokens: 2 local blocks and 3 borrowed");
+        assert_eq!(first.remote.len(), 1);
         assert_eq!(
-            first.items[0].positions,
-            0..8,
-            "starts on the two local blocks"
+            first.remote[0].appends.len(),
+            8,
+            "tokens 8..16 are stored by the creditor"
         );
+        s.append_token(1, 1);
         let second = schedule_borrowing(&mut s, 1, &mut lender);
-        assert_eq!(second.items[0].positions, 8..20);
-        assert!(second.items[0].samples);
-        assert_eq!(lender.lent(), 3);
+        assert_eq!(lender.lent(), 3, "no further borrowing while it runs");
+        assert!(second.preempted.is_empty());
     }
 
     #[test]
-    fn new_requests_never_borrow() {
+    fn a_request_that_cannot_reserve_everything_holds_nothing_and_waits() {
+        let mut s = sched(2, 64);
+        s.add(1, (0..16).collect(), 16);
+        assert_eq!(s.borrow_want(), Some((1, 6)));
+        let step = s.schedule();
+        assert!(step.items.is_empty());
+        assert_eq!(s.blocks_used(), 0, "no local block is held while it waits");
+        assert_eq!(s.waiting(), 1);
+    }
+
+    #[test]
+    fn requests_that_fit_at_home_wait_rather_than_borrow() {
         let mut s = sched(1, 64);
         let mut lender = RManager::new(8, 1.0);
-        s.add(1, (0..4).collect());
-        s.add(2, (0..4).collect());
+        s.add(1, (0..4).collect(), 0);
+        s.add(2, (0..4).collect(), 0);
         let step = schedule_borrowing(&mut s, 1, &mut lender);
         assert_eq!(
             step.items.len(),

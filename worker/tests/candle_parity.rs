@@ -84,7 +84,7 @@ fn ours(dir: &Path, prompts: &[Vec<u32>], steps: usize) -> Vec<(Vec<Vec<f32>>, V
         RManager::new(blocks, 0.0),
     );
     for (i, p) in prompts.iter().enumerate() {
-        sched.add(i as u64, p.clone());
+        sched.add(i as u64, p.clone(), steps);
     }
     let mut out: Vec<(Vec<Vec<f32>>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); prompts.len()];
     let vocab = model.config().vocab_size;

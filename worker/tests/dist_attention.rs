@@ -74,17 +74,20 @@ fn run(
         },
         RManager::new(home_blocks, 0.0),
     );
-    sched.add(0, prompt.to_vec());
+    sched.add(0, prompt.to_vec(), steps);
     let vocab = home.config().vocab_size;
     let (mut logits_out, mut tokens) = (Vec::new(), Vec::new());
     let mut max_borrowed = 0;
     let mut next_peer = 0;
     while tokens.len() <= steps {
-        for (seq, n) in sched.borrow_wants() {
-            let peer = next_peer % creditors;
-            next_peer += 1;
-            let blocks = ex.pools[peer].0.lend(("home".into(), seq), n).unwrap();
-            sched.add_borrowed(seq, peer as u16, &blocks);
+        // Spread the loan over the creditors, one block from each in turn.
+        if let Some((seq, n)) = sched.borrow_want() {
+            for _ in 0..n {
+                let peer = next_peer % creditors;
+                next_peer += 1;
+                let blocks = ex.pools[peer].0.lend(("home".into(), seq), 1).unwrap();
+                sched.add_borrowed(seq, peer as u16, &blocks);
+            }
         }
         let step = sched.schedule();
         assert!(step.preempted.is_empty());

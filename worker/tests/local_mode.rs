@@ -2,64 +2,15 @@
 //! over the workers and streams SSE through, and killing the launcher outright leaves no worker
 //! behind.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use infinite_llm_worker::demo_model::{DemoModelSpec, write_demo_model_if_missing};
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_infinite-llm-worker");
+mod local_support;
 
-/// Kills the launcher if a check fails half-way (its workers follow it through stdin EOF).
-struct Launcher(Child);
-
-impl Drop for Launcher {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Reads the launcher's banner up to its last line; returns the workers' URLs, and the pipe,
-/// which must stay open while the launcher may still print.
-fn worker_urls(launcher: &mut Child) -> (Vec<String>, BufReader<ChildStdout>) {
-    let mut stdout = BufReader::new(launcher.stdout.take().expect("stdout is piped"));
-    let mut urls = Vec::new();
-    let mut line = String::new();
-    while stdout.read_line(&mut line).expect("banner line") > 0 {
-        if line.trim_start().starts_with("worker-") {
-            urls.push(line.split_whitespace().last().unwrap().to_owned());
-        }
-        if line.contains("Ctrl-C stops everything") {
-            return (urls, stdout);
-        }
-        line.clear();
-    }
-    panic!("the launcher ended before printing its banner");
-}
-
-async fn metric(client: &reqwest::Client, base: &str, name: &str) -> f64 {
-    let text = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
+use local_support::{BIN, Launcher, free_port, metric, worker_urls};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_serves_spreads_and_leaves_no_orphans() {

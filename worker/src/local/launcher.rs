@@ -48,10 +48,12 @@ pub struct ChildProcess {
     exit: watch::Receiver<Option<String>>,
     /// Sending (or dropping) it kills the child.
     kill: Option<oneshot::Sender<()>>,
+    /// The path that answers 200 once the child is ready.
+    ready_path: &'static str,
 }
 
 impl ChildProcess {
-    /// Starts `<this program> <args>`; `port` is where it will serve HTTP.
+    /// Starts `<this program> <args>` (a worker); `port` is where it will serve HTTP.
     pub fn spawn(
         name: &str,
         args: Vec<String>,
@@ -59,6 +61,18 @@ impl ChildProcess {
         output: Output,
     ) -> Result<Self, LaunchError> {
         let exe = std::env::current_exe().map_err(LaunchError::CurrentExe)?;
+        Self::spawn_program(exe, "/ready", name, args, port, output)
+    }
+
+    /// Starts `program <args>`, ready when `ready_path` on `port` answers 200.
+    pub fn spawn_program(
+        exe: std::path::PathBuf,
+        ready_path: &'static str,
+        name: &str,
+        args: Vec<String>,
+        port: u16,
+        output: Output,
+    ) -> Result<Self, LaunchError> {
         let (stdout, stderr) = match output {
             Output::Prefixed => (Stdio::piped(), Stdio::piped()),
             Output::Inherited => (Stdio::inherit(), Stdio::inherit()),
@@ -107,6 +121,7 @@ impl ChildProcess {
             stdin,
             exit,
             kill: Some(kill),
+            ready_path,
         })
     }
 
@@ -121,7 +136,7 @@ impl ChildProcess {
         timeout: Duration,
     ) -> Result<(), LaunchError> {
         let deadline = Instant::now() + timeout;
-        let url = format!("{}/ready", self.base_url());
+        let url = format!("{}{}", self.base_url(), self.ready_path);
         loop {
             if let Some(status) = self.exit.borrow().clone() {
                 return Err(LaunchError::Exited {

@@ -49,6 +49,38 @@ pub struct LocalArgs {
     /// How long each worker may take to load the model.
     #[arg(long, env = "ILM_READY_TIMEOUT_SECS", default_value_t = 300)]
     pub ready_timeout_secs: u64,
+    /// Port of the gManager (the operator binary's `gmanager` mode, next to this one).
+    #[arg(long, env = "ILM_GMANAGER_PORT", default_value_t = 8001)]
+    pub gmanager_port: u16,
+}
+
+/// Starts the gManager with a fresh cluster token; returns it and the token file.
+fn start_gmanager(port: u16, output: Output) -> anyhow::Result<(ChildProcess, PathBuf)> {
+    let exe = std::env::current_exe()?.with_file_name("infinite-llm-operator");
+    anyhow::ensure!(
+        exe.exists(),
+        "local mode needs the gManager at {}: build the workspace (`make build`)",
+        exe.display()
+    );
+    let dir = std::env::temp_dir().join(format!("infinite-llm-local-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let token_file = dir.join("cluster-token");
+    let token: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    let mut file = std::fs::OpenOptions::new();
+    file.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+    std::io::Write::write_all(&mut file.open(&token_file)?, token.as_bytes())?;
+    let args = vec![
+        "gmanager".to_owned(),
+        "--host=127.0.0.1".to_owned(),
+        format!("--port={port}"),
+        format!("--token-file={}", token_file.display()),
+    ];
+    let child = ChildProcess::spawn_program(exe, "/healthz", "gmanager", args, port, output)?;
+    Ok((child, token_file))
 }
 
 /// Runs the pool until SIGINT/SIGTERM, then stops every process it started.
@@ -66,6 +98,13 @@ pub async fn run(args: LocalArgs, worker_flags: Vec<String>, output: Output) -> 
         .await
         .with_context(|| format!("listening on 127.0.0.1:{}", args.port))?;
 
+    let gmanager_port = free_port(args.gmanager_port).context("finding a free gManager port")?;
+    let (mut gmanager, token_file) = start_gmanager(gmanager_port, output)?;
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let timeout = Duration::from_secs(args.ready_timeout_secs);
+    gmanager.wait_ready(&client, timeout).await?;
+    let gmanager_url = gmanager.base_url();
+
     let mut workers = Vec::new();
     for i in 0..args.workers {
         let name = format!("worker-{i}");
@@ -81,6 +120,10 @@ pub async fn run(args: LocalArgs, worker_flags: Vec<String>, output: Output) -> 
             "--host=127.0.0.1".to_owned(),
             format!("--port={port}"),
             format!("--worker-id={name}"),
+            format!("--gmanager-url={gmanager_url}"),
+            format!("--token-file={}", token_file.display()),
+            // The worker binds any free port and reports the one it got to the gManager.
+            "--peer-port=0".to_owned(),
             "--exit-on-stdin-eof".to_owned(),
         ];
         flags.extend(args.engine.to_flags());
@@ -88,8 +131,6 @@ pub async fn run(args: LocalArgs, worker_flags: Vec<String>, output: Output) -> 
         workers.push(ChildProcess::spawn(&name, flags, port, output)?);
     }
 
-    let client = reqwest::Client::builder().no_proxy().build()?;
-    let timeout = Duration::from_secs(args.ready_timeout_secs);
     let all_ready = async {
         for worker in &mut workers {
             worker.wait_ready(&client, timeout).await?;
@@ -102,6 +143,7 @@ pub async fn run(args: LocalArgs, worker_flags: Vec<String>, output: Output) -> 
     };
     if let Err(err) = started {
         stop_all(workers).await;
+        gmanager.stop(STOP_TIMEOUT).await;
         return Err(err);
     }
 
@@ -119,12 +161,14 @@ pub async fn run(args: LocalArgs, worker_flags: Vec<String>, output: Output) -> 
             })
             .into_future(),
     );
-    print_banner(&model, &served, args.port, &workers);
+    print_banner(&model, &served, args.port, &gmanager, &workers);
 
     stop_signal().await;
     println!("Stopping the pool...");
     let _ = close.send(());
     stop_all(workers).await;
+    gmanager.stop(STOP_TIMEOUT).await;
+    let _ = std::fs::remove_file(&token_file);
     let _ = tokio::time::timeout(Duration::from_secs(2), http).await;
     Ok(())
 }
@@ -133,7 +177,13 @@ async fn stop_all(workers: Vec<ChildProcess>) {
     futures::future::join_all(workers.into_iter().map(|w| w.stop(STOP_TIMEOUT))).await;
 }
 
-fn print_banner(model: &std::path::Path, served: &str, port: u16, workers: &[ChildProcess]) {
+fn print_banner(
+    model: &std::path::Path,
+    served: &str,
+    port: u16,
+    gmanager: &ChildProcess,
+    workers: &[ChildProcess],
+) {
     let base = format!("http://127.0.0.1:{port}");
     println!();
     println!("Infinite-LLM local pool is up");
@@ -142,7 +192,7 @@ fn print_banner(model: &std::path::Path, served: &str, port: u16, workers: &[Chi
         "model",
         model.display()
     );
-    for w in workers {
+    for w in std::iter::once(gmanager).chain(workers) {
         println!("  {:<10}pid {:<8} {}", w.name, w.pid, w.base_url());
     }
     println!(

@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 use super::{DEFAULT_MAX_BODY_BYTES, Secret, Server, ServerConfig};
 use crate::demo_model::{DemoModelSpec, write_demo_model_if_missing};
 use crate::engine::{self, EngineHandle, EngineOptions};
+use crate::gmanager_client::GManagerClient;
 use crate::tokenizer::TextTokenizer;
 
 /// Where the demo model goes when no model folder is given (relative to the working directory).
@@ -37,6 +38,9 @@ pub struct EngineArgs {
     /// Most requests queued before new ones get 429.
     #[arg(long, env = "ILM_MAX_WAITING", default_value_t = EngineOptions::default().max_waiting)]
     pub max_waiting: usize,
+    /// Share of this worker's pool that other workers may borrow at once (0 to 1).
+    #[arg(long, env = "ILM_LEND_FRACTION", default_value_t = EngineOptions::default().lend_fraction)]
+    pub lend_fraction: f64,
 }
 
 impl EngineArgs {
@@ -47,6 +51,7 @@ impl EngineArgs {
             max_num_seqs: self.max_num_seqs,
             max_batched_tokens: self.max_batched_tokens,
             max_waiting: self.max_waiting,
+            lend_fraction: self.lend_fraction,
             ..EngineOptions::default()
         }
     }
@@ -58,6 +63,7 @@ impl EngineArgs {
             format!("--max-num-seqs={}", self.max_num_seqs),
             format!("--max-batched-tokens={}", self.max_batched_tokens),
             format!("--max-waiting={}", self.max_waiting),
+            format!("--lend-fraction={}", self.lend_fraction),
         ];
         if let Some(blocks) = self.kv_blocks {
             flags.push(format!("--kv-blocks={blocks}"));
@@ -96,6 +102,15 @@ pub struct ServeArgs {
     /// Port of the API, probes and metrics.
     #[arg(long, env = "ILM_PORT", default_value_t = 8000)]
     pub port: u16,
+    /// The gManager to join: with it this worker lends and borrows KV blocks (needs --token-file).
+    #[arg(long, env = "ILM_GMANAGER_URL")]
+    pub gmanager_url: Option<String>,
+    /// Port of the peer transport (DistAttention between workers), when in a pool.
+    #[arg(long, env = "ILM_PEER_PORT", default_value_t = 8101)]
+    pub peer_port: u16,
+    /// Address other workers and the gManager reach this one at [default: --host].
+    #[arg(long, env = "ILM_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
     /// `cpu` (the CUDA backend comes later).
     #[arg(long, env = "ILM_DEVICE", default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
@@ -153,6 +168,34 @@ fn read_secret(path: Option<&Path>) -> anyhow::Result<Option<Secret>> {
 /// Runs a worker until it is told to stop, then drains it.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let model_dir = model_dir_or_demo(args.model)?;
+    let cluster_token = read_secret(args.token_file.as_deref())?;
+    let worker_id = args
+        .worker_id
+        .clone()
+        .unwrap_or_else(|| format!("{}:{}", args.host, args.port));
+    let advertise = args
+        .advertise_host
+        .clone()
+        .unwrap_or_else(|| args.host.clone());
+    let mut options = args.engine.options();
+    if args.gmanager_url.is_some() {
+        let token = cluster_token.as_ref().context(
+            "--gmanager-url needs --token-file: peers and the gManager check the cluster token",
+        )?;
+        if advertise == "0.0.0.0" || advertise == "::" {
+            anyhow::bail!(
+                "listening on all interfaces: set --advertise-host to the address peers reach"
+            );
+        }
+        let listen = format!("{}:{}", args.host, args.peer_port);
+        options.cluster = Some(engine::ClusterOptions {
+            worker_id: worker_id.clone(),
+            peer_listen: listen
+                .parse()
+                .with_context(|| format!("peer address {listen}"))?,
+            token: token.expose().to_string(),
+        });
+    }
     let served_model_name = args
         .served_model_name
         .unwrap_or_else(|| folder_name(&model_dir));
@@ -162,9 +205,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Some(key) => Some(Secret::new(key)),
             None => read_secret(args.api_key_file.as_deref())?,
         },
-        cluster_token: read_secret(args.token_file.as_deref())?,
+        cluster_token: cluster_token.clone(),
         max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-        worker_id: args.worker_id,
+        worker_id: Some(worker_id.clone()),
     });
     // Listen before loading, so liveness probes pass (and readiness reports 503) during a long load.
     let listener = TcpListener::bind((args.host.as_str(), args.port))
@@ -189,11 +232,27 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_requested(args.exit_on_stdin_eof);
     tokio::pin!(shutdown);
     tokio::select! {
-        loaded = load_model(model_dir, args.engine.options()) => {
+        loaded = load_model(model_dir, options) => {
             let (engine, tokenizer) = loaded?;
-            server.install(engine, tokenizer);
+            let member = args.gmanager_url.as_deref().zip(engine.peer_addr()).map(|(url, peer)| {
+                GManagerClient::new(
+                    url,
+                    cluster_token.as_ref().map(|t| t.expose().to_string()).unwrap_or_default(),
+                    worker_id.clone(),
+                    format!("http://{advertise}:{}", args.port),
+                    format!("{advertise}:{}", peer.port()),
+                    &engine,
+                )
+            });
+            server.install(engine.clone(), tokenizer);
             tracing::info!("ready");
+            let (leave, left) = oneshot::channel();
+            let heartbeats = member.map(|m| tokio::spawn(m.run(engine, left)));
             (&mut shutdown).await;
+            let _ = leave.send(());
+            if let Some(h) = heartbeats {
+                let _ = tokio::time::timeout(HTTP_CLOSE_TIMEOUT, h).await;
+            }
         }
         () = &mut shutdown => tracing::info!("stop requested while loading the model"),
     }

@@ -1,0 +1,308 @@
+//! The engine's link to the rest of the pool: creditors it borrows from (two-phase: reserve,
+//! then use), homes it lends to, and the wait for partial outputs inside a layer. Everything
+//! arrives through the engine's one inbox, so while it waits for a creditor the engine still
+//! answers homes that wait for it: two workers borrowing from each other never deadlock.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use infinite_llm_protocol::gmanager::Creditor;
+
+use crate::dist_attention::{AttnCall, PartOut};
+use crate::engine::{Inbox, Submitted};
+use crate::model::llama::{Exchange, Waited};
+use crate::peer::tcp::TcpPeers;
+use crate::peer::{Incoming, PeerMsg, Responder};
+use crate::rmanager::RManager;
+use crate::scheduler::SeqId;
+
+/// A creditor that does not answer within this long is treated as lost for the call.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct ClusterLink {
+    pub peers: TcpPeers,
+    /// Where to borrow, best first, as the gManager last advised.
+    pub creditors: Arc<Mutex<Vec<Creditor>>>,
+    next_call: u64,
+    /// Blocks borrowed since start (a counter for metrics).
+    pub borrow_total: u64,
+}
+
+/// What the engine must do with a request from a home after the pool-only ones are handled.
+pub struct AttnRequest {
+    pub call: u64,
+    pub attn: AttnCall,
+    pub reply: Responder,
+}
+
+impl ClusterLink {
+    pub fn new(peers: TcpPeers, creditors: Arc<Mutex<Vec<Creditor>>>) -> Self {
+        Self {
+            peers,
+            creditors,
+            next_call: 0,
+            borrow_total: 0,
+        }
+    }
+
+    fn call_id(&mut self) -> u64 {
+        self.next_call += 1;
+        self.next_call
+    }
+
+    /// Reserves up to `want` blocks for request `seq` on the advised creditors, best first.
+    /// Returns the grants as (peer, blocks). `serve` handles whatever arrives meanwhile.
+    pub fn borrow(
+        &mut self,
+        seq: SeqId,
+        want: usize,
+        inbox: &Receiver<Inbox>,
+        serve: &mut dyn FnMut(Inbox),
+    ) -> Vec<(u16, Vec<u32>)> {
+        let advice = self
+            .creditors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut grants = Vec::new();
+        let mut left = want;
+        for c in advice {
+            if left == 0 {
+                break;
+            }
+            let ask = left.min(c.lendable_blocks as usize);
+            if ask == 0 {
+                continue;
+            }
+            let peer = match self.peers.peer(&c.worker_id, &c.peer_addr) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "creditor unreachable");
+                    continue;
+                }
+            };
+            let call = self.call_id();
+            let msg = PeerMsg::Reserve {
+                call,
+                seq,
+                blocks: ask as u32,
+            };
+            if let Err(e) = self.peers.send(peer, &msg) {
+                tracing::warn!(error = %e, "reserve not sent");
+                continue;
+            }
+            match wait_for(inbox, peer, call, serve) {
+                Some(PeerMsg::Reserved { blocks, .. }) if !blocks.is_empty() => {
+                    left = left.saturating_sub(blocks.len());
+                    self.borrow_total += blocks.len() as u64;
+                    tracing::debug!(seq, creditor = %c.worker_id, blocks = blocks.len(), "borrowed");
+                    grants.push((peer, blocks));
+                }
+                Some(PeerMsg::Reserved { refusal, .. }) => {
+                    tracing::debug!(creditor = %c.worker_id, %refusal, "creditor refused");
+                }
+                _ => tracing::warn!(creditor = %c.worker_id, "no answer to a reservation"),
+            }
+        }
+        grants
+    }
+
+    /// Tells a creditor that a request's blocks are free again.
+    pub fn release(&self, seq: SeqId, peer: u16) {
+        if let Err(e) = self.peers.send(peer, &PeerMsg::Release { seq }) {
+            tracing::warn!(error = %e, "release not sent; the creditor frees the blocks when the link drops");
+        }
+    }
+}
+
+/// Waits for the answer to `call` from `peer`, handing everything else to `serve`.
+fn wait_for(
+    inbox: &Receiver<Inbox>,
+    peer: u16,
+    call: u64,
+    serve: &mut dyn FnMut(Inbox),
+) -> Option<PeerMsg> {
+    let deadline = Instant::now() + PEER_TIMEOUT;
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match inbox.recv_timeout(left) {
+            Ok(Inbox::Peer(Incoming::Reply { peer: p, msg }))
+                if p == peer && reply_call(&msg) == Some(call) =>
+            {
+                return Some(msg);
+            }
+            Ok(Inbox::Peer(Incoming::Lost { peer: p, .. })) if p == peer => return None,
+            Ok(other) => serve(other),
+            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => return None,
+        }
+    }
+}
+
+fn reply_call(msg: &PeerMsg) -> Option<u64> {
+    match msg {
+        PeerMsg::Reserved { call, .. }
+        | PeerMsg::AttnOut { call, .. }
+        | PeerMsg::Failure { call, .. } => Some(*call),
+        _ => None,
+    }
+}
+
+/// Answers what a creditor can answer from its pool alone; returns attention requests, which
+/// need the model.
+pub fn serve_pool_request(
+    rm: &mut RManager,
+    from: String,
+    msg: PeerMsg,
+    reply: Responder,
+) -> Option<AttnRequest> {
+    match msg {
+        PeerMsg::Reserve { call, seq, blocks } => {
+            let answer = match rm.lend((from.clone(), seq), blocks as usize) {
+                Ok(blocks) => PeerMsg::Reserved {
+                    call,
+                    blocks,
+                    refusal: String::new(),
+                },
+                Err(e) => PeerMsg::Reserved {
+                    call,
+                    blocks: Vec::new(),
+                    refusal: e.to_string(),
+                },
+            };
+            reply.send(&answer);
+            None
+        }
+        PeerMsg::Release { seq } => {
+            rm.take_back(&(from, seq));
+            None
+        }
+        PeerMsg::Attn { call, attn } => {
+            // A creditor touches only blocks it lent to this home for this request.
+            for p in &attn.parts {
+                let blocks = p
+                    .segments
+                    .iter()
+                    .map(|s| s.block)
+                    .chain(p.appends.iter().map(|a| a.block));
+                if let Err(e) = rm.check_lent(&(from.clone(), p.seq), blocks) {
+                    reply.send(&PeerMsg::Failure {
+                        call,
+                        message: e.to_string(),
+                    });
+                    return None;
+                }
+            }
+            Some(AttnRequest { call, attn, reply })
+        }
+        other => {
+            tracing::warn!(home = %from, msg = ?std::mem::discriminant(&other), "unexpected request from a home");
+            None
+        }
+    }
+}
+
+/// The `Exchange` of one forward pass: sends each layer's calls and collects the partials.
+pub struct LayerExchange<'a> {
+    pub link: &'a mut ClusterLink,
+    pub inbox: &'a Receiver<Inbox>,
+    pub rm: &'a mut RManager,
+    /// Requests submitted while the step ran, admitted after it.
+    pub stash: &'a mut Vec<Submitted>,
+    outstanding: HashMap<u64, u16>,
+    done: Vec<(u16, Vec<PartOut>)>,
+    failed: Option<String>,
+}
+
+impl<'a> LayerExchange<'a> {
+    pub fn new(
+        link: &'a mut ClusterLink,
+        inbox: &'a Receiver<Inbox>,
+        rm: &'a mut RManager,
+        stash: &'a mut Vec<Submitted>,
+    ) -> Self {
+        Self {
+            link,
+            inbox,
+            rm,
+            stash,
+            outstanding: HashMap::new(),
+            done: Vec::new(),
+            failed: None,
+        }
+    }
+}
+
+impl Exchange for LayerExchange<'_> {
+    fn send(&mut self, calls: Vec<(u16, AttnCall)>) {
+        for (peer, attn) in calls {
+            let call = self.link.call_id();
+            match self.link.peers.send(peer, &PeerMsg::Attn { call, attn }) {
+                Ok(()) => {
+                    self.outstanding.insert(call, peer);
+                }
+                Err(e) => self.failed = Some(e.to_string()),
+            }
+        }
+    }
+
+    fn wait(&mut self) -> Waited {
+        let deadline = Instant::now() + PEER_TIMEOUT;
+        loop {
+            if let Some(e) = self.failed.take() {
+                self.outstanding.clear();
+                return Waited::Failed(e);
+            }
+            if self.outstanding.is_empty() {
+                return Waited::Done(std::mem::take(&mut self.done));
+            }
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                self.failed = Some(format!(
+                    "{} creditors did not answer within {PEER_TIMEOUT:?}",
+                    self.outstanding.len()
+                ));
+                continue;
+            };
+            match self.inbox.recv_timeout(left) {
+                Ok(Inbox::Submit(s)) => self.stash.push(s),
+                Ok(Inbox::Peer(Incoming::Reply {
+                    msg: PeerMsg::AttnOut { call, parts },
+                    ..
+                })) => {
+                    if let Some(peer) = self.outstanding.remove(&call) {
+                        self.done.push((peer, parts));
+                    }
+                }
+                Ok(Inbox::Peer(Incoming::Reply {
+                    msg: PeerMsg::Failure { call, message },
+                    ..
+                })) => {
+                    if self.outstanding.remove(&call).is_some() {
+                        self.failed = Some(message);
+                    }
+                }
+                Ok(Inbox::Peer(Incoming::Reply { .. })) => {}
+                Ok(Inbox::Peer(Incoming::Lost { peer, error })) => {
+                    if self.outstanding.values().any(|&p| p == peer) {
+                        self.failed = Some(format!(
+                            "creditor {} lost: {error}",
+                            self.link.peers.worker(peer)
+                        ));
+                    }
+                }
+                Ok(Inbox::Peer(Incoming::Request { from, msg, reply })) => {
+                    if let Some(req) = serve_pool_request(self.rm, from, msg, reply) {
+                        let call = req.call;
+                        let reply = req.reply;
+                        return Waited::Serve(
+                            req.attn,
+                            Box::new(move |parts| reply.send(&PeerMsg::AttnOut { call, parts })),
+                        );
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The worker's side of the gManager: register, report the pool every heartbeat, and keep the
+//! creditor advice fresh. The gManager's state is soft: when it restarts it answers 404 to a
+//! heartbeat and the worker registers again, re-reporting what it holds; serving goes on
+//! meanwhile with the placements already made.
+
+use std::time::Duration;
+
+use infinite_llm_protocol::gmanager::{
+    BorrowAdvice, BorrowRequest, Heartbeat, PoolFigures, Register, Registered,
+};
+
+use crate::engine::{EngineHandle, EngineStats};
+
+pub struct GManagerClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    register: Register,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error("gManager request failed: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("the gManager does not know this worker")]
+    Unknown,
+}
+
+/// The pool figures the gManager keeps for this worker.
+fn figures(s: &EngineStats) -> PoolFigures {
+    PoolFigures {
+        total_blocks: s.kv_blocks_total as u64,
+        used_blocks: (s.kv_blocks_used - s.kv_blocks_lent) as u64,
+        lent_blocks: s.kv_blocks_lent as u64,
+        borrowed_blocks: s.kv_blocks_borrowed as u64,
+        lend_cap_blocks: s.kv_blocks_lend_cap as u64,
+        running_requests: s.running as u64,
+        waiting_requests: s.waiting as u64,
+    }
+}
+
+impl GManagerClient {
+    pub fn new(
+        base: &str,
+        token: String,
+        worker_id: String,
+        api_url: String,
+        peer_addr: String,
+        engine: &EngineHandle,
+    ) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .expect("a plain HTTP client builds"),
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            register: Register {
+                worker_id,
+                api_url,
+                peer_addr,
+                block_tokens: engine.block_tokens() as u32,
+                pool: figures(&engine.stats()),
+            },
+        }
+    }
+
+    async fn post<T: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &T,
+    ) -> Result<R, CallError> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Err(CallError::Unknown);
+        }
+        Ok(resp.error_for_status()?.json().await?)
+    }
+
+    async fn register(&mut self, engine: &EngineHandle) -> Duration {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            self.register.pool = figures(&engine.stats());
+            match self
+                .post::<_, Registered>("/v1/workers", &self.register)
+                .await
+            {
+                Ok(r) => {
+                    tracing::info!(epoch = r.epoch, gmanager = %self.base, "registered with the gManager");
+                    return Duration::from_millis(r.heartbeat_interval_ms.max(50));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "gManager registration failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Heartbeats until `stop` resolves, then tells the gManager this worker leaves.
+    pub async fn run(mut self, engine: EngineHandle, stop: tokio::sync::oneshot::Receiver<()>) {
+        tokio::pin!(stop);
+        let mut interval = tokio::select! {
+            i = self.register(&engine) => i,
+            _ = &mut stop => return,
+        };
+        let id = self.register.worker_id.clone();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                _ = &mut stop => {
+                    self.leave().await;
+                    return;
+                }
+            }
+            let beat = Heartbeat {
+                epoch: 0,
+                pool: figures(&engine.stats()),
+            };
+            match self
+                .post::<_, serde_json::Value>(&format!("/v1/workers/{id}/heartbeat"), &beat)
+                .await
+            {
+                Ok(_) => {}
+                Err(CallError::Unknown) => {
+                    interval = self.register(&engine).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "heartbeat failed; serving goes on with the placements made");
+                    continue;
+                }
+            }
+            let ask = BorrowRequest {
+                home: id.clone(),
+                blocks: 1,
+            };
+            match self.post::<_, BorrowAdvice>("/v1/borrow", &ask).await {
+                Ok(advice) => engine.set_creditors(advice.creditors),
+                Err(e) => tracing::debug!(error = %e, "no creditor advice this round"),
+            }
+        }
+    }
+
+    async fn leave(&self) {
+        let url = format!("{}/v1/workers/{}", self.base, self.register.worker_id);
+        if let Err(e) = self.http.delete(url).bearer_auth(&self.token).send().await {
+            tracing::warn!(error = %e, "could not tell the gManager this worker leaves");
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Peer transport over TCP: one listener for homes that borrow from this worker, one connection
+//! per creditor this worker borrows from. Blocking sockets on plain threads: the engine thread
+//! never awaits, it reads everything from one inbox.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{Incoming, PeerError, PeerMsg, Responder};
+
+/// Where incoming messages go (the engine's inbox).
+pub type Sink = Arc<dyn Fn(Incoming) + Send + Sync>;
+
+/// A silent peer is declared lost after this long on a connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+struct Conn {
+    worker: String,
+    addr: String,
+    stream: Arc<Mutex<TcpStream>>,
+}
+
+pub struct TcpPeers {
+    me: String,
+    token: String,
+    conns: Vec<Conn>,
+    sink: Sink,
+}
+
+impl TcpPeers {
+    /// Listens for homes on `addr` and returns the transport with the address it bound.
+    pub fn listen(
+        addr: SocketAddr,
+        me: String,
+        token: String,
+        sink: Sink,
+    ) -> std::io::Result<(Self, SocketAddr)> {
+        let listener = TcpListener::bind(addr)?;
+        let bound = listener.local_addr()?;
+        let (tok, s) = (token.clone(), sink.clone());
+        std::thread::Builder::new()
+            .name("peer-accept".into())
+            .spawn(move || accept_loop(listener, tok, s))?;
+        Ok((
+            Self {
+                me,
+                token,
+                conns: Vec::new(),
+                sink,
+            },
+            bound,
+        ))
+    }
+
+    /// The index of a creditor, connecting to it the first time.
+    pub fn peer(&mut self, worker: &str, addr: &str) -> Result<u16, PeerError> {
+        if let Some(i) = self
+            .conns
+            .iter()
+            .position(|c| c.worker == worker && c.addr == addr)
+        {
+            return Ok(i as u16);
+        }
+        let connect_err = |source| PeerError::Connect {
+            worker: worker.to_string(),
+            addr: addr.to_string(),
+            source,
+        };
+        let sock: SocketAddr = addr
+            .parse()
+            .map_err(|e| connect_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+        let stream = TcpStream::connect_timeout(&sock, CONNECT_TIMEOUT).map_err(connect_err)?;
+        stream.set_nodelay(true).map_err(connect_err)?;
+        let mut w = stream.try_clone().map_err(connect_err)?;
+        PeerMsg::Hello {
+            home: self.me.clone(),
+            token: self.token.clone(),
+        }
+        .write_to(&mut w)
+        .map_err(connect_err)?;
+        let peer = self.conns.len() as u16;
+        let (mut r, sink) = (stream.try_clone().map_err(connect_err)?, self.sink.clone());
+        std::thread::Builder::new()
+            .name(format!("peer-{peer}"))
+            .spawn(move || {
+                loop {
+                    match PeerMsg::read_from(&mut r) {
+                        Ok(msg) => sink(Incoming::Reply { peer, msg }),
+                        Err(e) => {
+                            sink(Incoming::Lost {
+                                peer,
+                                error: e.to_string(),
+                            });
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(connect_err)?;
+        self.conns.push(Conn {
+            worker: worker.to_string(),
+            addr: addr.to_string(),
+            stream: Arc::new(Mutex::new(w)),
+        });
+        Ok(peer)
+    }
+
+    pub fn worker(&self, peer: u16) -> &str {
+        &self.conns[peer as usize].worker
+    }
+
+    pub fn send(&self, peer: u16, msg: &PeerMsg) -> Result<(), PeerError> {
+        let c = &self.conns[peer as usize];
+        let mut s = c.stream.lock().unwrap_or_else(|e| e.into_inner());
+        msg.write_to(&mut *s).map_err(|source| PeerError::Send {
+            worker: c.worker.clone(),
+            source,
+        })
+    }
+}
+
+fn accept_loop(listener: TcpListener, token: String, sink: Sink) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let (token, sink) = (token.clone(), sink.clone());
+        let _ = std::thread::Builder::new()
+            .name("peer-home".into())
+            .spawn(move || serve_home(stream, &token, sink));
+    }
+}
+
+/// Reads one home's requests until it hangs up. The first frame must carry the cluster token.
+fn serve_home(mut stream: TcpStream, token: &str, sink: Sink) {
+    let _ = stream.set_nodelay(true);
+    let home = match PeerMsg::read_from(&mut stream) {
+        Ok(PeerMsg::Hello { home, token: t })
+            if constant_time_eq(t.as_bytes(), token.as_bytes()) =>
+        {
+            home
+        }
+        _ => {
+            tracing::warn!(peer = ?stream.peer_addr().ok(), "peer refused: no valid cluster token");
+            return;
+        }
+    };
+    let Ok(w) = stream.try_clone() else { return };
+    let reply = Responder {
+        stream: Arc::new(Mutex::new(w)),
+    };
+    tracing::info!(home = %home, "a home connected");
+    while let Ok(msg) = PeerMsg::read_from(&mut stream) {
+        sink(Incoming::Request {
+            from: home.clone(),
+            msg,
+            reply: reply.clone(),
+        });
+    }
+    tracing::info!(home = %home, "a home disconnected");
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,391 @@
+//! The binary frames workers exchange: a little-endian `u32` length, a tag byte, then the body.
+//! No JSON on the per-layer path: queries and partial outputs travel as raw `f32` arrays.
+
+use std::io::{self, Read, Write};
+
+use crate::backend::KvSegment;
+use crate::dist_attention::{Append, AttnCall, PartIn, PartOut};
+
+/// Frames above this are refused rather than allocated: a corrupt length never exhausts memory.
+const MAX_FRAME: usize = 1 << 30;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PeerMsg {
+    /// First frame of a connection: who the home is, and the cluster token.
+    Hello {
+        home: String,
+        token: String,
+    },
+    /// Two-phase borrowing, phase one: reserve `blocks` for the home's request `seq`.
+    Reserve {
+        call: u64,
+        seq: u64,
+        blocks: u32,
+    },
+    /// The reserved block ids (empty when refused, with the reason).
+    Reserved {
+        call: u64,
+        blocks: Vec<u32>,
+        refusal: String,
+    },
+    /// The request ended or was preempted: its blocks go back to the creditor's pool.
+    Release {
+        seq: u64,
+    },
+    Attn {
+        call: u64,
+        attn: AttnCall,
+    },
+    AttnOut {
+        call: u64,
+        parts: Vec<PartOut>,
+    },
+    Failure {
+        call: u64,
+        message: String,
+    },
+}
+
+#[derive(Default)]
+struct Enc(Vec<u8>);
+
+impl Enc {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn len(&mut self, n: usize) {
+        self.u32(n as u32);
+    }
+    fn str(&mut self, s: &str) {
+        self.len(s.len());
+        self.0.extend_from_slice(s.as_bytes());
+    }
+    fn u32s(&mut self, v: &[u32]) {
+        self.len(v.len());
+        v.iter().for_each(|x| self.u32(*x));
+    }
+    fn f32s(&mut self, v: &[f32]) {
+        self.len(v.len());
+        v.iter()
+            .for_each(|x| self.0.extend_from_slice(&x.to_le_bytes()));
+    }
+}
+
+struct Dec<'a> {
+    buf: &'a [u8],
+}
+
+fn malformed(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("malformed peer frame: {what}"),
+    )
+}
+
+impl Dec<'_> {
+    fn take(&mut self, n: usize) -> io::Result<&[u8]> {
+        if self.buf.len() < n {
+            return Err(malformed("truncated"));
+        }
+        let (a, b) = self.buf.split_at(n);
+        self.buf = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> io::Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> io::Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> io::Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn len(&mut self, elem: usize) -> io::Result<usize> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(elem) > self.buf.len() {
+            return Err(malformed("length past the end"));
+        }
+        Ok(n)
+    }
+    fn str(&mut self) -> io::Result<String> {
+        let n = self.len(1)?;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| malformed("not UTF-8"))
+    }
+    fn u32s(&mut self) -> io::Result<Vec<u32>> {
+        let n = self.len(4)?;
+        (0..n).map(|_| self.u32()).collect()
+    }
+    fn f32s(&mut self) -> io::Result<Vec<f32>> {
+        let n = self.len(4)?;
+        Ok(self
+            .take(n * 4)?
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect())
+    }
+}
+
+impl PeerMsg {
+    fn encode(&self) -> Vec<u8> {
+        let mut e = Enc::default();
+        match self {
+            PeerMsg::Hello { home, token } => {
+                e.u8(1);
+                e.str(home);
+                e.str(token);
+            }
+            PeerMsg::Reserve { call, seq, blocks } => {
+                e.u8(2);
+                e.u64(*call);
+                e.u64(*seq);
+                e.u32(*blocks);
+            }
+            PeerMsg::Reserved {
+                call,
+                blocks,
+                refusal,
+            } => {
+                e.u8(3);
+                e.u64(*call);
+                e.u32s(blocks);
+                e.str(refusal);
+            }
+            PeerMsg::Release { seq } => {
+                e.u8(4);
+                e.u64(*seq);
+            }
+            PeerMsg::Attn { call, attn } => {
+                e.u8(5);
+                e.u64(*call);
+                e.u32(attn.layer);
+                e.len(attn.parts.len());
+                for p in &attn.parts {
+                    e.u64(p.seq);
+                    e.u32(p.first_row_pos);
+                    e.u32(p.rows);
+                    e.f32s(&p.q);
+                    e.len(p.segments.len());
+                    for s in &p.segments {
+                        e.u32(s.block);
+                        e.u32(s.first_pos);
+                        e.u32(s.tokens);
+                    }
+                    e.len(p.appends.len());
+                    for a in &p.appends {
+                        e.u32(a.row);
+                        e.u32(a.block);
+                        e.u32(a.offset);
+                        e.f32s(&a.k);
+                        e.f32s(&a.v);
+                    }
+                }
+            }
+            PeerMsg::AttnOut { call, parts } => {
+                e.u8(6);
+                e.u64(*call);
+                e.len(parts.len());
+                for p in parts {
+                    e.f32s(&p.o);
+                    e.f32s(&p.lse);
+                }
+            }
+            PeerMsg::Failure { call, message } => {
+                e.u8(7);
+                e.u64(*call);
+                e.str(message);
+            }
+        }
+        e.0
+    }
+
+    fn decode(buf: &[u8]) -> io::Result<Self> {
+        let mut d = Dec { buf };
+        let msg = match d.u8()? {
+            1 => PeerMsg::Hello {
+                home: d.str()?,
+                token: d.str()?,
+            },
+            2 => PeerMsg::Reserve {
+                call: d.u64()?,
+                seq: d.u64()?,
+                blocks: d.u32()?,
+            },
+            3 => PeerMsg::Reserved {
+                call: d.u64()?,
+                blocks: d.u32s()?,
+                refusal: d.str()?,
+            },
+            4 => PeerMsg::Release { seq: d.u64()? },
+            5 => {
+                let call = d.u64()?;
+                let layer = d.u32()?;
+                let n = d.len(1)?;
+                let mut parts = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let (seq, first_row_pos, rows, q) = (d.u64()?, d.u32()?, d.u32()?, d.f32s()?);
+                    let segs = d.len(12)?;
+                    let segments = (0..segs)
+                        .map(|_| {
+                            Ok(KvSegment {
+                                block: d.u32()?,
+                                first_pos: d.u32()?,
+                                tokens: d.u32()?,
+                            })
+                        })
+                        .collect::<io::Result<_>>()?;
+                    let apps = d.len(12)?;
+                    let appends = (0..apps)
+                        .map(|_| {
+                            Ok(Append {
+                                row: d.u32()?,
+                                block: d.u32()?,
+                                offset: d.u32()?,
+                                k: d.f32s()?,
+                                v: d.f32s()?,
+                            })
+                        })
+                        .collect::<io::Result<_>>()?;
+                    parts.push(PartIn {
+                        seq,
+                        first_row_pos,
+                        rows,
+                        q,
+                        segments,
+                        appends,
+                    });
+                }
+                PeerMsg::Attn {
+                    call,
+                    attn: AttnCall { layer, parts },
+                }
+            }
+            6 => {
+                let call = d.u64()?;
+                let n = d.len(8)?;
+                let parts = (0..n)
+                    .map(|_| {
+                        Ok(PartOut {
+                            o: d.f32s()?,
+                            lse: d.f32s()?,
+                        })
+                    })
+                    .collect::<io::Result<_>>()?;
+                PeerMsg::AttnOut { call, parts }
+            }
+            7 => PeerMsg::Failure {
+                call: d.u64()?,
+                message: d.str()?,
+            },
+            t => return Err(malformed(&format!("unknown tag {t}"))),
+        };
+        if !d.buf.is_empty() {
+            return Err(malformed("trailing bytes"));
+        }
+        Ok(msg)
+    }
+
+    pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
+        let body = self.encode();
+        let mut frame = Vec::with_capacity(4 + body.len());
+        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&body);
+        w.write_all(&frame)
+    }
+
+    pub fn read_from(r: &mut impl Read) -> io::Result<Self> {
+        let mut len = [0u8; 4];
+        r.read_exact(&mut len)?;
+        let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_FRAME {
+            return Err(malformed("frame too large"));
+        }
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body)?;
+        Self::decode(&body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(m: PeerMsg) {
+        let mut buf = Vec::new();
+        m.write_to(&mut buf).unwrap();
+        assert_eq!(PeerMsg::read_from(&mut buf.as_slice()).unwrap(), m);
+        // Any truncation is an error, never a panic or a wrong message.
+        for cut in 0..buf.len() {
+            assert!(PeerMsg::read_from(&mut &buf[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn every_message_round_trips_and_truncation_is_refused() {
+        round_trip(PeerMsg::Hello {
+            home: "w0".into(),
+            token: "t".into(),
+        });
+        round_trip(PeerMsg::Reserve {
+            call: 1,
+            seq: 2,
+            blocks: 3,
+        });
+        round_trip(PeerMsg::Reserved {
+            call: 1,
+            blocks: vec![4, 5],
+            refusal: String::new(),
+        });
+        round_trip(PeerMsg::Release { seq: 9 });
+        round_trip(PeerMsg::Attn {
+            call: 7,
+            attn: AttnCall {
+                layer: 3,
+                parts: vec![PartIn {
+                    seq: 1,
+                    first_row_pos: 40,
+                    rows: 1,
+                    q: vec![0.5, -1.25],
+                    segments: vec![KvSegment {
+                        block: 2,
+                        first_pos: 32,
+                        tokens: 9,
+                    }],
+                    appends: vec![Append {
+                        row: 0,
+                        block: 2,
+                        offset: 8,
+                        k: vec![1.0],
+                        v: vec![2.0],
+                    }],
+                }],
+            },
+        });
+        round_trip(PeerMsg::AttnOut {
+            call: 7,
+            parts: vec![PartOut {
+                o: vec![1.0, 2.0],
+                lse: vec![0.1],
+            }],
+        });
+        round_trip(PeerMsg::Failure {
+            call: 7,
+            message: "lost".into(),
+        });
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&5u32.to_le_bytes());
+        frame.extend_from_slice(&[42, 0, 0, 0, 0]);
+        assert!(PeerMsg::read_from(&mut frame.as_slice()).is_err());
+        let huge = (u32::MAX).to_le_bytes();
+        assert!(PeerMsg::read_from(&mut huge.as_slice()).is_err());
+    }
+}

@@ -1,0 +1,122 @@
+//! The pooled KV cache with real processes: local mode starts a gManager and workers whose pools
+//! are far too small for one request; the request borrows blocks on the others, attention over
+//! them runs there (DistAttention over TCP), and the text equals a single worker's with a big
+//! pool.
+
+mod local_support;
+
+use std::process::{Command, Stdio};
+
+use infinite_llm_worker::demo_model::{DemoModelSpec, write_demo_model_if_missing};
+use local_support::{BIN, Launcher, free_port, metric, worker_urls};
+use serde_json::{Value, json};
+
+const BLOCK_TOKENS: usize = 16;
+
+struct Pool {
+    _launcher: Launcher,
+    base: String,
+    workers: Vec<String>,
+}
+
+fn start(model: &std::path::Path, workers: u16, kv_blocks: usize, lend_fraction: f64) -> Pool {
+    let port = free_port();
+    let mut launcher = Launcher(
+        Command::new(BIN)
+            .arg("local")
+            .arg(format!("--workers={workers}"))
+            .arg(format!("--kv-blocks={kv_blocks}"))
+            .arg(format!("--lend-fraction={lend_fraction}"))
+            .arg(format!("--port={port}"))
+            .arg(format!("--gmanager-port={}", free_port()))
+            .arg(format!("--model={}", model.display()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("launcher starts"),
+    );
+    let (workers, _) = worker_urls(&mut launcher.0);
+    Pool {
+        _launcher: launcher,
+        base: format!("http://127.0.0.1:{port}"),
+        workers,
+    }
+}
+
+/// A prompt of exactly `tokens` tokens, as token ids the demo vocabulary has.
+fn prompt(tokens: usize, salt: usize) -> Vec<u32> {
+    (0..tokens)
+        .map(|i| ((i * 7919 + salt * 104_729) % 900 + 20) as u32)
+        .collect()
+}
+
+async fn greedy(client: &reqwest::Client, base: &str, prompt: &[u32], max_tokens: usize) -> String {
+    let body = json!({
+        "model": "demo", "prompt": prompt, "max_tokens": max_tokens,
+        "temperature": 0, "ignore_eos": true,
+    });
+    let resp = client
+        .post(format!("{base}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let v: Value = resp.json().await.unwrap();
+    assert!(status.is_success(), "{status}: {v}");
+    assert_eq!(v["usage"]["completion_tokens"], max_tokens);
+    v["choices"][0]["text"].as_str().unwrap().to_owned()
+}
+
+async fn borrowed_total(client: &reqwest::Client, pool: &Pool) -> f64 {
+    let mut total = 0.0;
+    for w in &pool.workers {
+        total += metric(client, w, "ilm_kv_borrow_total").await;
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_larger_than_a_worker_borrow_and_match_one_big_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("demo");
+    write_demo_model_if_missing(&model, &DemoModelSpec::default()).unwrap();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let reference = start(&model, 1, 256, 0.5);
+
+    // 1.5 times one worker's pool of 8 blocks, with the default lend fraction.
+    let small = start(&model, 3, 8, 0.5);
+    // Let the workers' first heartbeats reach the gManager, so creditors are known.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let p = prompt(8 * BLOCK_TOKENS * 3 / 2 - 32, 1);
+    let want = greedy(&client, &reference.base, &p, 32).await;
+    assert_eq!(greedy(&client, &small.base, &p, 32).await, want);
+    assert!(
+        borrowed_total(&client, &small).await >= 4.0,
+        "the request borrowed blocks"
+    );
+
+    // Eight long requests at once, more than the pool holds together: they borrow from the
+    // same creditors, queue and are preempted, and each still gets its own text.
+    let prompts: Vec<Vec<u32>> = (0..8).map(|k| prompt(100 + 10 * k, k + 2)).collect();
+    let wants = futures::future::join_all(
+        prompts
+            .iter()
+            .map(|p| greedy(&client, &reference.base, p, 24)),
+    )
+    .await;
+    let gots =
+        futures::future::join_all(prompts.iter().map(|p| greedy(&client, &small.base, p, 24)))
+            .await;
+    assert_eq!(gots, wants);
+    drop(small);
+
+    // With everything lendable, one request uses over 90% of the three pools together.
+    let all = start(&model, 3, 8, 1.0);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let summed = 3 * 8 * BLOCK_TOKENS;
+    let n = summed * 92 / 100;
+    let p = prompt(n - 16, 9);
+    let want = greedy(&client, &reference.base, &p, 16).await;
+    assert_eq!(greedy(&client, &all.base, &p, 16).await, want);
+}
