@@ -6,6 +6,9 @@ PORT    ?= 8000
 # Per-worker KV pool cap in rBlocks, and a Hugging Face model folder; both optional.
 KV_BLOCKS ?=
 MODEL     ?=
+# Share of each worker's pool others may borrow, and the gManager's port.
+LEND_FRACTION ?= 0.5
+GMANAGER_PORT ?= 8001
 PYTHON  ?= python3
 VENV    := .venv
 
@@ -14,7 +17,7 @@ WORKER_BIN := target/release/infinite-llm-worker
 .PHONY: help build run test lint unit test-python bench venv tools crds
 
 help:
-	@echo "make run        local pool: WORKERS=$(WORKERS) workers behind http://127.0.0.1:$(PORT) (MODEL=, KV_BLOCKS=)"
+	@echo "make run        local pool: gManager + WORKERS=$(WORKERS) workers behind http://127.0.0.1:$(PORT) (MODEL=, KV_BLOCKS=, LEND_FRACTION=)"
 	@echo "make test       every check: fmt, clippy, Rust tests, the openai client against make run"
 	@echo "make bench      CPU decode tokens/s against candle-transformers"
 	@echo "make tools      build etcd, kube-apiserver, kube-controller-manager from their Go modules into bin/"
@@ -25,6 +28,7 @@ build:
 
 run: build
 	$(WORKER_BIN) local --workers $(WORKERS) --port $(PORT) \
+		--lend-fraction $(LEND_FRACTION) --gmanager-port $(GMANAGER_PORT) \
 		$(if $(KV_BLOCKS),--kv-blocks $(KV_BLOCKS)) $(if $(MODEL),--model $(MODEL))
 
 test: lint unit test-python
