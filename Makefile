@@ -58,4 +58,4 @@ test-python: build venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash tests/python/run_against_local.sh
 
 bench:
-	$(CARGO) bench -p infinite-llm-worker --bench decode
+	$(CARGO) bench -p infinite-llm-worker --bench decode --bench dist_decode

@@ -1,0 +1,107 @@
+//! Decode time per token with half of a request's KV on a creditor (DistAttention over loopback
+//! TCP) against the same request with all of its KV local, same model, same context, same run.
+//! Run with `make bench`.
+
+use std::time::Instant;
+
+use infinite_llm_protocol::gmanager::Creditor;
+use infinite_llm_worker::demo_model::{DemoModelSpec, write_demo_model};
+use infinite_llm_worker::engine::{self, ClusterOptions, EngineHandle, EngineOptions};
+use infinite_llm_worker::request::{Event, GenerateRequest, SamplingParams};
+
+const BLOCK_TOKENS: usize = 16;
+const CONTEXT: usize = 2048;
+const NEW_TOKENS: usize = 64;
+
+fn member(id: &str, kv_blocks: usize) -> EngineOptions {
+    EngineOptions {
+        kv_blocks: Some(kv_blocks),
+        lend_fraction: 1.0,
+        cluster: Some(ClusterOptions {
+            worker_id: id.into(),
+            peer_listen: "127.0.0.1:0".parse().unwrap(),
+            token: "bench".into(),
+        }),
+        ..EngineOptions::default()
+    }
+}
+
+/// Seconds per decoded token (after the first) and the tokens themselves.
+fn decode(rt: &tokio::runtime::Runtime, engine: &EngineHandle) -> (f64, Vec<u32>) {
+    let prompt: Vec<u32> = (0..(CONTEXT - NEW_TOKENS) as u32)
+        .map(|i| (i * 7919 + 3) % 1000)
+        .collect();
+    let mut rx = engine
+        .submit(GenerateRequest {
+            prompt_tokens: prompt,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                max_tokens: NEW_TOKENS,
+                ignore_eos: true,
+                ..SamplingParams::default()
+            },
+            stop_token_ids: Vec::new(),
+        })
+        .unwrap();
+    rt.block_on(async {
+        let mut tokens = Vec::new();
+        let mut start = Instant::now();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Token { id, .. } => {
+                    if tokens.is_empty() {
+                        start = Instant::now();
+                    }
+                    tokens.push(id);
+                }
+                Event::Failed { message, .. } => panic!("{message}"),
+                Event::Finished { .. } => break,
+            }
+        }
+        (
+            start.elapsed().as_secs_f64() / (tokens.len() - 1) as f64,
+            tokens,
+        )
+    })
+}
+
+fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    write_demo_model(dir.path(), &DemoModelSpec::default()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let blocks = CONTEXT / BLOCK_TOKENS;
+
+    let local = engine::start(dir.path(), member("local", 2 * blocks)).unwrap();
+    let (t_local_before, want) = decode(&rt, &local);
+
+    let creditor = engine::start(dir.path(), member("creditor", 2 * blocks)).unwrap();
+    let home = engine::start(dir.path(), member("home", blocks / 2)).unwrap();
+    home.set_creditors(vec![Creditor {
+        worker_id: "creditor".into(),
+        peer_addr: creditor.peer_addr().unwrap().to_string(),
+        lendable_blocks: 2 * blocks as u64,
+    }]);
+    let (t_split, got) = decode(&rt, &home);
+    assert_eq!(got, want, "the split request must produce the same tokens");
+    let borrowed = home.stats().kv_borrow_total;
+    // Measured before and after the split run, so load that changes during the run shows.
+    let (t_local_after, again) = decode(&rt, &local);
+    assert_eq!(again, want);
+    let t_local = t_local_before.min(t_local_after);
+
+    println!(
+        "demo model (hidden 256, 4 layers, 8/2 heads); context {CONTEXT} tokens, {NEW_TOKENS} decoded; {} threads per engine",
+        rayon::current_num_threads()
+    );
+    println!(
+        "all KV local:                  {:7.2} ms/token  (best of {:.2} before, {:.2} after)",
+        t_local * 1e3,
+        t_local_before * 1e3,
+        t_local_after * 1e3
+    );
+    println!(
+        "half the KV on a creditor:     {:7.2} ms/token  ({:.2}x all local; {borrowed} blocks borrowed over loopback TCP)",
+        t_split * 1e3,
+        t_split / t_local
+    );
+}
