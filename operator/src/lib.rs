@@ -38,6 +38,8 @@ pub struct Config {
     pub election: Election,
     pub metrics_addr: SocketAddr,
     pub settings: Settings,
+    /// Where the leader serves the gManager.
+    pub gmanager_addr: SocketAddr,
 }
 
 /// Runs the operator until `shutdown` flips to true.
@@ -66,8 +68,10 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         client: client.clone(),
         metrics: metrics.clone(),
         settings: config.settings.clone(),
+        gmanager_tokens: gmanager::Tokens::default(),
     });
     let namespace = config.namespace.clone();
+    let gmanager_addr = config.gmanager_addr;
     leader::run(
         client,
         &config.election,
@@ -75,10 +79,37 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         health,
         shutdown,
         |ended| async move {
-            // The gManager (issue 3) is leader-only too and will start here, beside the
-            // reconciler, stopping when `ended` resolves.
-            reconciler::run(ctx, namespace.as_deref(), ended).await;
+            // The gManager is leader-only too: its ledger is soft state that workers rebuild by
+            // re-registering with whichever replica leads.
+            let ended = futures::FutureExt::shared(ended);
+            let tokens = ctx.gmanager_tokens.clone();
+            tokio::join!(
+                reconciler::run(ctx, namespace.as_deref(), ended.clone()),
+                serve_gmanager(gmanager_addr, tokens, ended),
+            );
         },
     )
     .await
+}
+
+/// Serves the gManager until `ended`. Without it workers still serve, only without pooling, so a
+/// port clash is logged rather than fatal.
+async fn serve_gmanager(
+    addr: SocketAddr,
+    tokens: gmanager::Tokens,
+    ended: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "cannot serve the gManager; workers run without pooling");
+            return;
+        }
+    };
+    info!(%addr, "serving the gManager");
+    if let Err(e) =
+        gmanager::serve(listener, gmanager::GManagerConfig::default(), tokens, ended).await
+    {
+        tracing::error!(error = %e, "the gManager stopped");
+    }
 }

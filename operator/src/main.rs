@@ -65,6 +65,9 @@ struct RunArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "ILM_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
+    /// Where the leader serves the gManager.
+    #[arg(long, env = "ILM_GMANAGER_ADDR", default_value = "0.0.0.0:8001")]
+    gmanager_addr: SocketAddr,
     /// gManager URL handed to workers; defaults to the operator Service in the lease namespace.
     #[arg(long, env = "ILM_GMANAGER_URL")]
     gmanager_url: Option<String>,
@@ -129,6 +132,7 @@ async fn main() -> std::process::ExitCode {
             grace: args.lease_grace,
         },
         metrics_addr: args.metrics_addr,
+        gmanager_addr: args.gmanager_addr,
         settings: Settings { gmanager_url },
     };
 

@@ -32,6 +32,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
+    /// Each cluster's token, for the gManager to tell which cluster a worker belongs to.
+    pub gmanager_tokens: crate::gmanager::Tokens,
 }
 
 /// Nothing changes in a healthy cluster without a watch event, so this is only a safety net.
@@ -173,6 +175,10 @@ async fn ensure_token(
         Some(value) => value,
         None => k8s_openapi::ByteString(token::generate()?.into_bytes()),
     };
+    if let Ok(token) = std::str::from_utf8(&value.0) {
+        ctx.gmanager_tokens
+            .set(&format!("{ns}/{}", names.cluster), token);
+    }
     let outcome = ensure(&api, token::secret(ilc, names, value), &ctx.metrics).await?;
     if matches!(outcome, Outcome::Created(_)) {
         info!(cluster = %names.cluster, namespace = ns, secret = %names.token_secret(), "generated the cluster token");

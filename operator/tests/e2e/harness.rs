@@ -566,6 +566,7 @@ where
 pub struct Operator {
     child: Child,
     pub metrics_addr: SocketAddr,
+    pub gmanager_addr: SocketAddr,
     log: PathBuf,
 }
 
@@ -580,6 +581,7 @@ impl Operator {
         args: &[&str],
     ) -> Operator {
         let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let gmanager_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = cp.path(&format!("operator-{ns}-{id}.log"));
         let file = fs::File::create(&log).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_infinite-llm-operator"));
@@ -588,6 +590,7 @@ impl Operator {
             .arg(format!("--watch-namespace={ns}"))
             .arg(format!("--identity={id}"))
             .arg(format!("--metrics-addr={metrics_addr}"))
+            .arg(format!("--gmanager-addr={gmanager_addr}"))
             .arg("--lease-duration=4")
             .arg("--lease-grace=1");
         if !args.iter().any(|a| a.starts_with("--lease-namespace")) {
@@ -603,6 +606,7 @@ impl Operator {
         Operator {
             child,
             metrics_addr,
+            gmanager_addr,
             log,
         }
     }

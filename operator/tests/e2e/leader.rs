@@ -56,6 +56,18 @@ async fn one_of_two_operators_reconciles_and_killing_it_hands_over() {
         0.0,
         "the follower reconciled"
     );
+    // Only the leader serves the gManager.
+    assert!(
+        harness::http_get(leader.gmanager_addr, "/healthz")
+            .await
+            .is_some()
+    );
+    assert!(
+        harness::http_get(follower.gmanager_addr, "/healthz")
+            .await
+            .is_none(),
+        "the follower serves a gManager"
+    );
     // Both are ready: readiness means taking part, not leading.
     assert!(
         harness::http_get(follower.metrics_addr, "/readyz")
