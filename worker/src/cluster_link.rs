@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use infinite_llm_protocol::gmanager::Creditor;
+use prometheus_client::metrics::histogram::Histogram;
 
 use crate::dist_attention::{AttnCall, PartOut};
 use crate::engine::{Inbox, Submitted};
@@ -28,6 +29,7 @@ pub struct ClusterLink {
     next_call: u64,
     /// Blocks borrowed since start (a counter for metrics).
     pub borrow_total: u64,
+    remote_attention: Option<Histogram>,
 }
 
 /// What the engine must do with a request from a home after the pool-only ones are handled.
@@ -38,12 +40,17 @@ pub struct AttnRequest {
 }
 
 impl ClusterLink {
-    pub fn new(peers: TcpPeers, creditors: Arc<Mutex<Vec<Creditor>>>) -> Self {
+    pub fn new(
+        peers: TcpPeers,
+        creditors: Arc<Mutex<Vec<Creditor>>>,
+        remote_attention: Option<Histogram>,
+    ) -> Self {
         Self {
             peers,
             creditors,
             next_call: 0,
             borrow_total: 0,
+            remote_attention,
         }
     }
 
@@ -248,13 +255,17 @@ impl Exchange for LayerExchange<'_> {
     }
 
     fn wait(&mut self) -> Waited {
-        let deadline = Instant::now() + PEER_TIMEOUT;
+        let started = Instant::now();
+        let deadline = started + PEER_TIMEOUT;
         loop {
             if let Some(e) = self.failed.take() {
                 self.outstanding.clear();
                 return Waited::Failed(e);
             }
             if self.outstanding.is_empty() {
+                if let Some(h) = &self.link.remote_attention {
+                    h.observe(started.elapsed().as_secs_f64());
+                }
                 return Waited::Done(std::mem::take(&mut self.done));
             }
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {

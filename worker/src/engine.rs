@@ -65,6 +65,8 @@ pub struct EngineOptions {
     pub lend_fraction: f64,
     /// Joins a pool of workers: lend to them and borrow from them.
     pub cluster: Option<ClusterOptions>,
+    /// Where to record, per layer, how long the home waited for creditors.
+    pub remote_attention: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 /// How this worker takes part in the pooled KV cache.
@@ -88,6 +90,7 @@ impl Default for EngineOptions {
             max_waiting: 256,
             lend_fraction: 0.5,
             cluster: None,
+            remote_attention: None,
         }
     }
 }
@@ -200,7 +203,11 @@ fn start_with<B: Backend>(
                 TcpPeers::listen(c.peer_listen, c.worker_id.clone(), c.token.clone(), sink)
                     .map_err(EngineError::Thread)?;
             (
-                Some(ClusterLink::new(peers, creditors.clone())),
+                Some(ClusterLink::new(
+                    peers,
+                    creditors.clone(),
+                    opts.remote_attention.clone(),
+                )),
                 Some(bound),
             )
         }

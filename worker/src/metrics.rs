@@ -53,6 +53,7 @@ pub struct Metrics {
     time_to_first_token: Histogram,
     inter_token_latency: Histogram,
     e2e_request_latency: Histogram,
+    remote_attention: Histogram,
 }
 
 impl Default for Metrics {
@@ -80,6 +81,7 @@ impl Metrics {
             time_to_first_token: Histogram::new(TTFT_BUCKETS),
             inter_token_latency: Histogram::new(ITL_BUCKETS),
             e2e_request_latency: Histogram::new(E2E_BUCKETS),
+            remote_attention: Histogram::new(ITL_BUCKETS),
             registry: Registry::default(),
         };
         // Counters get their `_total` suffix from the encoder, histograms their `_seconds` unit.
@@ -156,6 +158,12 @@ impl Metrics {
             metrics.inter_token_latency.clone(),
         );
         registry.register_with_unit(
+            "remote_attention",
+            "Per layer, the wait for creditors' partial attention after local attention is done",
+            Unit::Seconds,
+            metrics.remote_attention.clone(),
+        );
+        registry.register_with_unit(
             "e2e_request_latency",
             "Time from request arrival to its end",
             Unit::Seconds,
@@ -173,6 +181,11 @@ impl Metrics {
             .observe(since_arrival.as_secs_f64());
         self.prompt_tokens.inc_by(prompt_tokens as u64);
         self.generation_tokens.inc();
+    }
+
+    /// The histogram the engine records remote attention waits in.
+    pub fn remote_attention(&self) -> Histogram {
+        self.remote_attention.clone()
     }
 
     pub fn next_token(&self, since_previous: Duration) {

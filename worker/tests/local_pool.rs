@@ -68,10 +68,10 @@ async fn greedy(client: &reqwest::Client, base: &str, prompt: &[u32], max_tokens
     v["choices"][0]["text"].as_str().unwrap().to_owned()
 }
 
-async fn borrowed_total(client: &reqwest::Client, pool: &Pool) -> f64 {
+async fn summed(client: &reqwest::Client, pool: &Pool, name: &str) -> f64 {
     let mut total = 0.0;
     for w in &pool.workers {
-        total += metric(client, w, "ilm_kv_borrow_total").await;
+        total += metric(client, w, name).await;
     }
     total
 }
@@ -92,8 +92,12 @@ async fn requests_larger_than_a_worker_borrow_and_match_one_big_worker() {
     let want = greedy(&client, &reference.base, &p, 32).await;
     assert_eq!(greedy(&client, &small.base, &p, 32).await, want);
     assert!(
-        borrowed_total(&client, &small).await >= 4.0,
+        summed(&client, &small, "ilm_kv_borrow_total").await >= 4.0,
         "the request borrowed blocks"
+    );
+    assert!(
+        summed(&client, &small, "ilm_remote_attention_seconds_count").await > 0.0,
+        "remote attention is timed"
     );
 
     // Eight long requests at once, more than the pool holds together: they borrow from the

@@ -66,6 +66,10 @@ pub struct Server {
 }
 
 impl Server {
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.state.metrics
+    }
+
     /// A server that answers probes at once and the API once [`Server::install`] is called.
     pub fn new(config: ServerConfig) -> Self {
         Self {

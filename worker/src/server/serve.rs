@@ -209,6 +209,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         worker_id: Some(worker_id.clone()),
     });
+    options.remote_attention = Some(server.metrics().remote_attention());
     // Listen before loading, so liveness probes pass (and readiness reports 503) during a long load.
     let listener = TcpListener::bind((args.host.as_str(), args.port))
         .await
