@@ -14,14 +14,14 @@ VENV    := .venv
 
 WORKER_BIN := target/release/infinite-llm-worker
 
-.PHONY: help build run test lint unit test-python bench venv tools crds
+.PHONY: help build run test lint lint-docker unit test-python bench venv tools crds
 
 help:
 	@echo "make run        local pool: gManager + WORKERS=$(WORKERS) workers behind http://127.0.0.1:$(PORT) (MODEL=, KV_BLOCKS=, LEND_FRACTION=)"
 	@echo "make test       every check: fmt, clippy, Rust tests, the openai client against make run"
 	@echo "make bench      CPU decode tokens/s against candle-transformers"
-	@echo "make tools      build etcd, kube-apiserver, kube-controller-manager from their Go modules into bin/"
-	@echo "make crds       regenerate crds/ from the Rust types"
+	@echo "make tools      build etcd, kube-apiserver, kube-controller-manager and helm from their Go modules into bin/"
+	@echo "make crds       regenerate crds/ and the chart's CRD template from the Rust types"
 
 build:
 	$(CARGO) build --release --workspace --bins
@@ -31,11 +31,15 @@ run: build
 		--lend-fraction $(LEND_FRACTION) --gmanager-port $(GMANAGER_PORT) \
 		$(if $(KV_BLOCKS),--kv-blocks $(KV_BLOCKS)) $(if $(MODEL),--model $(MODEL))
 
-test: lint unit test-python
+test: lint lint-docker unit test-python
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+# hadolint (a PyPI wheel, in the test venv) with no rule ignored.
+lint-docker: venv
+	$(VENV)/bin/hadolint Dockerfile
 
 # The operator tests run against a real control plane built by `make tools`.
 unit: tools
@@ -43,9 +47,12 @@ unit: tools
 
 tools:
 	bash tests/tools/build.sh
+	bash tests/tools/build_helm.sh
 
+# The CRD twice from one source: crds/ for kubectl, and the chart's template.
 crds:
 	$(CARGO) run --release -q -p infinite-llm-operator -- crd > crds/infinitellmclusters.infinitellm.io.yaml
+	$(CARGO) run --release -q -p infinite-llm-operator -- crd --chart > charts/infinite-llm/templates/crd.yaml
 
 $(VENV)/.installed: tests/python/requirements.txt
 	$(PYTHON) -m venv $(VENV)
