@@ -22,7 +22,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Print the InfiniteLLMCluster CRD as YAML.
-    Crd,
+    Crd {
+        /// Print it as the Helm chart's template instead (charts/infinite-llm/templates/crd.yaml).
+        #[arg(long)]
+        chart: bool,
+    },
     /// Run the operator (the default).
     Run,
     /// Serve only the gManager, without Kubernetes (local mode).
@@ -79,8 +83,13 @@ struct RunArgs {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Crd) = cli.command {
-        return match crd::crd_yaml() {
+    if let Some(Command::Crd { chart }) = cli.command {
+        let yaml = if chart {
+            crd::chart_crd_template()
+        } else {
+            crd::crd_yaml()
+        };
+        return match yaml {
             Ok(yaml) => {
                 print!("{yaml}");
                 std::process::ExitCode::SUCCESS
