@@ -21,6 +21,8 @@ use crate::scheduler::SeqId;
 
 /// A creditor that does not answer within this long is treated as lost for the call.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a home waits after a borrowing round fell short, in milliseconds.
+const BORROW_RETRY_MS: std::ops::Range<u64> = 50..250;
 
 pub struct ClusterLink {
     pub peers: TcpPeers,
@@ -29,7 +31,22 @@ pub struct ClusterLink {
     next_call: u64,
     /// Blocks borrowed since start (a counter for metrics).
     pub borrow_total: u64,
+    /// Reservations creditors refused since start (a counter for metrics).
+    pub refusals_total: u64,
     remote_attention: Option<Histogram>,
+    /// After a round that fell short: not before this instant, unless the advice changes.
+    backoff: Option<(Instant, Vec<Creditor>)>,
+}
+
+/// What one borrowing round gathered.
+#[derive(Debug, Default)]
+pub struct Round {
+    /// Blocks reserved, by creditor.
+    pub grants: Vec<(u16, Vec<u32>)>,
+    /// Creditors that did not answer in time: they may hold a reservation all the same.
+    pub unanswered: Vec<u16>,
+    /// Everything asked for was reserved, and every creditor asked answered.
+    pub complete: bool,
 }
 
 /// What the engine must do with a request from a home after the pool-only ones are handled.
@@ -50,7 +67,9 @@ impl ClusterLink {
             creditors,
             next_call: 0,
             borrow_total: 0,
+            refusals_total: 0,
             remote_attention,
+            backoff: None,
         }
     }
 
@@ -59,29 +78,38 @@ impl ClusterLink {
         self.next_call
     }
 
-    /// Reserves up to `want` blocks for request `seq` on the advised creditors, best first.
-    /// Returns the grants as (peer, blocks). `serve` handles whatever arrives meanwhile.
+    /// Whether a borrowing round may start now: after a round that fell short the home waits
+    /// a little, or until the gManager's advice changes, before asking the creditors again.
+    pub fn may_borrow(&self) -> bool {
+        match &self.backoff {
+            None => true,
+            Some((until, advice)) => {
+                Instant::now() >= *until
+                    || *advice != *self.creditors.lock().unwrap_or_else(|e| e.into_inner())
+            }
+        }
+    }
+
+    /// Asks the advised creditors, best first, for up to `want` blocks for request `seq`; a
+    /// creditor that refuses (full, or its lend cap reached) is passed over for the next one.
+    /// `serve` handles whatever arrives meanwhile.
     pub fn borrow(
         &mut self,
         seq: SeqId,
         want: usize,
         inbox: &Receiver<Inbox>,
         serve: &mut dyn FnMut(Inbox),
-    ) -> Vec<(u16, Vec<u32>)> {
+    ) -> Round {
         let advice = self
             .creditors
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let mut grants = Vec::new();
+        let mut round = Round::default();
         let mut left = want;
-        for c in advice {
+        for c in &advice {
             if left == 0 {
                 break;
-            }
-            let ask = left.min(c.lendable_blocks as usize);
-            if ask == 0 {
-                continue;
             }
             let peer = match self.peers.peer(&c.worker_id, &c.peer_addr) {
                 Ok(p) => p,
@@ -91,10 +119,12 @@ impl ClusterLink {
                 }
             };
             let call = self.call_id();
+            // The advice may be stale either way: ask for everything still missing, and the
+            // creditor grants what it can.
             let msg = PeerMsg::Reserve {
                 call,
                 seq,
-                blocks: ask as u32,
+                blocks: left as u32,
             };
             if let Err(e) = self.peers.send(peer, &msg) {
                 tracing::warn!(error = %e, "reserve not sent");
@@ -103,17 +133,30 @@ impl ClusterLink {
             match wait_for(inbox, peer, call, serve) {
                 Some(PeerMsg::Reserved { blocks, .. }) if !blocks.is_empty() => {
                     left = left.saturating_sub(blocks.len());
-                    self.borrow_total += blocks.len() as u64;
-                    tracing::debug!(seq, creditor = %c.worker_id, blocks = blocks.len(), "borrowed");
-                    grants.push((peer, blocks));
+                    tracing::debug!(seq, creditor = %c.worker_id, blocks = blocks.len(), "reserved");
+                    round.grants.push((peer, blocks));
                 }
                 Some(PeerMsg::Reserved { refusal, .. }) => {
-                    tracing::debug!(creditor = %c.worker_id, %refusal, "creditor refused");
+                    self.refusals_total += 1;
+                    tracing::debug!(seq, creditor = %c.worker_id, %refusal, "creditor refused");
                 }
-                _ => tracing::warn!(creditor = %c.worker_id, "no answer to a reservation"),
+                _ => {
+                    tracing::warn!(seq, creditor = %c.worker_id, "no answer to a reservation");
+                    round.unanswered.push(peer);
+                }
             }
         }
-        grants
+        round.complete = left == 0 && round.unanswered.is_empty();
+        if round.complete {
+            self.backoff = None;
+            self.borrow_total += want as u64;
+        } else {
+            // Randomized, so two homes that each wait for what the other holds do not retry
+            // in lockstep.
+            let wait = Duration::from_millis(rand::random_range(BORROW_RETRY_MS));
+            self.backoff = Some((Instant::now() + wait, advice));
+        }
+        round
     }
 
     /// Tells a creditor that a request's blocks are free again.
@@ -166,7 +209,7 @@ pub fn serve_pool_request(
 ) -> Option<AttnRequest> {
     match msg {
         PeerMsg::Reserve { call, seq, blocks } => {
-            let answer = match rm.lend((from.clone(), seq), blocks as usize) {
+            let answer = match rm.lend_up_to((from.clone(), seq), blocks as usize) {
                 Ok(blocks) => PeerMsg::Reserved {
                     call,
                     blocks,

@@ -44,6 +44,8 @@ pub struct EngineStats {
     /// Blocks borrowed since start.
     pub kv_borrow_total: u64,
     pub preemptions_total: u64,
+    /// Reservations creditors refused since start.
+    pub kv_borrow_refusals_total: u64,
 }
 
 /// How the engine is sized. The worker's flags map onto this one to one.
@@ -149,6 +151,8 @@ pub fn start(model_dir: &Path, opts: EngineOptions) -> Result<EngineHandle, Engi
     let model = Llama::load(model_dir, Cpu::new()).map_err(|source| EngineError::Load {
         dir: model_dir.to_path_buf(),
         source,
+    /// What the other workers could lend at most, together (their lend caps), in blocks.
+    pool_lend_caps: AtomicUsize,
     })?;
     start_with(model, opts)
 }
@@ -257,6 +261,7 @@ fn start_with<B: Backend>(
     })
 }
 
+        pool_lend_caps: AtomicUsize::new(0),
 impl EngineHandle {
     /// Queues a request. The receiver yields its tokens; dropping it cancels the request.
     pub fn submit(
@@ -307,17 +312,19 @@ impl EngineHandle {
     }
 
     /// The longest prompt plus output a request here can hold: the local pool plus what the
-    /// creditors last advised can lend, within the model's positions.
+    /// other workers could lend (their lend caps; at least what they last advised), within the
+    /// model's positions. A request within it that cannot borrow now waits for loans to end.
     pub fn max_context_tokens(&self) -> usize {
         let s = &self.shared;
-        let lendable: u64 = s
+        let advised: u64 = s
             .creditors
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .map(|c| c.lendable_blocks)
             .sum();
-        (s.local_capacity + lendable as usize * s.block_tokens).min(s.max_positions)
+        let lendable = (advised as usize).max(s.pool_lend_caps.load(Ordering::Acquire));
+        (s.local_capacity + lendable * s.block_tokens).min(s.max_positions)
     }
 
     pub fn block_tokens(&self) -> usize {
@@ -366,6 +373,11 @@ impl EngineHandle {
         Duration::from_secs(1 + (waiting / self.shared.max_num_seqs.max(1)) as u64)
     }
 }
+    /// What the other workers could lend at most, together, as the gManager last reported.
+    pub fn set_pool_lend_caps(&self, blocks: usize) {
+        self.shared.pool_lend_caps.store(blocks, Ordering::Release);
+    }
+
 
 struct Active {
     req: GenerateRequest,
@@ -450,7 +462,7 @@ impl<B: Backend> Runner<B> {
     }
 
     /// Borrows, before the step, what the next request to start lacks: all of it or nothing,
-    /// so a request that waits never holds blocks another needs.
+    /// so a request that waits never holds blocks another needs, here or on a creditor.
     fn borrow(&mut self, rx: &std_mpsc::Receiver<Inbox>) {
         let Self {
             model,
@@ -463,16 +475,16 @@ impl<B: Backend> Runner<B> {
         let (Some(link), Some((seq, want))) = (link.as_mut(), scheduler.borrow_want()) else {
             return;
         };
-        let grants = link.borrow(seq, want, rx, &mut |m| match m {
+        if !link.may_borrow() {
+            return;
+        }
+        let round = link.borrow(seq, want, rx, &mut |m| match m {
             Inbox::Submit(s) => stash.push(s),
             Inbox::Peer(m) => serve_home(model, kv, scheduler, m),
         });
-        let got: usize = grants.iter().map(|(_, b)| b.len()).sum();
-        for (peer, blocks) in grants {
-            if got >= want {
+        if round.complete {
+            for (peer, blocks) in round.grants {
                 scheduler.add_borrowed(seq, peer, &blocks);
-            } else {
-                link.release(seq, peer);
             }
         }
     }
@@ -502,6 +514,22 @@ impl<B: Backend> Runner<B> {
     }
 
     fn drop_cancelled(&mut self) {
+            return;
+        }
+        // Short: give back this round's blocks and those of earlier rounds, and wait. Holding
+        // them while waiting for more could deadlock two homes that borrow from each other.
+        let mut peers: Vec<u16> = round
+            .grants
+            .iter()
+            .map(|(p, _)| *p)
+            .chain(round.unanswered)
+            .chain(scheduler.unreserve(seq))
+            .collect();
+        peers.sort_unstable();
+        peers.dedup();
+        tracing::debug!(seq, want, "not enough to borrow yet; the request waits");
+        for peer in peers {
+            link.release(seq, peer);
         let gone: Vec<SeqId> = self
             .active
             .iter()
@@ -612,3 +640,4 @@ impl<B: Backend> Runner<B> {
         });
     }
 }
+            kv_borrow_refusals_total: self.link.as_ref().map_or(0, |l| l.refusals_total),

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use infinite_llm_protocol::gmanager::{
-    BorrowAdvice, BorrowRequest, Heartbeat, PoolFigures, Register, Registered,
+    BorrowAdvice, BorrowRequest, Heartbeat, PoolFigures, PoolView, Register, Registered,
 };
 
 use crate::engine::{EngineHandle, EngineStats};
@@ -37,6 +37,16 @@ fn figures(s: &EngineStats) -> PoolFigures {
         running_requests: s.running as u64,
         waiting_requests: s.waiting as u64,
     }
+}
+
+/// The most blocks the other workers could ever lend at once: what a request here may count on
+/// when they are not busy. Decides which requests are too long for the pool and which wait.
+fn others_lend_caps(view: &PoolView, me: &str) -> usize {
+    view.workers
+        .iter()
+        .filter(|w| w.worker_id != me)
+        .map(|w| w.pool.lend_cap_blocks.min(w.pool.total_blocks) as usize)
+        .sum()
 }
 
 impl GManagerClient {
@@ -80,6 +90,16 @@ impl GManagerClient {
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             return Err(CallError::Unknown);
         }
+        Ok(resp.error_for_status()?.json().await?)
+    }
+
+    async fn pool(&self) -> Result<PoolView, CallError> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/pool", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
         Ok(resp.error_for_status()?.json().await?)
     }
 
@@ -145,6 +165,10 @@ impl GManagerClient {
             match self.post::<_, BorrowAdvice>("/v1/borrow", &ask).await {
                 Ok(advice) => engine.set_creditors(advice.creditors),
                 Err(e) => tracing::debug!(error = %e, "no creditor advice this round"),
+            }
+            match self.pool().await {
+                Ok(view) => engine.set_pool_lend_caps(others_lend_caps(&view, &id)),
+                Err(e) => tracing::debug!(error = %e, "no pool view this round"),
             }
         }
     }

@@ -47,6 +47,7 @@ pub struct Metrics {
     kv_blocks_borrowed: Gauge,
     num_preemptions: EngineCounter,
     kv_borrow: EngineCounter,
+    kv_borrow_refusals: EngineCounter,
     generation_tokens: Counter,
     prompt_tokens: Counter,
     request_success: Family<FinishLabels, Counter>,
@@ -75,6 +76,7 @@ impl Metrics {
             kv_blocks_borrowed: Gauge::default(),
             num_preemptions: EngineCounter::default(),
             kv_borrow: EngineCounter::default(),
+            kv_borrow_refusals: EngineCounter::default(),
             generation_tokens: Counter::default(),
             prompt_tokens: Counter::default(),
             request_success: Family::default(),
@@ -124,6 +126,11 @@ impl Metrics {
             "kv_borrow",
             "rBlocks borrowed from other workers",
             metrics.kv_borrow.counter.clone(),
+        );
+        registry.register(
+            "kv_borrow_refusals",
+            "Reservations of rBlocks that creditors refused (full, or their lend cap reached)",
+            metrics.kv_borrow_refusals.counter.clone(),
         );
         registry.register(
             "num_preemptions",
@@ -220,6 +227,8 @@ impl Metrics {
             .set(gauge_value(stats.kv_blocks_borrowed));
         self.num_preemptions.catch_up(stats.preemptions_total);
         self.kv_borrow.catch_up(stats.kv_borrow_total);
+        self.kv_borrow_refusals
+            .catch_up(stats.kv_borrow_refusals_total);
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
@@ -266,6 +275,7 @@ mod tests {
             kv_blocks_lent: 1,
             kv_blocks_borrowed: 4,
             kv_borrow_total: 6,
+            kv_borrow_refusals_total: 2,
             preemptions_total: 3,
             ..EngineStats::default()
         };
@@ -280,6 +290,7 @@ mod tests {
             "ilm_kv_blocks_lent 1",
             "ilm_kv_blocks_borrowed 4",
             "ilm_kv_borrow_total 6",
+            "ilm_kv_borrow_refusals_total 2",
             "ilm_generation_tokens_total 2",
             "ilm_prompt_tokens_total 12",
             "ilm_request_success_total{finished_reason=\"length\"} 1",

@@ -96,6 +96,22 @@ impl RManager {
         Ok(blocks)
     }
 
+    /// Blocks another worker could borrow right now: free ones, within the lend cap.
+    pub fn lendable(&self) -> usize {
+        self.pool
+            .free_count()
+            .min(self.lend_cap.saturating_sub(self.lent_count))
+    }
+
+    /// Reserves as many of `n` blocks as can be lent, refusing only when none can: the home
+    /// decides whether what it gathered over its creditors is enough.
+    pub fn lend_up_to(&mut self, key: LoanKey, n: usize) -> Result<Vec<u32>, LendError> {
+        match self.lendable().min(n) {
+            0 => self.lend(key, n.max(1)),
+            k => self.lend(key, k),
+        }
+    }
+
     /// Checks that every block is lent to `key`: a creditor touches only what it lent.
     pub fn check_lent(
         &self,
@@ -172,6 +188,32 @@ mod tests {
         );
         assert_eq!(m.lent(), 0);
         assert_eq!(m.free(), 1);
+    }
+
+    #[test]
+    fn lending_up_to_gives_what_is_lendable_and_refuses_only_when_nothing_is() {
+        let mut m = RManager::new(8, 0.5);
+        assert_eq!(m.lend_up_to(key("w1", 1), 3).unwrap().len(), 3);
+        assert_eq!(
+            m.lend_up_to(key("w2", 1), 3).unwrap().len(),
+            1,
+            "the cap leaves one"
+        );
+        assert_eq!(
+            m.lend_up_to(key("w2", 2), 3),
+            Err(LendError::CapReached {
+                lent: 4,
+                cap: 4,
+                asked: 3
+            })
+        );
+        let mut full = RManager::new(4, 1.0);
+        full.alloc_local(4);
+        assert_eq!(
+            full.lend_up_to(key("w1", 1), 2),
+            Err(LendError::Full { free: 0, asked: 2 })
+        );
+        assert_eq!((full.lent(), m.lent()), (0, 4));
     }
 
     #[test]

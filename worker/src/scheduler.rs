@@ -305,6 +305,12 @@ impl Scheduler {
         seq.reserved.push((peer, blocks.to_vec()));
     }
 
+    /// Drops the blocks reserved for waiting request `id`; returns the peers that hold them.
+    pub fn unreserve(&mut self, id: SeqId) -> Vec<u16> {
+        let seq = self.seqs.get_mut(&id).expect("known request");
+        seq.reserved.drain(..).map(|(peer, _)| peer).collect()
+    }
+
     fn preempt(&mut self, id: SeqId) {
         let mut table = std::mem::take(&mut self.seqs.get_mut(&id).unwrap().table);
         self.release(id, &mut table);

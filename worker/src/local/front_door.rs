@@ -132,7 +132,9 @@ async fn forward(State(door): State<Arc<FrontDoor>>, request: Request) -> Respon
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
-    for index in door.candidates() {
+    let candidates = door.candidates();
+    let last = candidates.len() - 1;
+    for (n, index) in candidates.into_iter().enumerate() {
         let backend = &door.backends[index];
         backend.outstanding.fetch_add(1, Ordering::AcqRel);
         let guard = Outstanding(door.clone(), index);
@@ -144,6 +146,12 @@ async fn forward(State(door): State<Arc<FrontDoor>>, request: Request) -> Respon
             .send()
             .await;
         match upstream {
+            // That worker's queue is full; another may have room. The last answer goes back.
+            Ok(response)
+                if response.status() == reqwest::StatusCode::TOO_MANY_REQUESTS && n < last =>
+            {
+                tracing::debug!(worker = %backend.name, "worker queue full; trying another");
+            }
             Ok(response) => return relay(response, guard),
             Err(err) if err.is_connect() => {
                 tracing::warn!(worker = %backend.name, error = %err, "worker unreachable; trying another");
@@ -237,6 +245,51 @@ mod tests {
             0,
             "failed attempts are not counted as outstanding"
         );
+    }
+
+    /// A worker that always answers `status`, on a free port.
+    async fn fake_worker(status: StatusCode) -> Backend {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = Router::new().route(
+            "/v1/completions",
+            any(move || async move { (status, [(header::RETRY_AFTER, "3")], "answer") }),
+        );
+        tokio::spawn(axum::serve(listener, app).into_future());
+        Backend::new(status.to_string(), url)
+    }
+
+    async fn post_through(door: &Arc<FrontDoor>) -> reqwest::Response {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(axum::serve(listener, door.router()).into_future());
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .post(format!("http://{address}/v1/completions"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_worker_with_a_full_queue_passes_the_request_to_another() {
+        let busy = fake_worker(StatusCode::TOO_MANY_REQUESTS).await;
+        let free = fake_worker(StatusCode::OK).await;
+        // Round robin starts at the busy one.
+        let door = FrontDoor::new(vec![busy, free]).unwrap();
+        assert_eq!(post_through(&door).await.status(), 200);
+
+        let all_busy = vec![
+            fake_worker(StatusCode::TOO_MANY_REQUESTS).await,
+            fake_worker(StatusCode::TOO_MANY_REQUESTS).await,
+        ];
+        let door = FrontDoor::new(all_busy).unwrap();
+        let response = post_through(&door).await;
+        assert_eq!(response.status(), 429, "the last worker's answer");
+        assert_eq!(response.headers()["retry-after"], "3");
     }
 
     #[test]

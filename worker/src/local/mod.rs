@@ -46,6 +46,10 @@ pub struct LocalArgs {
     pub served_model_name: Option<String>,
     #[command(flatten)]
     pub engine: EngineArgs,
+    /// Lend fractions per worker, in order, comma-separated (such as `0.5,0,0.5`); workers past
+    /// the list keep --lend-fraction.
+    #[arg(long, env = "ILM_LEND_FRACTIONS", value_delimiter = ',')]
+    pub lend_fractions: Vec<f64>,
     /// How long each worker may take to load the model.
     #[arg(long, env = "ILM_READY_TIMEOUT_SECS", default_value_t = 300)]
     pub ready_timeout_secs: u64,
@@ -86,6 +90,12 @@ fn start_gmanager(port: u16, output: Output) -> anyhow::Result<(ChildProcess, Pa
 /// Runs the pool until SIGINT/SIGTERM, then stops every process it started.
 /// `worker_flags` are passed to every worker as well (such as the log format).
 pub async fn run(args: LocalArgs, worker_flags: Vec<String>, output: Output) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.lend_fractions.len() <= usize::from(args.workers),
+        "{} lend fractions for {} workers",
+        args.lend_fractions.len(),
+        args.workers
+    );
     let model = model_dir_or_demo(args.model)?;
     let model = model
         .canonicalize()
@@ -126,7 +136,11 @@ pub async fn run(args: LocalArgs, worker_flags: Vec<String>, output: Output) -> 
             "--peer-port=0".to_owned(),
             "--exit-on-stdin-eof".to_owned(),
         ];
-        flags.extend(args.engine.to_flags());
+        let mut engine = args.engine.clone();
+        if let Some(&f) = args.lend_fractions.get(usize::from(i)) {
+            engine.lend_fraction = f;
+        }
+        flags.extend(engine.to_flags());
         flags.extend(worker_flags.iter().cloned());
         workers.push(ChildProcess::spawn(&name, flags, port, output)?);
     }

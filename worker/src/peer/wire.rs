@@ -16,7 +16,8 @@ pub enum PeerMsg {
         home: String,
         token: String,
     },
-    /// Two-phase borrowing, phase one: reserve `blocks` for the home's request `seq`.
+    /// Two-phase borrowing, phase one: reserve up to `blocks` for the home's request `seq`
+    /// (the creditor grants what it can lend; the home gives back a round that falls short).
     Reserve {
         call: u64,
         seq: u64,
