@@ -29,6 +29,7 @@ impl GManager {
         let config = GManagerConfig {
             heartbeat_interval: INTERVAL,
             missed_heartbeats: 3,
+            ..GManagerConfig::default()
         };
         let (stop, stopped) = oneshot::channel();
         let served = tokio::spawn(gmanager::serve(listener, config, tokens, async {

@@ -8,7 +8,8 @@
 //!   reserve blocks, best creditor first. Advice only: the creditor's own reservation is what
 //!   holds, so a stale view never double-books a block.
 //! - `DELETE /v1/workers/{id}`: a worker leaves.
-//! - `GET /v1/pool` → `PoolView`: per worker figures and the epoch, for people and autoscalers.
+//! - `GET /v1/pool` → `PoolView`: per worker figures and the epoch, for people and autoscalers;
+//!   also the debt ledger, debtors and creditors, and the moves the last placement round planned.
 
 use serde::{Deserialize, Serialize};
 
@@ -67,6 +68,16 @@ pub struct Heartbeat {
     pub pool: PoolFigures,
 }
 
+/// A change in where one request of the reporting worker (its home) keeps blocks: `blocks`
+/// more (or fewer, when negative) at `holder`, the home itself included. Heartbeats may carry
+/// these under `placements`; the gManager sums them into its debt ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementDelta {
+    pub request: u64,
+    pub holder: String,
+    pub blocks: i64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeartbeatAck {
     pub epoch: u64,
@@ -109,6 +120,34 @@ pub struct PoolView {
     pub block_tokens: u32,
     pub workers: Vec<WorkerView>,
     pub totals: PoolFigures,
+    /// Workers whose queue waits for memory while their batch is small.
+    #[serde(default)]
+    pub debtors: Vec<String>,
+    /// Workers with spare blocks and nobody waiting.
+    #[serde(default)]
+    pub creditors: Vec<String>,
+    /// Blocks each home holds on each creditor, from the placements workers reported.
+    #[serde(default)]
+    pub debts: Vec<Debt>,
+    /// What the last placement round would move to raise throughput.
+    #[serde(default)]
+    pub planned_moves: Vec<PlannedMove>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Debt {
+    pub home: String,
+    pub creditor: String,
+    pub blocks: u64,
+}
+
+/// `blocks` of `request`, homed at `from`, to be placed on `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedMove {
+    pub request: u64,
+    pub from: String,
+    pub to: String,
+    pub blocks: u64,
 }
 
 #[cfg(test)]
@@ -148,5 +187,16 @@ mod tests {
         };
         let back: Register = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn a_pool_view_without_the_ledger_fields_still_parses() {
+        let old = r#"{"epoch": 2, "block_tokens": 16, "workers": [], "totals": {
+            "total_blocks": 8, "used_blocks": 0, "lent_blocks": 0, "borrowed_blocks": 0,
+            "lend_cap_blocks": 4, "running_requests": 0, "waiting_requests": 0}}"#;
+        let v: PoolView = serde_json::from_str(old).unwrap();
+        assert_eq!(v.epoch, 2);
+        assert!(v.debtors.is_empty() && v.creditors.is_empty());
+        assert!(v.debts.is_empty() && v.planned_moves.is_empty());
     }
 }

@@ -1,5 +1,7 @@
 //! The gManager's ledger of one cluster: which workers are members, what their pools last
-//! held, and the membership epoch. Pure logic: every call takes `now`, so tests drive time.
+//! held, where each request keeps its blocks (the debt ledger, summed from the placement deltas
+//! homes report), and the membership epoch. Pure logic: every call takes `now`, so tests drive
+//! time.
 //!
 //! The ledger is soft state rebuilt from what workers report: nothing here is authoritative
 //! about a block, it only steers homes towards creditors likely to say yes.
@@ -8,8 +10,11 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use infinite_llm_protocol::gmanager::{
-    BorrowAdvice, BorrowRequest, Creditor, PoolFigures, PoolView, Register, WorkerView,
+    BorrowAdvice, BorrowRequest, Creditor, Debt, PlacementDelta, PlannedMove, PoolFigures,
+    PoolView, Register, WorkerView,
 };
+
+use super::placement::{self, Instance, PlacementConfig, Role};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LedgerError {
@@ -21,6 +26,8 @@ pub enum LedgerError {
     ZeroBlockTokens,
     #[error("worker uses {worker} tokens per block but the cluster uses {cluster}")]
     BlockTokensMismatch { worker: u32, cluster: u32 },
+    #[error("request {request} holds fewer blocks on {holder:?} than the placement removes")]
+    PlacementUnderflow { request: u64, holder: String },
 }
 
 #[derive(Debug, Clone)]
@@ -32,20 +39,31 @@ struct Member {
     last_seen: Instant,
 }
 
+/// Blocks of one request by holder, the home included.
+type Holders = BTreeMap<String, u64>;
+
 #[derive(Debug)]
 pub struct Ledger {
     epoch: u64,
     /// A worker silent for this long is gone.
     expiry: Duration,
     members: BTreeMap<String, Member>,
+    /// Where each (home, request) keeps its blocks.
+    placements: BTreeMap<(String, u64), Holders>,
+    placement: PlacementConfig,
+    /// Moves of the last placement round.
+    planned: Vec<PlannedMove>,
 }
 
 impl Ledger {
-    pub fn new(expiry: Duration) -> Self {
+    pub fn new(expiry: Duration, placement: PlacementConfig) -> Self {
         Ledger {
             epoch: 0,
             expiry,
             members: BTreeMap::new(),
+            placements: BTreeMap::new(),
+            placement,
+            planned: Vec::new(),
         }
     }
 
@@ -71,6 +89,7 @@ impl Ledger {
                 cluster,
             });
         }
+        self.forget(&r.worker_id);
         self.members.insert(
             r.worker_id,
             Member {
@@ -85,17 +104,55 @@ impl Ledger {
         Ok(self.epoch)
     }
 
-    /// Records a worker's latest figures; the epoch it reports needs no reply beyond ours.
+    /// Records a worker's latest figures and the placement changes of its requests since its
+    /// last heartbeat, all or nothing; the epoch it reports needs no reply beyond ours.
+    /// Removing blocks from a holder that has left is accepted and changes nothing: the ledger
+    /// wrote those blocks off when the holder went. Placing blocks on one is refused.
     pub fn heartbeat(
         &mut self,
         id: &str,
         pool: PoolFigures,
+        deltas: &[PlacementDelta],
         now: Instant,
     ) -> Result<u64, LedgerError> {
-        let member = self
-            .members
-            .get_mut(id)
-            .ok_or_else(|| LedgerError::UnknownWorker(id.to_owned()))?;
+        if !self.members.contains_key(id) {
+            return Err(LedgerError::UnknownWorker(id.to_owned()));
+        }
+        // A heartbeat carries every change since the last one: only its net per holder counts.
+        let mut net: BTreeMap<(u64, &str), i64> = BTreeMap::new();
+        for d in deltas {
+            *net.entry((d.request, d.holder.as_str())).or_insert(0) += d.blocks;
+        }
+        let mut changed = Vec::with_capacity(net.len());
+        for ((request, holder), blocks) in net {
+            if !self.members.contains_key(holder) {
+                if blocks > 0 {
+                    return Err(LedgerError::UnknownWorker(holder.to_owned()));
+                }
+                continue;
+            }
+            let next = self
+                .held(id, request, holder)
+                .checked_add_signed(blocks)
+                .ok_or_else(|| LedgerError::PlacementUnderflow {
+                    request,
+                    holder: holder.to_owned(),
+                })?;
+            changed.push(((request, holder), next));
+        }
+        for ((request, holder), blocks) in changed {
+            let key = (id.to_owned(), request);
+            let holders = self.placements.entry(key.clone()).or_default();
+            if blocks == 0 {
+                holders.remove(holder);
+            } else {
+                holders.insert(holder.to_owned(), blocks);
+            }
+            if holders.is_empty() {
+                self.placements.remove(&key);
+            }
+        }
+        let member = self.members.get_mut(id).expect("checked above");
         member.pool = pool;
         member.last_seen = now;
         Ok(self.epoch)
@@ -105,8 +162,97 @@ impl Ledger {
         self.members
             .remove(id)
             .ok_or_else(|| LedgerError::UnknownWorker(id.to_owned()))?;
+        self.forget(id);
         self.epoch += 1;
         Ok(self.epoch)
+    }
+
+    /// Blocks of the home's request on `holder`, as reported.
+    fn held(&self, home: &str, request: u64, holder: &str) -> u64 {
+        self.placements
+            .get(&(home.to_owned(), request))
+            .and_then(|h| h.get(holder))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Drops a departed worker's requests and the blocks it held for others: both are gone
+    /// with it, and the homes that lost blocks report their recomputed placement afresh.
+    fn forget(&mut self, id: &str) {
+        self.placements.retain(|(home, _), holders| {
+            holders.remove(id);
+            home != id && !holders.is_empty()
+        });
+    }
+
+    #[cfg(test)]
+    pub(super) fn placements(&self) -> &BTreeMap<(String, u64), Holders> {
+        &self.placements
+    }
+
+    /// Blocks each home holds on each other worker, summed over its requests.
+    pub fn debts(&self) -> BTreeMap<(String, String), u64> {
+        let mut debts = BTreeMap::new();
+        for ((home, _), holders) in &self.placements {
+            for (holder, &blocks) in holders {
+                if holder != home {
+                    *debts.entry((home.clone(), holder.clone())).or_insert(0) += blocks;
+                }
+            }
+        }
+        debts
+    }
+
+    /// Live workers as placement sees them, in id order. Figures a heartbeat does not carry
+    /// are estimated: every block held is taken as full, and the next waiting request as
+    /// needing the blocks of an average running one.
+    fn instances(&self, now: Instant) -> (Vec<&String>, Vec<Instance>) {
+        let (ids, members): (Vec<&String>, Vec<&Member>) = self.live(now).unzip();
+        let instances = ids
+            .iter()
+            .zip(&members)
+            .map(|(id, m)| {
+                let p = &m.pool;
+                let requests = self
+                    .placements
+                    .range(((*id).clone(), 0)..=((*id).clone(), u64::MAX))
+                    .map(|((_, request), holders)| {
+                        (*request, holders.get(id.as_str()).copied().unwrap_or(0))
+                    })
+                    .collect();
+                Instance {
+                    total_blocks: p.total_blocks,
+                    used_blocks: p.used_blocks,
+                    lent_blocks: p.lent_blocks,
+                    lend_cap_blocks: p.lend_cap_blocks,
+                    batch: p.running_requests,
+                    waiting: p.waiting_requests,
+                    next_need_blocks: p.used_blocks.div_ceil(p.running_requests.max(1)).max(1),
+                    attention_tokens: (p.used_blocks + p.lent_blocks) * u64::from(m.block_tokens),
+                    remote: p.borrowed_blocks > 0,
+                    requests,
+                }
+            })
+            .collect();
+        (ids, instances)
+    }
+
+    /// Runs one round of the greedy placement over the live workers and keeps its moves for
+    /// the view.
+    pub fn place(&mut self, now: Instant) -> &[PlannedMove] {
+        let (ids, instances) = self.instances(now);
+        let block_tokens = u64::from(ids.first().map_or(0, |id| self.members[*id].block_tokens));
+        let planned = placement::plan_moves(&instances, block_tokens, &self.placement)
+            .into_iter()
+            .map(|m| PlannedMove {
+                request: m.request,
+                from: ids[m.from].clone(),
+                to: ids[m.to].clone(),
+                blocks: m.blocks,
+            })
+            .collect();
+        self.planned = planned;
+        &self.planned
     }
 
     /// Drops every worker silent for the expiry or longer, one epoch per worker, and
@@ -121,6 +267,7 @@ impl Ledger {
             .collect();
         for id in &gone {
             self.members.remove(id);
+            self.forget(id);
             self.epoch += 1;
         }
         gone
@@ -129,31 +276,47 @@ impl Ledger {
     /// Creditors for `req.home`: live workers other than the home with something to lend,
     /// most lendable blocks first (ties by id, so advice is stable).
     pub fn advise(&self, req: &BorrowRequest, now: Instant) -> Result<BorrowAdvice, LedgerError> {
-        if !self.live(now).any(|(id, _)| id == &req.home) {
-            return Err(LedgerError::UnknownWorker(req.home.clone()));
-        }
-        let mut creditors: Vec<Creditor> = self
-            .live(now)
-            .filter(|(id, m)| *id != &req.home && m.pool.lendable_blocks() > 0)
-            .map(|(id, m)| Creditor {
-                worker_id: id.clone(),
-                peer_addr: m.peer_addr.clone(),
-                lendable_blocks: m.pool.lendable_blocks(),
+        let (ids, instances) = self.instances(now);
+        let home = ids
+            .iter()
+            .position(|id| **id == req.home)
+            .ok_or_else(|| LedgerError::UnknownWorker(req.home.clone()))?;
+        let creditors = placement::rank_lenders(&instances, home)
+            .into_iter()
+            .map(|i| Creditor {
+                worker_id: ids[i].clone(),
+                peer_addr: self.members[ids[i]].peer_addr.clone(),
+                lendable_blocks: instances[i].lendable_blocks(),
             })
             .collect();
-        creditors.sort_by(|a, b| {
-            b.lendable_blocks
-                .cmp(&a.lendable_blocks)
-                .then_with(|| a.worker_id.cmp(&b.worker_id))
-        });
         Ok(BorrowAdvice {
             epoch: self.epoch,
             creditors,
         })
     }
 
-    /// Live workers and their summed figures. `block_tokens` is 0 while no worker is live.
+    /// Live workers and their summed figures, the debt ledger, each worker's placement role
+    /// and the moves a placement round would make. `block_tokens` is 0 while no worker is live.
     pub fn view(&self, now: Instant) -> PoolView {
+        let (ids, instances) = self.instances(now);
+        let by_role = |role: Role| -> Vec<String> {
+            ids.iter()
+                .zip(&instances)
+                .filter(|(_, i)| placement::role(i, &self.placement) == role)
+                .map(|(id, _)| (*id).clone())
+                .collect()
+        };
+        let debtors = by_role(Role::Debtor);
+        let creditors = by_role(Role::Creditor);
+        let debts = self
+            .debts()
+            .into_iter()
+            .map(|((home, creditor), blocks)| Debt {
+                home,
+                creditor,
+                blocks,
+            })
+            .collect();
         let mut totals = PoolFigures::default();
         let mut block_tokens = 0;
         let workers = self
@@ -176,6 +339,10 @@ impl Ledger {
             block_tokens,
             workers,
             totals,
+            debtors,
+            creditors,
+            debts,
+            planned_moves: self.planned.clone(),
         }
     }
 
@@ -213,6 +380,10 @@ mod tests {
     use super::*;
 
     const EXPIRY: Duration = Duration::from_millis(300);
+
+    fn ledger() -> Ledger {
+        Ledger::new(EXPIRY, PlacementConfig::default())
+    }
 
     fn pool(total: u64, used: u64, lent: u64, cap: u64) -> PoolFigures {
         PoolFigures {
@@ -252,7 +423,7 @@ mod tests {
     #[test]
     fn every_join_and_leave_bumps_the_epoch() {
         let t = Instant::now();
-        let mut l = Ledger::new(EXPIRY);
+        let mut l = ledger();
         assert_eq!(l.epoch(), 0);
         assert_eq!(l.register(reg("a", pool(8, 0, 0, 4)), t), Ok(1));
         assert_eq!(l.register(reg("b", pool(8, 0, 0, 4)), t), Ok(2));
@@ -264,10 +435,10 @@ mod tests {
     #[test]
     fn heartbeats_keep_the_epoch_and_update_figures() {
         let t = Instant::now();
-        let mut l = Ledger::new(EXPIRY);
+        let mut l = ledger();
         l.register(reg("a", pool(8, 0, 0, 4)), t).unwrap();
         assert_eq!(
-            l.heartbeat("a", pool(8, 5, 1, 4), t + Duration::from_millis(10)),
+            l.heartbeat("a", pool(8, 5, 1, 4), &[], t + Duration::from_millis(10)),
             Ok(1)
         );
         let v = l.view(t + Duration::from_millis(30));
@@ -278,9 +449,9 @@ mod tests {
 
     #[test]
     fn heartbeat_from_an_unknown_worker_is_refused() {
-        let mut l = Ledger::new(EXPIRY);
+        let mut l = ledger();
         assert_eq!(
-            l.heartbeat("ghost", PoolFigures::default(), Instant::now()),
+            l.heartbeat("ghost", PoolFigures::default(), &[], Instant::now()),
             Err(LedgerError::UnknownWorker("ghost".into()))
         );
         assert_eq!(l.epoch(), 0);
@@ -289,7 +460,7 @@ mod tests {
     #[test]
     fn re_registering_replaces_the_worker_and_bumps_the_epoch() {
         let t = Instant::now();
-        let mut l = Ledger::new(EXPIRY);
+        let mut l = ledger();
         l.register(reg("a", pool(8, 6, 2, 4)), t).unwrap();
         let mut again = reg("a", pool(16, 0, 0, 8));
         again.peer_addr = "new:9000".into();
@@ -304,7 +475,7 @@ mod tests {
     #[test]
     fn registration_is_validated() {
         let t = Instant::now();
-        let mut l = Ledger::new(EXPIRY);
+        let mut l = ledger();
         assert_eq!(
             l.register(reg("", PoolFigures::default()), t),
             Err(LedgerError::EmptyWorkerId)
@@ -334,7 +505,7 @@ mod tests {
     #[test]
     fn creditors_come_most_lendable_first_without_the_home() {
         let t = Instant::now();
-        let mut l = Ledger::new(EXPIRY);
+        let mut l = ledger();
         l.register(reg("home", pool(100, 0, 0, 100)), t).unwrap();
         l.register(reg("small", pool(10, 7, 0, 10)), t).unwrap(); // 3 lendable
         l.register(reg("capped", pool(100, 0, 45, 50)), t).unwrap(); // 5: the cap binds
@@ -357,7 +528,7 @@ mod tests {
     #[test]
     fn workers_with_nothing_to_lend_are_never_advised() {
         let t = Instant::now();
-        let mut l = Ledger::new(EXPIRY);
+        let mut l = ledger();
         l.register(reg("home", pool(8, 8, 0, 4)), t).unwrap();
         l.register(reg("full", pool(8, 8, 0, 4)), t).unwrap();
         l.register(reg("at_cap", pool(8, 0, 4, 4)), t).unwrap();
@@ -368,7 +539,7 @@ mod tests {
     #[test]
     fn advice_for_an_unknown_home_is_refused() {
         let t = Instant::now();
-        let mut l = Ledger::new(EXPIRY);
+        let mut l = ledger();
         l.register(reg("a", pool(8, 0, 0, 4)), t).unwrap();
         assert_eq!(
             l.advise(&ask("ghost"), t),
@@ -379,18 +550,18 @@ mod tests {
     #[test]
     fn silent_workers_expire_one_epoch_each() {
         let t = Instant::now();
-        let mut l = Ledger::new(EXPIRY);
+        let mut l = ledger();
         l.register(reg("a", pool(8, 0, 0, 4)), t).unwrap();
         l.register(reg("b", pool(8, 0, 0, 4)), t).unwrap();
         l.register(reg("c", pool(8, 0, 0, 4)), t).unwrap();
         let beat = pool(8, 0, 0, 4);
-        l.heartbeat("c", beat, t + Duration::from_millis(200))
+        l.heartbeat("c", beat, &[], t + Duration::from_millis(200))
             .unwrap();
         assert!(l.expire(t + EXPIRY - Duration::from_millis(1)).is_empty());
         assert_eq!(l.expire(t + EXPIRY), ["a", "b"]);
         assert_eq!(l.epoch(), 5);
         assert_eq!(
-            l.heartbeat("a", beat, t + EXPIRY),
+            l.heartbeat("a", beat, &[], t + EXPIRY),
             Err(LedgerError::UnknownWorker("a".into())),
             "an expired worker must register again"
         );
@@ -400,7 +571,7 @@ mod tests {
     #[test]
     fn expired_but_unswept_workers_are_neither_advised_nor_shown() {
         let t = Instant::now();
-        let mut l = Ledger::new(EXPIRY);
+        let mut l = ledger();
         l.register(reg("stale", pool(8, 0, 0, 8)), t).unwrap();
         let later = t + Duration::from_millis(250);
         l.register(reg("home", pool(8, 8, 0, 0)), later).unwrap();
@@ -426,7 +597,7 @@ mod tests {
     #[test]
     fn totals_sum_every_live_worker() {
         let t = Instant::now();
-        let mut l = Ledger::new(EXPIRY);
+        let mut l = ledger();
         let mut a = pool(10, 4, 2, 5);
         a.borrowed_blocks = 3;
         a.running_requests = 2;
@@ -455,10 +626,140 @@ mod tests {
 
     #[test]
     fn an_empty_ledger_has_an_empty_view() {
-        let v = Ledger::new(EXPIRY).view(Instant::now());
+        let v = ledger().view(Instant::now());
         assert_eq!(v.epoch, 0);
         assert_eq!(v.block_tokens, 0);
         assert!(v.workers.is_empty());
         assert_eq!(v.totals, PoolFigures::default());
+    }
+
+    fn delta(request: u64, holder: &str, blocks: i64) -> PlacementDelta {
+        PlacementDelta {
+            request,
+            holder: holder.into(),
+            blocks,
+        }
+    }
+
+    fn debts(l: &Ledger) -> Vec<(String, String, u64)> {
+        l.debts().into_iter().map(|((h, c), b)| (h, c, b)).collect()
+    }
+
+    #[test]
+    fn placement_deltas_sum_into_debts() {
+        let t = Instant::now();
+        let mut l = ledger();
+        for id in ["a", "b", "c"] {
+            l.register(reg(id, pool(100, 0, 0, 50)), t).unwrap();
+        }
+        let beat = pool(100, 10, 0, 50);
+        l.heartbeat("a", beat, &[delta(1, "a", 10), delta(1, "b", 5)], t)
+            .unwrap();
+        l.heartbeat("a", beat, &[delta(2, "b", 3), delta(2, "c", 4)], t)
+            .unwrap();
+        l.heartbeat("c", beat, &[delta(7, "a", 2)], t).unwrap();
+        assert_eq!(
+            debts(&l),
+            [
+                ("a".into(), "b".into(), 8),
+                ("a".into(), "c".into(), 4),
+                ("c".into(), "a".into(), 2)
+            ]
+        );
+        // Returning blocks, one request finishing.
+        l.heartbeat("a", beat, &[delta(1, "b", -5), delta(1, "a", -10)], t)
+            .unwrap();
+        assert_eq!(debts(&l)[0], ("a".into(), "b".into(), 3));
+        let v = l.view(t);
+        assert_eq!(v.debts.len(), 3);
+        assert_eq!(v.debts[0].blocks, 3);
+    }
+
+    #[test]
+    fn a_heartbeat_that_removes_more_than_was_placed_changes_nothing() {
+        let t = Instant::now();
+        let mut l = ledger();
+        l.register(reg("a", pool(100, 0, 0, 50)), t).unwrap();
+        l.register(reg("b", pool(100, 0, 0, 50)), t).unwrap();
+        l.heartbeat("a", pool(100, 0, 0, 50), &[delta(1, "b", 4)], t)
+            .unwrap();
+        let bad = [delta(1, "b", 2), delta(1, "b", -7)];
+        assert_eq!(
+            l.heartbeat("a", pool(100, 9, 0, 50), &bad, t),
+            Err(LedgerError::PlacementUnderflow {
+                request: 1,
+                holder: "b".into()
+            })
+        );
+        assert_eq!(debts(&l), [("a".into(), "b".into(), 4)]);
+        assert_eq!(
+            l.view(t).workers[0].pool.used_blocks,
+            0,
+            "figures untouched"
+        );
+        assert_eq!(
+            l.heartbeat("a", pool(100, 0, 0, 50), &[delta(1, "ghost", 1)], t),
+            Err(LedgerError::UnknownWorker("ghost".into())),
+            "blocks cannot be placed on a worker the ledger does not know"
+        );
+    }
+
+    #[test]
+    fn a_departed_worker_takes_its_requests_and_the_blocks_it_held() {
+        let t = Instant::now();
+        let mut l = ledger();
+        for id in ["a", "b", "c"] {
+            l.register(reg(id, pool(100, 0, 0, 50)), t).unwrap();
+        }
+        let beat = pool(100, 0, 0, 50);
+        l.heartbeat("a", beat, &[delta(1, "b", 5), delta(1, "c", 6)], t)
+            .unwrap();
+        l.heartbeat("b", beat, &[delta(2, "c", 7)], t).unwrap();
+        l.leave("b").unwrap();
+        assert_eq!(debts(&l), [("a".into(), "c".into(), 6)]);
+        // The home recomputes the lost blocks elsewhere and reports both halves.
+        l.heartbeat("a", beat, &[delta(1, "b", -5), delta(1, "c", 5)], t)
+            .unwrap();
+        assert_eq!(debts(&l), [("a".into(), "c".into(), 11)]);
+        // Silence works the same way as leaving.
+        let later = t + EXPIRY;
+        l.heartbeat("a", beat, &[], later).unwrap();
+        assert_eq!(l.expire(later), ["c"]);
+        assert!(debts(&l).is_empty());
+    }
+
+    #[test]
+    fn the_view_names_debtors_creditors_and_the_planned_moves() {
+        let t = Instant::now();
+        let mut l = ledger();
+        let mut full = pool(1000, 1000, 0, 500);
+        full.running_requests = 2;
+        full.waiting_requests = 3;
+        l.register(reg("full", full), t).unwrap();
+        l.register(reg("idle", pool(1000, 0, 0, 500)), t).unwrap();
+        l.register(reg("busy", pool(1000, 950, 0, 500)), t).unwrap();
+        l.heartbeat(
+            "full",
+            full,
+            &[delta(1, "full", 800), delta(2, "full", 200)],
+            t,
+        )
+        .unwrap();
+        let v = l.view(t);
+        assert_eq!(v.debtors, ["full"]);
+        assert_eq!(v.creditors, ["idle"]);
+        assert!(v.planned_moves.is_empty(), "no round has run yet");
+        let moves = l.place(t).to_vec();
+        assert_eq!(
+            moves,
+            [PlannedMove {
+                request: 1,
+                from: "full".into(),
+                to: "idle".into(),
+                blocks: 500
+            }],
+            "the longest request, to the freest creditor, what the next request needs"
+        );
+        assert_eq!(l.view(t).planned_moves, moves);
     }
 }

@@ -1,5 +1,6 @@
 //! The gManager's Prometheus metrics, labelled by cluster: members, epoch, pooled blocks by
-//! state, and borrow advice given.
+//! state, debtors and creditors, blocks the last placement round would move, and borrow
+//! advice given.
 
 use infinite_llm_protocol::gmanager::PoolView;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -25,7 +26,15 @@ pub struct Metrics {
     workers: Family<ClusterLabel, Gauge>,
     epoch: Family<ClusterLabel, Gauge>,
     blocks: Family<PoolLabel, Gauge>,
+    roles: Family<RoleLabel, Gauge>,
+    planned: Family<ClusterLabel, Gauge>,
     advice: Family<ClusterLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoleLabel {
+    cluster: String,
+    role: &'static str,
 }
 
 impl Default for Metrics {
@@ -35,6 +44,18 @@ impl Default for Metrics {
         let epoch = Family::<ClusterLabel, Gauge>::default();
         let blocks = Family::<PoolLabel, Gauge>::default();
         let advice = Family::<ClusterLabel, Counter>::default();
+        let roles = Family::<RoleLabel, Gauge>::default();
+        let planned = Family::<ClusterLabel, Gauge>::default();
+        registry.register(
+            "placement_workers",
+            "Live workers by placement role (debtor or creditor)",
+            roles.clone(),
+        );
+        registry.register(
+            "planned_move_blocks",
+            "Blocks the last placement round would move",
+            planned.clone(),
+        );
         registry.register("workers", "Live workers in the ledger", workers.clone());
         registry.register("epoch", "Membership epoch", epoch.clone());
         registry.register(
@@ -52,6 +73,8 @@ impl Default for Metrics {
             workers,
             epoch,
             blocks,
+            roles,
+            planned,
             advice,
         }
     }
@@ -82,6 +105,19 @@ impl Metrics {
                 })
                 .set(saturate(value));
         }
+        for (role, n) in [
+            ("debtor", view.debtors.len()),
+            ("creditor", view.creditors.len()),
+        ] {
+            self.roles
+                .get_or_create(&RoleLabel {
+                    cluster: cluster.to_owned(),
+                    role,
+                })
+                .set(saturate(u64::try_from(n).unwrap_or(u64::MAX)));
+        }
+        let planned: u64 = view.planned_moves.iter().map(|m| m.blocks).sum();
+        self.planned.get_or_create(&label).set(saturate(planned));
     }
 
     pub fn advised(&self, cluster: &str) {
@@ -108,7 +144,7 @@ fn saturate(v: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use infinite_llm_protocol::gmanager::PoolFigures;
+    use infinite_llm_protocol::gmanager::{PlannedMove, PoolFigures};
 
     #[test]
     fn renders_the_view_and_advice() {
@@ -124,6 +160,15 @@ mod tests {
                 borrowed_blocks: 2,
                 ..Default::default()
             },
+            debtors: vec!["w0".into()],
+            creditors: vec!["w1".into(), "w2".into()],
+            debts: Vec::new(),
+            planned_moves: vec![PlannedMove {
+                request: 1,
+                from: "w0".into(),
+                to: "w1".into(),
+                blocks: 6,
+            }],
         };
         m.observe("local", &view);
         m.advised("local");
@@ -137,6 +182,9 @@ mod tests {
             r#"ilm_gmanager_pool_blocks{cluster="local",state="borrowed"} 2"#,
             r#"ilm_gmanager_pool_blocks{cluster="local",state="free"} 10"#,
             r#"ilm_gmanager_borrow_advice_total{cluster="local"} 1"#,
+            r#"ilm_gmanager_placement_workers{cluster="local",role="debtor"} 1"#,
+            r#"ilm_gmanager_placement_workers{cluster="local",role="creditor"} 2"#,
+            r#"ilm_gmanager_planned_move_blocks{cluster="local"} 6"#,
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

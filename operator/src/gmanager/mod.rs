@@ -1,10 +1,14 @@
 //! The gManager: one per cluster, hosted by the operator's leader or run alone in local mode.
-//! It keeps the ledger of workers and their pools from registrations and heartbeats, and
-//! advises full homes which creditors to borrow from. Its state is soft: after a restart,
+//! It keeps the ledger of workers, their pools and their requests' placement from
+//! registrations and heartbeats, advises full homes which creditors to borrow from, and runs
+//! the greedy placement round every heartbeat interval. Its state is soft: after a restart,
 //! workers re-register when their heartbeat gets 404, and the ledger rebuilds.
 
-mod ledger;
+pub(crate) mod ledger;
 mod metrics;
+#[cfg(test)]
+mod model_tests;
+pub mod placement;
 mod service;
 mod tokens;
 
@@ -19,10 +23,12 @@ pub const DEFAULT_PORT: u16 = 8001;
 
 #[derive(Debug, Clone)]
 pub struct GManagerConfig {
-    /// How often workers are told to heartbeat.
+    /// How often workers are told to heartbeat, and how often placement runs.
     pub heartbeat_interval: Duration,
     /// Heartbeats a worker may miss in a row before it is expired.
     pub missed_heartbeats: u32,
+    /// The placement policy and its cost model.
+    pub placement: placement::PlacementConfig,
 }
 
 impl Default for GManagerConfig {
@@ -30,6 +36,7 @@ impl Default for GManagerConfig {
         GManagerConfig {
             heartbeat_interval: Duration::from_millis(1000),
             missed_heartbeats: 3,
+            placement: placement::PlacementConfig::default(),
         }
     }
 }

@@ -13,9 +13,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use infinite_llm_protocol::gmanager::{
-    AUTHORIZATION, BorrowAdvice, BorrowRequest, Heartbeat, HeartbeatAck, PoolView, Register,
-    Registered,
+    AUTHORIZATION, BorrowAdvice, BorrowRequest, Heartbeat, HeartbeatAck, PlacementDelta, PoolView,
+    Register, Registered,
 };
+use serde::Deserialize;
 use serde_json::json;
 use tracing::{debug, info, warn};
 
@@ -62,11 +63,22 @@ impl Service {
     }
 
     /// Expires silent workers of every cluster, so that expiry is logged and counted even
-    /// when no request comes in.
+    /// when no request comes in, and runs a placement round on what is left.
     pub(super) fn sweep(&self, now: Instant) {
         let mut ledgers = self.ledgers();
         for (cluster, ledger) in ledgers.iter_mut() {
             self.expire(cluster, ledger, now);
+            let moves = ledger.place(now);
+            if !moves.is_empty() {
+                let blocks: u64 = moves.iter().map(|m| m.blocks).sum();
+                info!(
+                    cluster,
+                    moves = moves.len(),
+                    blocks,
+                    "placement round: blocks to move"
+                );
+            }
+            self.inner.metrics.observe(cluster, &ledger.view(now));
         }
     }
 
@@ -75,9 +87,12 @@ impl Service {
     fn with_ledger<T>(&self, cluster: &str, f: impl FnOnce(&mut Ledger, Instant) -> T) -> T {
         let now = Instant::now();
         let mut ledgers = self.ledgers();
-        let ledger = ledgers
-            .entry(cluster.to_owned())
-            .or_insert_with(|| Ledger::new(self.inner.config.expiry()));
+        let ledger = ledgers.entry(cluster.to_owned()).or_insert_with(|| {
+            Ledger::new(
+                self.inner.config.expiry(),
+                self.inner.config.placement.clone(),
+            )
+        });
         self.expire(cluster, ledger, now);
         let out = f(ledger, now);
         self.inner.metrics.observe(cluster, &ledger.view(now));
@@ -154,14 +169,25 @@ async fn register(
     }))
 }
 
+/// A heartbeat, with the placement changes of the worker's requests when it reports them.
+#[derive(Deserialize)]
+struct HeartbeatBody {
+    #[serde(flatten)]
+    beat: Heartbeat,
+    #[serde(default)]
+    placements: Vec<PlacementDelta>,
+}
+
 async fn heartbeat(
     State(s): State<Service>,
     Cluster(cluster): Cluster,
     Path(id): Path<String>,
-    body: Result<Json<Heartbeat>, JsonRejection>,
+    body: Result<Json<HeartbeatBody>, JsonRejection>,
 ) -> Result<Json<HeartbeatAck>, ApiError> {
     let Json(hb) = body?;
-    let epoch = s.with_ledger(&cluster, |l, now| l.heartbeat(&id, hb.pool, now))?;
+    let epoch = s.with_ledger(&cluster, |l, now| {
+        l.heartbeat(&id, hb.beat.pool, &hb.placements, now)
+    })?;
     debug!(cluster, worker = id, epoch, "heartbeat");
     Ok(Json(HeartbeatAck { epoch }))
 }
@@ -239,6 +265,11 @@ impl IntoResponse for ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_request_error",
                 "invalid_registration",
+            ),
+            ApiError::Ledger(LedgerError::PlacementUnderflow { .. }) => (
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "placement_underflow",
             ),
             ApiError::Body(rejection) => {
                 (rejection.status(), "invalid_request_error", "invalid_body")

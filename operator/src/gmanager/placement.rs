@@ -1,0 +1,593 @@
+//! Placement: which workers are debtors and which creditors, where the blocks of a new request
+//! go, and the paper's greedy loop that moves blocks of a debtor's longest request to the
+//! creditor with the most spare blocks while a cost model says cluster throughput rises.
+//!
+//! Pure logic over [`Instance`] figures, so the gManager (figures from heartbeats) and the
+//! simulator (figures from its model of workers) run the same code.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+/// Hardware and model figures the cost model is derived from. The defaults are the H100 figures
+/// of DESIGN.md §6 with the Llama-3-8B shape (32 layers, 32 query and 8 KV heads of 128, bf16).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Measured {
+    /// GPU memory: H100 80GB.
+    pub hbm_bytes: f64,
+    /// Share of memory the worker takes (kvCache.gpuMemoryFraction default).
+    pub memory_fraction: f64,
+    /// Working memory for activations and the allocator; an assumption, not measured.
+    pub activation_bytes: f64,
+    /// Parameters: Llama-3-8B.
+    pub params: f64,
+    /// Bytes per parameter (bf16).
+    pub bytes_per_param: f64,
+    /// K and V of one token over all layers: 2 * 32 layers * 8 KV heads * 128 * 2 bytes.
+    pub kv_bytes_per_token: f64,
+    /// FLOPs per (query, key) pair in prefill attention: 4 * 32 layers * 32 heads * 128.
+    pub attn_flops_per_pair: f64,
+    pub layers: f64,
+    /// Device copy bandwidth, DESIGN.md §6: 3.0 TB/s; bounds the weight read per step.
+    pub mem_bytes_per_s: f64,
+    /// Decode attention KV read rate, DESIGN.md §6: SDPA 2.5-3.0 TB/s (midpoint).
+    pub kv_read_bytes_per_s: f64,
+    /// bf16 GEMM rate, DESIGN.md §6: 780 TFLOP/s.
+    pub flops: f64,
+    /// NCCL round trip for a small message, DESIGN.md §6: 53-73 us (midpoint), paid per layer
+    /// by a home waiting on creditors, counted as if nothing overlapped it.
+    pub layer_round_trip_s: f64,
+    /// One-way link rate for moving blocks, DESIGN.md §6: 368 GB/s.
+    pub link_bytes_per_s: f64,
+}
+
+impl Default for Measured {
+    fn default() -> Self {
+        Measured {
+            hbm_bytes: 80.0 * 1024.0 * 1024.0 * 1024.0,
+            memory_fraction: 0.9,
+            activation_bytes: 2.0 * 1024.0 * 1024.0 * 1024.0,
+            params: 8.03e9,
+            bytes_per_param: 2.0,
+            kv_bytes_per_token: 2.0 * 32.0 * 8.0 * 128.0 * 2.0,
+            attn_flops_per_pair: 4.0 * 32.0 * 32.0 * 128.0,
+            layers: 32.0,
+            mem_bytes_per_s: 3.0e12,
+            kv_read_bytes_per_s: 2.75e12,
+            flops: 780e12,
+            layer_round_trip_s: 63e-6,
+            link_bytes_per_s: 368e9,
+        }
+    }
+}
+
+impl Measured {
+    /// KV tokens one worker holds once the weights and working memory are in.
+    pub fn kv_capacity_tokens(&self) -> u64 {
+        let weights = self.params * self.bytes_per_param;
+        let kv = self.hbm_bytes * self.memory_fraction - weights - self.activation_bytes;
+        (kv.max(0.0) / self.kv_bytes_per_token) as u64
+    }
+
+    /// Blocks of `block_tokens` one link moves in `seconds`.
+    pub fn movable_blocks(&self, block_tokens: u64, seconds: f64) -> u64 {
+        let block = self.kv_bytes_per_token * block_tokens as f64;
+        (self.link_bytes_per_s * seconds / block) as u64
+    }
+
+    pub fn cost_model(&self) -> CostModel {
+        CostModel {
+            weight_read_s: self.params * self.bytes_per_param / self.mem_bytes_per_s,
+            dense_token_s: 2.0 * self.params / self.flops,
+            attn_token_s: self.kv_bytes_per_token / self.kv_read_bytes_per_s,
+            attn_pair_s: self.attn_flops_per_pair / self.flops,
+            remote_step_s: self.layers * self.layer_round_trip_s,
+        }
+    }
+}
+
+/// Time of one step, the paper's T(batch, S) = W(batch)/f(batch) + sum_r S_r/g(S): dense work
+/// at the rate it achieves at that batch, plus attention at the KV read rate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CostModel {
+    /// Dense work of a small batch: one read of the weights.
+    pub weight_read_s: f64,
+    /// Dense work per token row once the batch is compute-bound.
+    pub dense_token_s: f64,
+    /// Decode attention per token of context.
+    pub attn_token_s: f64,
+    /// Prefill attention per (query, key) pair.
+    pub attn_pair_s: f64,
+    /// Added to the step of a home with any request whose blocks live elsewhere.
+    pub remote_step_s: f64,
+}
+
+impl Default for CostModel {
+    fn default() -> Self {
+        Measured::default().cost_model()
+    }
+}
+
+impl CostModel {
+    /// W(rows)/f(rows): memory-bound on the weights until compute-bound.
+    pub fn dense_s(&self, rows: f64) -> f64 {
+        self.weight_read_s.max(rows * self.dense_token_s)
+    }
+
+    /// One decode step of `batch` requests attending over `context_tokens` in all.
+    pub fn decode_step_s(&self, batch: f64, context_tokens: f64, remote: bool) -> f64 {
+        let wait = if remote { self.remote_step_s } else { 0.0 };
+        self.dense_s(batch) + context_tokens * self.attn_token_s + wait
+    }
+
+    /// Decode tokens per second of that step.
+    pub fn decode_rate(&self, batch: f64, context_tokens: f64, remote: bool) -> f64 {
+        if batch <= 0.0 {
+            return 0.0;
+        }
+        batch / self.decode_step_s(batch, context_tokens, remote)
+    }
+
+    /// The batch from which dense work is compute-bound: below it, a bigger batch is free.
+    pub fn saturating_batch(&self) -> u64 {
+        (self.weight_read_s / self.dense_token_s).ceil() as u64
+    }
+}
+
+/// Policy knobs of placement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlacementConfig {
+    pub cost: CostModel,
+    /// A worker whose memory cannot take its next waiting request is a debtor while its batch
+    /// is below this; at or above it, more batch would not be cheaper per token.
+    pub debtor_max_batch: u64,
+    /// Share of its pool up to which a creditor lends (kvCache.highWatermark): the rest stays
+    /// for the creditor's own arrivals.
+    pub high_watermark: f64,
+    /// A new request needing more than this share of its home's pool is long.
+    pub long_request_share: f64,
+    /// Share of its home's pool a long request takes there; the rest goes to creditors from
+    /// the start, so the home keeps room for its short requests.
+    pub long_home_share: f64,
+    /// Relative throughput gain a move must promise.
+    pub min_gain: f64,
+    /// Blocks one round may move in all (the migration rate limit).
+    pub max_round_blocks: u64,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        let measured = Measured::default();
+        let cost = measured.cost_model();
+        PlacementConfig {
+            debtor_max_batch: cost.saturating_batch(),
+            cost,
+            high_watermark: 0.9,
+            long_request_share: 0.25,
+            long_home_share: 0.25,
+            min_gain: 0.01,
+            // What the link moves in a second, the default round interval.
+            max_round_blocks: measured.movable_blocks(16, 1.0),
+        }
+    }
+}
+
+/// One worker as placement sees it. Blocks held for the worker's own requests are `used`,
+/// for other workers' requests `lent`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Instance {
+    pub total_blocks: u64,
+    pub used_blocks: u64,
+    pub lent_blocks: u64,
+    pub lend_cap_blocks: u64,
+    /// Running requests.
+    pub batch: u64,
+    pub waiting: u64,
+    /// Blocks the next waiting request needs (an estimate where it is not reported).
+    pub next_need_blocks: u64,
+    /// Tokens of context this worker attends over each step, its own and lent.
+    pub attention_tokens: u64,
+    /// Whether a running request of this worker already has blocks elsewhere.
+    pub remote: bool,
+    /// This worker's requests and how many of their blocks it holds itself.
+    pub requests: Vec<(u64, u64)>,
+}
+
+impl Instance {
+    pub fn free_blocks(&self) -> u64 {
+        self.total_blocks
+            .saturating_sub(self.used_blocks + self.lent_blocks)
+    }
+
+    /// Blocks the worker could lend now: free, under its lend cap.
+    pub fn lendable_blocks(&self) -> u64 {
+        self.free_blocks()
+            .min(self.lend_cap_blocks.saturating_sub(self.lent_blocks))
+    }
+
+    /// Blocks the worker lends without going above the high watermark.
+    pub fn spare_blocks(&self, cfg: &PlacementConfig) -> u64 {
+        let mark = (self.total_blocks as f64 * cfg.high_watermark).floor() as u64;
+        self.lendable_blocks()
+            .min(mark.saturating_sub(self.used_blocks + self.lent_blocks))
+    }
+
+    fn decode_rate(&self, cost: &CostModel) -> f64 {
+        cost.decode_rate(self.batch as f64, self.attention_tokens as f64, self.remote)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Memory-bound with a small batch: its queue waits for memory, not compute.
+    Debtor,
+    /// Has spare blocks and nobody waiting.
+    Creditor,
+    Balanced,
+}
+
+pub fn role(i: &Instance, cfg: &PlacementConfig) -> Role {
+    if i.waiting > 0 && i.free_blocks() < i.next_need_blocks && i.batch < cfg.debtor_max_batch {
+        Role::Debtor
+    } else if i.waiting == 0 && i.spare_blocks(cfg) > 0 {
+        Role::Creditor
+    } else {
+        Role::Balanced
+    }
+}
+
+/// Workers other than `home` that can lend now, most lendable first (ties keep slice order).
+/// This is borrow advice for a home that must borrow at once, so the watermark does not apply.
+pub fn rank_lenders(instances: &[Instance], home: usize) -> Vec<usize> {
+    let mut ranked: Vec<usize> = (0..instances.len())
+        .filter(|&i| i != home && instances[i].lendable_blocks() > 0)
+        .collect();
+    ranked.sort_by_key(|&i| Reverse(instances[i].lendable_blocks()));
+    ranked
+}
+
+/// Where a new request of `need` blocks homed at `home` goes: `(worker, blocks)`, the home
+/// first. A long request keeps only `long_home_share` of the home's pool there and takes the
+/// rest from creditors right away, before the home overflows; a short one borrows only what the
+/// home lacks. All or nothing: `None` when the pool cannot hold it now.
+pub fn place_new(
+    instances: &[Instance],
+    home: usize,
+    need: u64,
+    cfg: &PlacementConfig,
+) -> Option<Vec<(usize, u64)>> {
+    let h = &instances[home];
+    let long = need as f64 > h.total_blocks as f64 * cfg.long_request_share;
+    let mut local = h.free_blocks().min(need);
+    if long {
+        local = local.min((h.total_blocks as f64 * cfg.long_home_share) as u64);
+    }
+    let mut placed = vec![(home, local)];
+    let mut left = need - local;
+    if left == 0 {
+        return Some(placed);
+    }
+    let mut creditors: Vec<(u64, usize)> = instances
+        .iter()
+        .enumerate()
+        .filter(|&(i, c)| i != home && role(c, cfg) == Role::Creditor)
+        .map(|(i, c)| (c.spare_blocks(cfg), i))
+        .collect();
+    creditors.sort_by_key(|&(spare, i)| (Reverse(spare), i));
+    for (spare, i) in creditors {
+        let take = spare.min(left);
+        placed.push((i, take));
+        left -= take;
+        if left == 0 {
+            return Some(placed);
+        }
+    }
+    // Creditors could not take it all: a short request may still fit at home alone.
+    (h.free_blocks() >= need).then(|| vec![(home, need)])
+}
+
+/// `blocks` of `request`, homed at `from`, go to `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    pub request: u64,
+    pub from: usize,
+    pub to: usize,
+    pub blocks: u64,
+}
+
+/// One round of the greedy loop. Debtors, smallest batch first, each take the blocks their next
+/// waiting request lacks by moving blocks of their longest requests to the creditors with the
+/// most spare blocks; a debtor's moves are kept only when the cost model says the debtor and
+/// its creditors together decode faster afterwards. Moves never exceed a creditor's spare
+/// blocks as given, nor `max_round_blocks` in all.
+pub fn plan_moves(instances: &[Instance], block_tokens: u64, cfg: &PlacementConfig) -> Vec<Move> {
+    let mut debtors: Vec<usize> = (0..instances.len())
+        .filter(|&i| role(&instances[i], cfg) == Role::Debtor)
+        .collect();
+    if debtors.is_empty() {
+        return Vec::new();
+    }
+    debtors.sort_by_key(|&i| (instances[i].batch, i));
+
+    // Creditors by spare blocks; taking from one lowers its entry, so entries are refreshed
+    // lazily: an entry whose spare no longer matches is dropped when popped.
+    let mut spare: Vec<u64> = instances.iter().map(|c| c.spare_blocks(cfg)).collect();
+    let mut extra_tokens = vec![0u64; instances.len()];
+    let mut heap: BinaryHeap<(u64, Reverse<usize>)> = (0..instances.len())
+        .filter(|&i| role(&instances[i], cfg) == Role::Creditor)
+        .map(|i| (spare[i], Reverse(i)))
+        .collect();
+
+    let mut moves = Vec::new();
+    let mut budget = cfg.max_round_blocks;
+    for d in debtors {
+        let debtor = &instances[d];
+        let lack = debtor.next_need_blocks - debtor.free_blocks();
+        if lack > budget {
+            continue;
+        }
+        let mut requests: Vec<(u64, u64)> = debtor
+            .requests
+            .iter()
+            .copied()
+            .filter(|&(_, local)| local > 0)
+            .collect();
+        requests.sort_by_key(|&(id, local)| (Reverse(local), id));
+
+        let mut planned: Vec<Move> = Vec::new();
+        let mut taken: Vec<(u64, Reverse<usize>)> = Vec::new();
+        let mut left = lack;
+        let mut rest = requests.into_iter();
+        let mut current = rest.next();
+        while left > 0 {
+            let Some((req_id, req_local)) = current else {
+                break;
+            };
+            let Some((s, Reverse(c))) = heap.pop() else {
+                break;
+            };
+            if s != spare[c] || s == 0 {
+                continue;
+            }
+            let k = left.min(req_local).min(s);
+            planned.push(Move {
+                request: req_id,
+                from: d,
+                to: c,
+                blocks: k,
+            });
+            spare[c] -= k;
+            taken.push((k, Reverse(c)));
+            heap.push((spare[c], Reverse(c)));
+            left -= k;
+            current = if req_local > k {
+                Some((req_id, req_local - k))
+            } else {
+                rest.next()
+            };
+        }
+
+        if left == 0 && gains(instances, d, &planned, &extra_tokens, block_tokens, cfg) {
+            budget -= lack;
+            for m in &planned {
+                extra_tokens[m.to] += moved_tokens(debtor, m.blocks, block_tokens);
+            }
+            moves.extend(planned);
+        } else {
+            for (k, Reverse(c)) in taken {
+                spare[c] += k;
+                heap.push((spare[c], Reverse(c)));
+            }
+        }
+    }
+    moves
+}
+
+/// Context tokens that `blocks` of the debtor's blocks hold, at its average fill.
+fn moved_tokens(debtor: &Instance, blocks: u64, block_tokens: u64) -> u64 {
+    let held = (debtor.used_blocks + debtor.lent_blocks) * block_tokens;
+    if held == 0 {
+        return 0;
+    }
+    let fill = (debtor.attention_tokens as f64 / held as f64).min(1.0);
+    (blocks as f64 * block_tokens as f64 * fill) as u64
+}
+
+/// Whether the debtor (admitting its next waiting request once the moves free its memory) and
+/// the creditors (attending over the moved blocks) decode faster together than before.
+fn gains(
+    instances: &[Instance],
+    d: usize,
+    moves: &[Move],
+    extra_tokens: &[u64],
+    block_tokens: u64,
+    cfg: &PlacementConfig,
+) -> bool {
+    let cost = &cfg.cost;
+    let debtor = &instances[d];
+    let mut creditors: Vec<(usize, u64)> = Vec::new();
+    for m in moves {
+        let tokens = moved_tokens(debtor, m.blocks, block_tokens);
+        match creditors.iter_mut().find(|(c, _)| *c == m.to) {
+            Some((_, t)) => *t += tokens,
+            None => creditors.push((m.to, tokens)),
+        }
+    }
+    let moved: u64 = creditors.iter().map(|&(_, t)| t).sum();
+
+    let mut before = debtor.decode_rate(cost);
+    let admitted = debtor.next_need_blocks * block_tokens;
+    let debtor_tokens = (debtor.attention_tokens - moved.min(debtor.attention_tokens)) as f64;
+    let mut after = cost.decode_rate(
+        (debtor.batch + 1) as f64,
+        debtor_tokens + admitted as f64,
+        true,
+    );
+    for (c, tokens) in creditors {
+        let creditor = &instances[c];
+        let base = (creditor.attention_tokens + extra_tokens[c]) as f64;
+        let batch = creditor.batch as f64;
+        before += cost.decode_rate(batch, base, creditor.remote);
+        after += cost.decode_rate(batch, base + tokens as f64, creditor.remote);
+    }
+    after > before * (1.0 + cfg.min_gain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(total: u64, used: u64, batch: u64, waiting: u64) -> Instance {
+        Instance {
+            total_blocks: total,
+            used_blocks: used,
+            lend_cap_blocks: total / 2,
+            batch,
+            waiting,
+            attention_tokens: used * 16,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_default_cost_model_follows_the_measured_anchors() {
+        let m = Measured::default();
+        let c = m.cost_model();
+        // The weight-read roofline at batch 1 is about 187 tok/s (DESIGN.md §6).
+        assert!((1.0 / c.weight_read_s - 187.0).abs() < 2.0, "{c:?}");
+        // Dense work is memory-bound at batch 1 and compute-bound at a large batch.
+        assert_eq!(c.dense_s(1.0), c.weight_read_s);
+        assert!(c.dense_s(1000.0) > c.weight_read_s);
+        // Llama-3-8B: 128 KiB of KV per token; an H100 holds some 450K tokens besides weights.
+        assert_eq!(m.kv_bytes_per_token, 131072.0);
+        let cap = m.kv_capacity_tokens();
+        assert!((400_000..500_000).contains(&cap), "{cap}");
+        // A longer context makes a step slower, a bigger batch makes it cheaper per token.
+        assert!(c.decode_step_s(8.0, 1e6, false) > c.decode_step_s(8.0, 1e5, false));
+        assert!(c.decode_rate(32.0, 1e5, false) > c.decode_rate(1.0, 1e5, false));
+    }
+
+    #[test]
+    fn roles_follow_memory_queue_and_batch() {
+        let cfg = PlacementConfig::default();
+        let mut full = worker(100, 95, 2, 3);
+        full.next_need_blocks = 10;
+        assert_eq!(role(&full, &cfg), Role::Debtor);
+        full.batch = cfg.debtor_max_batch;
+        assert_eq!(
+            role(&full, &cfg),
+            Role::Balanced,
+            "a big batch is no debtor"
+        );
+        let idle = worker(100, 10, 1, 0);
+        assert_eq!(role(&idle, &cfg), Role::Creditor);
+        let at_mark = worker(100, 90, 1, 0);
+        assert_eq!(role(&at_mark, &cfg), Role::Balanced, "the watermark binds");
+        let mut queued = worker(100, 10, 1, 1);
+        queued.next_need_blocks = 5;
+        assert_eq!(
+            role(&queued, &cfg),
+            Role::Balanced,
+            "it can admit on its own"
+        );
+    }
+
+    #[test]
+    fn lenders_rank_by_lendable_blocks_without_the_home() {
+        let ws = [
+            worker(100, 0, 0, 0),
+            worker(100, 90, 0, 0),
+            worker(100, 10, 0, 0),
+        ];
+        assert_eq!(rank_lenders(&ws, 0), [2, 1]);
+        assert_eq!(rank_lenders(&ws, 2), [0, 1]);
+    }
+
+    #[test]
+    fn long_requests_spread_early_and_short_ones_stay_home() {
+        let cfg = PlacementConfig::default();
+        let ws = [
+            worker(1000, 0, 0, 0),
+            worker(1000, 800, 4, 0),
+            worker(1000, 100, 4, 0),
+        ];
+        assert_eq!(place_new(&ws, 0, 100, &cfg), Some(vec![(0, 100)]));
+        let long = place_new(&ws, 0, 800, &cfg).unwrap();
+        assert_eq!(
+            long,
+            [(0, 250), (2, 500), (1, 50)],
+            "a quarter of the home, then the creditors with most spare blocks first"
+        );
+        assert!(
+            long.iter()
+                .all(|&(w, b)| w == 0 || b <= ws[w].spare_blocks(&cfg))
+        );
+        assert_eq!(place_new(&ws, 0, 5000, &cfg), None, "all or nothing");
+    }
+
+    #[test]
+    fn a_memory_bound_debtor_moves_its_longest_request_to_the_freest_creditor() {
+        let cfg = PlacementConfig::default();
+        let mut debtor = worker(10_000, 10_000, 2, 5);
+        debtor.requests = vec![(1, 2_000), (2, 8_000)];
+        debtor.next_need_blocks = 500;
+        let mut busy = worker(10_000, 6_000, 30, 0);
+        busy.requests = vec![(3, 6_000)];
+        let idle = worker(10_000, 1_000, 2, 0);
+        let ws = [debtor, busy, idle];
+        let moves = plan_moves(&ws, 16, &cfg);
+        assert_eq!(
+            moves,
+            [Move {
+                request: 2,
+                from: 0,
+                to: 2,
+                blocks: 500
+            }]
+        );
+    }
+
+    #[test]
+    fn no_move_when_the_cost_model_says_throughput_falls() {
+        let cfg = PlacementConfig::default();
+        // The debtor's next request is as long as everything the creditor already attends
+        // over: admitting it gains one row and costs a slower creditor step.
+        let mut debtor = worker(10_000, 10_000, 1, 1);
+        debtor.requests = vec![(1, 10_000)];
+        debtor.next_need_blocks = 4_000;
+        let mut creditor = worker(10_000, 4_000, 60, 0);
+        creditor.lend_cap_blocks = 10_000;
+        let ws = [debtor.clone(), creditor.clone()];
+        assert!(plan_moves(&ws, 16, &cfg).is_empty());
+        // The same debtor gains once the creditor is idle.
+        creditor.batch = 0;
+        creditor.used_blocks = 0;
+        creditor.attention_tokens = 0;
+        assert_eq!(plan_moves(&[debtor, creditor], 16, &cfg).len(), 1);
+    }
+
+    #[test]
+    fn moves_respect_spare_blocks_and_the_round_budget() {
+        let mut cfg = PlacementConfig::default();
+        let mut ws = Vec::new();
+        for r in 0..4 {
+            let mut d = worker(1_000, 1_000, 1, 1);
+            d.requests = vec![(r, 1_000)];
+            d.next_need_blocks = 300;
+            ws.push(d);
+        }
+        ws.push(worker(1_000, 0, 0, 0));
+        ws.push(worker(1_000, 0, 0, 0));
+        let moves = plan_moves(&ws, 16, &cfg);
+        let mut to = [0u64; 6];
+        for m in &moves {
+            assert!(m.from < 4 && m.to >= 4);
+            to[m.to] += m.blocks;
+        }
+        assert!(to[4] <= ws[4].spare_blocks(&cfg) && to[5] <= ws[5].spare_blocks(&cfg));
+        // 2 creditors with 500 spare each cover three debtors of 300.
+        assert_eq!(moves.iter().map(|m| m.blocks).sum::<u64>(), 900);
+        cfg.max_round_blocks = 650;
+        let capped = plan_moves(&ws, 16, &cfg);
+        assert_eq!(capped.iter().map(|m| m.blocks).sum::<u64>(), 600);
+    }
+}
