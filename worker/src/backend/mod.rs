@@ -5,6 +5,8 @@
 
 pub mod cpu;
 mod cpu_attention;
+pub mod cuda;
+mod kernel_build;
 mod vector_math;
 
 use std::ops::Range;
@@ -73,6 +75,15 @@ pub trait Backend: Send + 'static {
     type Kv: Send;
 
     fn name(&self) -> &'static str;
+
+    /// Bytes one rBlock takes for all layers, K and V.
+    fn kv_block_bytes(&self, shape: KvShape) -> usize {
+        shape.block_bytes_f32()
+    }
+    /// Device memory still free, where the device has its own (a GPU).
+    fn free_memory(&self) -> Option<usize> {
+        None
+    }
 
     /// Uploads a `[rows, cols]` weight (a vector has one row).
     fn weight(&self, rows: usize, cols: usize, data: Vec<f32>) -> Self::Weight;

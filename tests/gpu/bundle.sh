@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds, here, everything the GPU machine runs (it has no Rust toolchain): the GPU test and
+# bench binaries and the worker, stripped, into target/gpu-bundle. Carry that folder there and
+# run `make test-gpu` / `make bench-gpu`.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=target/gpu-bundle
+rm -rf "$out"
+mkdir -p "$out"
+cargo build --release -p infinite-llm-worker --bins
+cargo test --release -p infinite-llm-worker --no-run --message-format=json \
+	--test gpu_kernels --test gpu_parity 2>/dev/null |
+	python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do
+	strip -o "$out/$name" "$exe"
+done
+cargo bench -p infinite-llm-worker --no-run --message-format=json --bench gpu_bench 2>/dev/null |
+	python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["bench"]:
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do
+	strip -o "$out/$name" "$exe"
+done
+strip -o "$out/infinite-llm-worker" target/release/infinite-llm-worker
+ls -la "$out"

@@ -1,0 +1,454 @@
+//! Every CUDA backend operation against a float64 reference, on fresh random inputs each run,
+//! with outputs poisoned (NaN) before each call so an unwritten element fails.
+//!
+//! Errors are ||out - ref|| / ||ref||: under 1e-4 where the operands are f32, under 1e-2 where
+//! the operation reads bf16 (weights, the KV cache). Needs a GPU: without one every test says so
+//! and passes; `make test-gpu` runs them on the GPU machine.
+
+use infinite_llm_worker::backend::cuda::{self, Cuda};
+use infinite_llm_worker::backend::{AttnSeq, AttnShape, Backend, KvSegment, KvShape, NO_SLOT};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const F32_TOL: f64 = 1e-4;
+const BF16_TOL: f64 = 1e-2;
+
+fn gpu() -> Option<Cuda> {
+    if !cuda::available() {
+        eprintln!("SKIPPED: no CUDA GPU on this machine (run `make test-gpu` on one)");
+        return None;
+    }
+    Some(Cuda::new(0).expect("the CUDA backend starts on a machine with a GPU"))
+}
+
+/// A generator seeded afresh each run; the seed is printed so a failure can be replayed.
+fn rng(test: &str) -> StdRng {
+    let seed = std::env::var("ILM_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    eprintln!("{test}: seed {seed} (ILM_TEST_SEED={seed} replays it)");
+    StdRng::seed_from_u64(seed)
+}
+
+fn randn(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect()
+}
+
+fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    assert!(
+        got.iter().all(|x| x.is_finite()),
+        "output has NaN or inf (an element left unwritten?)"
+    );
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|w| w * w).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+fn poisoned(g: &Cuda, len: usize) -> <Cuda as Backend>::Buf {
+    let mut b = g.alloc(len);
+    g.upload(&vec![f32::NAN; len], &mut b);
+    b
+}
+
+fn upload(g: &Cuda, data: &[f32]) -> <Cuda as Backend>::Buf {
+    let mut b = g.alloc(data.len());
+    g.upload(data, &mut b);
+    b
+}
+
+fn check(name: &str, got: &[f32], want: &[f64], tol: f64) {
+    let e = rel_err(got, want);
+    eprintln!("{name}: relative error {e:.2e} (limit {tol:.0e})");
+    assert!(e < tol, "{name}: relative error {e:e} over {tol:e}");
+}
+
+#[test]
+fn projections_norms_and_elementwise_match_float64() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng("projections_norms_and_elementwise_match_float64");
+    for (rows, k, n) in [(1, 256, 384), (7, 512, 96), (33, 1024, 1000)] {
+        let x = randn(&mut r, rows * k, 1.0);
+        let w = randn(&mut r, n * k, 0.05);
+        let bias = randn(&mut r, n, 0.5);
+        let xd = upload(&g, &x);
+        let wd = g.weight(n, k, w.clone());
+        let bd = g.weight(1, n, bias.clone());
+        let mut out = poisoned(&g, rows * n);
+        g.linear(&xd, rows, &wd, Some(&bd), &mut out);
+        let want: Vec<f64> = (0..rows * n)
+            .map(|i| {
+                let (row, j) = (i / n, i % n);
+                bias[j] as f64
+                    + (0..k)
+                        .map(|c| x[row * k + c] as f64 * w[j * k + c] as f64)
+                        .sum::<f64>()
+            })
+            .collect();
+        check(
+            &format!("linear {rows}x{k}->{n}"),
+            &g.download(&out, rows * n),
+            &want,
+            BF16_TOL,
+        );
+
+        let nw = randn(&mut r, k, 1.0);
+        let nwd = g.weight(1, k, nw.clone());
+        let mut out = poisoned(&g, rows * k);
+        g.rms_norm(&xd, rows, &nwd, 1e-5, &mut out);
+        let want: Vec<f64> = (0..rows * k)
+            .map(|i| {
+                let row = &x[(i / k) * k..(i / k + 1) * k];
+                let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / k as f64;
+                x[i] as f64 / (ms + 1e-5).sqrt() * nw[i % k] as f64
+            })
+            .collect();
+        check(
+            &format!("rms_norm {rows}x{k}"),
+            &g.download(&out, rows * k),
+            &want,
+            BF16_TOL,
+        );
+
+        let y = randn(&mut r, rows * k, 1.0);
+        let mut acc = upload(&g, &y);
+        g.add_assign(&mut acc, &xd, rows * k);
+        let want: Vec<f64> = x.iter().zip(&y).map(|(&a, &b)| a as f64 + b as f64).collect();
+        check(
+            "add_assign",
+            &g.download(&acc, rows * k),
+            &want,
+            F32_TOL,
+        );
+
+        let half = k / 2;
+        let mut out = poisoned(&g, rows * half);
+        g.silu_mul(&xd, rows, half, &mut out);
+        let want: Vec<f64> = (0..rows * half)
+            .map(|i| {
+                let (row, c) = (i / half, i % half);
+                let gate = x[row * k + c] as f64;
+                gate / (1.0 + (-gate).exp()) * x[row * k + half + c] as f64
+            })
+            .collect();
+        check(
+            "silu_mul",
+            &g.download(&out, rows * half),
+            &want,
+            F32_TOL,
+        );
+
+        let picks: Vec<usize> = (0..rows).rev().step_by(2).collect();
+        let mut out = poisoned(&g, picks.len() * k);
+        g.gather_rows(&xd, k, &picks, &mut out);
+        let want: Vec<f64> = picks
+            .iter()
+            .flat_map(|&p| x[p * k..(p + 1) * k].iter().map(|&v| v as f64))
+            .collect();
+        check(
+            "gather_rows",
+            &g.download(&out, picks.len() * k),
+            &want,
+            F32_TOL,
+        );
+    }
+}
+
+#[test]
+fn embedding_and_rope_match_float64() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng("embedding_and_rope_match_float64");
+    let (vocab, width) = (500, 192);
+    let table = randn(&mut r, vocab * width, 1.0);
+    let td = g.weight(vocab, width, table.clone());
+    let ids: Vec<u32> = (0..13).map(|_| r.random_range(0..vocab as u32)).collect();
+    let mut out = poisoned(&g, ids.len() * width);
+    g.embed(&td, &ids, &mut out);
+    let want: Vec<f64> = ids
+        .iter()
+        .flat_map(|&i| table[i as usize * width..(i as usize + 1) * width].iter())
+        .map(|&v| v as f64)
+        .collect();
+    check(
+        "embed",
+        &g.download(&out, ids.len() * width),
+        &want,
+        BF16_TOL,
+    );
+
+    let (rows, heads, hd, extra) = (9, 6, 64, 40);
+    let row_width = heads * hd + extra;
+    let x = randn(&mut r, rows * row_width, 1.0);
+    let positions: Vec<u32> = (0..rows).map(|_| r.random_range(0..100_000)).collect();
+    let inv_freq: Vec<f32> = (0..hd / 2)
+        .map(|j| 500_000f32.powf(-2.0 * j as f32 / hd as f32))
+        .collect();
+    let mut xd = upload(&g, &x);
+    g.rope(&mut xd, row_width, heads, hd, &positions, &inv_freq);
+    let mut want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    for (row, &p) in positions.iter().enumerate() {
+        for h in 0..heads {
+            let base = row * row_width + h * hd;
+            for j in 0..hd / 2 {
+                // The kernel takes the angle in f32, as the CPU backend and transformers do.
+                let angle = (p as f32 * inv_freq[j]) as f64;
+                let (s, c) = angle.sin_cos();
+                let (a, b) = (x[base + j] as f64, x[base + j + hd / 2] as f64);
+                want[base + j] = a * c - b * s;
+                want[base + j + hd / 2] = b * c + a * s;
+            }
+        }
+    }
+    check(
+        "rope (columns past the heads untouched)",
+        &g.download(&xd, rows * row_width),
+        &want,
+        F32_TOL,
+    );
+}
+
+/// A request of the attention test: its query rows, their first position, and how many KV
+/// tokens it holds before and through its rows.
+struct Req {
+    first_row_pos: u32,
+    rows: usize,
+}
+
+/// float64 attention over the KV each row sees (positions up to its own), with the softmax's
+/// log-sum-exp; K and V are given per request as `[token][kv_head][dim]`.
+#[allow(clippy::too_many_arguments)]
+fn attention_f64(
+    q: &[f32],
+    q_width: usize,
+    row: usize,
+    pos: u32,
+    k: &[f32],
+    v: &[f32],
+    shape: AttnShape,
+    out: &mut [f64],
+    lse: &mut [f64],
+) {
+    let (hq, hkv, hd) = (shape.q_heads, shape.kv_heads, shape.head_dim);
+    let group = hq / hkv;
+    for h in 0..hq {
+        let kh = h / group;
+        let qv = &q[row * q_width + h * hd..row * q_width + (h + 1) * hd];
+        let scores: Vec<f64> = (0..=pos as usize)
+            .map(|t| {
+                let kt = &k[(t * hkv + kh) * hd..(t * hkv + kh + 1) * hd];
+                qv.iter()
+                    .zip(kt)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>()
+                    * shape.scale as f64
+            })
+            .collect();
+        let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let l: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+        for d in 0..hd {
+            out[(row * hq + h) * hd + d] = scores
+                .iter()
+                .enumerate()
+                .map(|(t, s)| (s - m).exp() / l * v[(t * hkv + kh) * hd + d] as f64)
+                .sum();
+        }
+        lse[row * hq + h] = m + l.ln();
+    }
+}
+
+/// Writes each request's K/V through `kv_write` into shuffled blocks, then runs one attention
+/// call for all requests' query rows (decode rows and causal prefill chunks together).
+fn attention_case(g: &Cuda, r: &mut StdRng, shape: AttnShape, bt: usize, reqs: &[Req]) {
+    let (hq, hkv, hd) = (shape.q_heads, shape.kv_heads, shape.head_dim);
+    let kv_width = hkv * hd;
+    let blocks_needed: usize = reqs
+        .iter()
+        .map(|q| (q.first_row_pos as usize + q.rows).div_ceil(bt))
+        .sum();
+    let kv_shape = KvShape {
+        layers: 2,
+        blocks: blocks_needed + 3,
+        block_tokens: bt,
+        kv_heads: hkv,
+        head_dim: hd,
+    };
+    let mut kv = g.alloc_kv(kv_shape);
+    let mut free: Vec<u32> = (0..kv_shape.blocks as u32).collect();
+    for i in (1..free.len()).rev() {
+        free.swap(i, r.random_range(0..=i));
+    }
+    let layer = 1;
+    let total_rows: usize = reqs.iter().map(|q| q.rows).sum();
+    let q_width = hq * hd + 16;
+    let q = randn(r, total_rows * q_width, 1.0);
+    let mut seqs = Vec::new();
+    let mut want_o = vec![0.0; total_rows * hq * hd];
+    let mut want_l = vec![0.0; total_rows * hq];
+    let mut row0 = 0;
+    for req in reqs {
+        let tokens = req.first_row_pos as usize + req.rows;
+        let k = randn(r, tokens * kv_width, 1.0);
+        let v = randn(r, tokens * kv_width, 1.0);
+        let blocks: Vec<u32> = (0..tokens.div_ceil(bt))
+            .map(|_| free.pop().unwrap())
+            .collect();
+        // The cache is written in one call per request, rows [k | v], one slot each.
+        let src: Vec<f32> = (0..tokens)
+            .flat_map(|t| {
+                k[t * kv_width..(t + 1) * kv_width]
+                    .iter()
+                    .chain(&v[t * kv_width..(t + 1) * kv_width])
+                    .copied()
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let slots: Vec<(u32, u32)> = (0..tokens)
+            .map(|t| (blocks[t / bt], (t % bt) as u32))
+            .collect();
+        g.kv_write(
+            &mut kv,
+            layer,
+            &upload(g, &src),
+            2 * kv_width,
+            0,
+            kv_width,
+            &slots,
+        );
+        let segments = blocks
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| KvSegment {
+                block: b,
+                first_pos: (i * bt) as u32,
+                tokens: (tokens - i * bt).min(bt) as u32,
+            })
+            .collect();
+        seqs.push(AttnSeq {
+            rows: row0..row0 + req.rows,
+            first_row_pos: req.first_row_pos,
+            segments,
+        });
+        for i in 0..req.rows {
+            attention_f64(
+                &q,
+                q_width,
+                row0 + i,
+                req.first_row_pos + i as u32,
+                &k,
+                &v,
+                shape,
+                &mut want_o,
+                &mut want_l,
+            );
+        }
+        row0 += req.rows;
+    }
+    // A slot at NO_SLOT is skipped: writing it must not disturb the cache.
+    g.kv_write(
+        &mut kv,
+        layer,
+        &upload(g, &vec![f32::NAN; 2 * kv_width]),
+        2 * kv_width,
+        0,
+        kv_width,
+        &[NO_SLOT],
+    );
+    let qd = upload(g, &q);
+    let mut out = poisoned(g, total_rows * hq * hd);
+    let mut lse = poisoned(g, total_rows * hq);
+    g.attention(&qd, q_width, 0, &kv, layer, shape, &seqs, &mut out, &mut lse);
+    let name = format!(
+        "attention hq {hq} hkv {hkv} hd {hd} bt {bt} rows {total_rows} contexts {:?}",
+        reqs.iter()
+            .map(|q| q.first_row_pos as usize + q.rows)
+            .collect::<Vec<_>>()
+    );
+    check(
+        &format!("{name}: output"),
+        &g.download(&out, total_rows * hq * hd),
+        &want_o,
+        BF16_TOL,
+    );
+    check(
+        &format!("{name}: log-sum-exp"),
+        &g.download(&lse, total_rows * hq),
+        &want_l,
+        BF16_TOL,
+    );
+}
+
+#[test]
+fn paged_attention_matches_float64() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng("paged_attention_matches_float64");
+    for (hq, hkv, hd) in [(8, 2, 32), (32, 8, 128), (4, 4, 64), (16, 2, 256)] {
+        let shape = AttnShape {
+            q_heads: hq,
+            kv_heads: hkv,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
+        for bt in [16, 32] {
+            let decode_ctx = r.random_range(1..3000);
+            let reqs = [
+                // Decode rows, one long enough to be split over many blocks of the grid.
+                Req {
+                    first_row_pos: decode_ctx,
+                    rows: 1,
+                },
+                Req {
+                    first_row_pos: 0,
+                    rows: 1,
+                },
+                // A prefill chunk in the middle of a request: causal within the chunk.
+                Req {
+                    first_row_pos: r.random_range(0..200),
+                    rows: r.random_range(2..40),
+                },
+                Req {
+                    first_row_pos: 7,
+                    rows: 1,
+                },
+            ];
+            attention_case(&g, &mut r, shape, bt, &reqs);
+        }
+    }
+}
+
+#[test]
+fn attention_rows_outside_every_sequence_are_empty() {
+    let Some(g) = gpu() else { return };
+    let shape = AttnShape {
+        q_heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        scale: 0.125,
+    };
+    let kv = g.alloc_kv(KvShape {
+        layers: 1,
+        blocks: 2,
+        block_tokens: 16,
+        kv_heads: 2,
+        head_dim: 64,
+    });
+    let q = upload(&g, &vec![1.0; 3 * 4 * 64]);
+    let seqs = [AttnSeq {
+        rows: 2..3,
+        first_row_pos: 0,
+        segments: vec![],
+    }];
+    let mut out = poisoned(&g, 3 * 4 * 64);
+    let mut lse = poisoned(&g, 3 * 4);
+    g.attention(&q, 4 * 64, 0, &kv, 0, shape, &seqs, &mut out, &mut lse);
+    assert!(g.download(&out, 3 * 4 * 64).iter().all(|&x| x == 0.0));
+    assert!(
+        g.download(&lse, 3 * 4)
+            .iter()
+            .all(|&x| x == f32::NEG_INFINITY)
+    );
+}
