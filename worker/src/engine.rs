@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::backend::Backend;
 use crate::backend::cpu::Cpu;
+use crate::backend::cuda::Cuda;
 use crate::cluster_link::{ClusterLink, LayerExchange, serve_pool_request};
 use crate::model::llama::{Exchange, Llama, NoExchange, StepInput};
 use crate::peer::tcp::TcpPeers;
@@ -57,6 +58,11 @@ pub struct EngineOptions {
     pub kv_blocks: Option<usize>,
     /// Memory for the KV pool when `kv_blocks` is not given.
     pub kv_memory_bytes: usize,
+    /// Where the model runs.
+    pub device: Device,
+    /// On a GPU, the share of the memory left free by the weights that the KV pool takes
+    /// (instead of `kv_memory_bytes`); the rest is for activations.
+    pub gpu_memory_fraction: f64,
     /// Most requests in one running batch.
     pub max_num_seqs: usize,
     /// Most tokens (prefill chunks plus decodes) in one step.
@@ -93,8 +99,18 @@ impl Default for EngineOptions {
             lend_fraction: 0.5,
             cluster: None,
             remote_attention: None,
+            device: Device::Cpu,
+            gpu_memory_fraction: 0.9,
         }
     }
+}
+
+/// The compute device of a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// A CUDA GPU, by ordinal.
+    Cuda(usize),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +125,8 @@ pub enum EngineError {
     Options(String),
     #[error("starting the engine thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("opening the GPU: {0}")]
+    Cuda(#[from] crate::backend::cuda::CudaError),
 }
 
 pub(crate) struct Submitted {
@@ -146,15 +164,19 @@ pub struct EngineHandle {
     stats: watch::Receiver<EngineStats>,
 }
 
-/// Loads the model folder onto the CPU backend and starts the engine thread.
+/// Loads the model folder onto the chosen device and starts the engine thread.
 pub fn start(model_dir: &Path, opts: EngineOptions) -> Result<EngineHandle, EngineError> {
-    let model = Llama::load(model_dir, Cpu::new()).map_err(|source| EngineError::Load {
+    let load = |source| EngineError::Load {
         dir: model_dir.to_path_buf(),
         source,
-    /// What the other workers could lend at most, together (their lend caps), in blocks.
-    pool_lend_caps: AtomicUsize,
-    })?;
-    start_with(model, opts)
+    };
+    match opts.device {
+        Device::Cpu => start_with(Llama::load(model_dir, Cpu::new()).map_err(load)?, opts),
+        Device::Cuda(ordinal) => {
+            let gpu = Cuda::new(ordinal)?;
+            start_with(Llama::load(model_dir, gpu).map_err(load)?, opts)
+        }
+    }
 }
 
 fn start_with<B: Backend>(
@@ -173,9 +195,13 @@ fn start_with<B: Backend>(
         ));
     }
     let probe = model.kv_shape(1, opts.block_tokens);
+    let budget = match model.backend().free_memory() {
+        Some(free) => (free as f64 * opts.gpu_memory_fraction) as usize,
+        None => opts.kv_memory_bytes,
+    };
     let blocks = opts
         .kv_blocks
-        .unwrap_or(opts.kv_memory_bytes / probe.block_bytes_f32());
+        .unwrap_or(budget / model.backend().kv_block_bytes(probe));
     if blocks == 0 {
         return Err(EngineError::Options(
             "the KV pool would hold no rBlock".into(),

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use super::{DEFAULT_MAX_BODY_BYTES, Secret, Server, ServerConfig};
 use crate::demo_model::{DemoModelSpec, write_demo_model_if_missing};
-use crate::engine::{self, EngineHandle, EngineOptions};
+use crate::engine::{self, Device, EngineHandle, EngineOptions};
 use crate::gmanager_client::GManagerClient;
 use crate::tokenizer::TextTokenizer;
 
@@ -41,6 +41,9 @@ pub struct EngineArgs {
     /// Share of this worker's pool that other workers may borrow at once (0 to 1).
     #[arg(long, env = "ILM_LEND_FRACTION", default_value_t = EngineOptions::default().lend_fraction)]
     pub lend_fraction: f64,
+    /// On a GPU, the share of the memory left after the weights that the KV pool takes (0 to 1).
+    #[arg(long, env = "ILM_GPU_MEMORY_FRACTION", default_value_t = EngineOptions::default().gpu_memory_fraction)]
+    pub gpu_memory_fraction: f64,
 }
 
 impl EngineArgs {
@@ -52,6 +55,7 @@ impl EngineArgs {
             max_batched_tokens: self.max_batched_tokens,
             max_waiting: self.max_waiting,
             lend_fraction: self.lend_fraction,
+            gpu_memory_fraction: self.gpu_memory_fraction,
             ..EngineOptions::default()
         }
     }
@@ -64,6 +68,7 @@ impl EngineArgs {
             format!("--max-batched-tokens={}", self.max_batched_tokens),
             format!("--max-waiting={}", self.max_waiting),
             format!("--lend-fraction={}", self.lend_fraction),
+            format!("--gpu-memory-fraction={}", self.gpu_memory_fraction),
         ];
         if let Some(blocks) = self.kv_blocks {
             flags.push(format!("--kv-blocks={blocks}"));
@@ -72,19 +77,15 @@ impl EngineArgs {
     }
 }
 
-/// The compute device. Only the CPU backend exists so far.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-}
-
 fn parse_device(value: &str) -> Result<Device, String> {
     match value {
         "cpu" => Ok(Device::Cpu),
-        cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {
-            Err("the CUDA backend is not built yet; use --device cpu".to_owned())
-        }
-        other => Err(format!("unknown device {other:?}; expected cpu")),
+        "cuda" => Ok(Device::Cuda(0)),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("unknown device {other:?}; expected cpu, cuda or cuda:N")),
     }
 }
 
@@ -111,7 +112,7 @@ pub struct ServeArgs {
     /// Address other workers and the gManager reach this one at [default: --host].
     #[arg(long, env = "ILM_ADVERTISE_HOST")]
     pub advertise_host: Option<String>,
-    /// `cpu` (the CUDA backend comes later).
+    /// `cpu`, or a GPU: `cuda` (the first) or `cuda:N`.
     #[arg(long, env = "ILM_DEVICE", default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
     #[command(flatten)]
@@ -178,6 +179,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| args.host.clone());
     let mut options = args.engine.options();
+    options.device = args.device;
     if args.gmanager_url.is_some() {
         let token = cluster_token.as_ref().context(
             "--gmanager-url needs --token-file: peers and the gManager check the cluster token",
