@@ -19,7 +19,7 @@ use crate::backend::Backend;
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::Cuda;
 use crate::cluster_link::{ClusterLink, LayerExchange, serve_pool_request};
-use crate::model::llama::{Exchange, Llama, NoExchange, StepInput};
+use crate::model::llama::{Exchange, Llama, NoExchange};
 use crate::peer::tcp::TcpPeers;
 use crate::peer::{Incoming, PeerMsg};
 use crate::request::{Event, FinishReason, GenerateRequest, SubmitError};
@@ -44,9 +44,9 @@ pub struct EngineStats {
     pub kv_blocks_lend_cap: usize,
     /// Blocks borrowed since start.
     pub kv_borrow_total: u64,
-    pub preemptions_total: u64,
     /// Reservations creditors refused since start.
     pub kv_borrow_refusals_total: u64,
+    pub preemptions_total: u64,
 }
 
 /// How the engine is sized. The worker's flags map onto this one to one.
@@ -151,6 +151,8 @@ struct Shared {
     max_positions: usize,
     block_tokens: usize,
     creditors: Arc<Mutex<Vec<Creditor>>>,
+    /// What the other workers could lend at most, together (their lend caps), in blocks.
+    pool_lend_caps: AtomicUsize,
     peer_addr: Option<SocketAddr>,
     max_waiting: usize,
     max_num_seqs: usize,
@@ -259,6 +261,7 @@ fn start_with<B: Backend>(
         max_positions: model.config().max_position_embeddings,
         block_tokens: opts.block_tokens,
         creditors,
+        pool_lend_caps: AtomicUsize::new(0),
         peer_addr,
         max_waiting: opts.max_waiting,
         max_num_seqs: opts.max_num_seqs,
@@ -287,7 +290,6 @@ fn start_with<B: Backend>(
     })
 }
 
-        pool_lend_caps: AtomicUsize::new(0),
 impl EngineHandle {
     /// Queues a request. The receiver yields its tokens; dropping it cancels the request.
     pub fn submit(
@@ -371,6 +373,11 @@ impl EngineHandle {
             .unwrap_or_else(|e| e.into_inner()) = creditors;
     }
 
+    /// What the other workers could lend at most, together, as the gManager last reported.
+    pub fn set_pool_lend_caps(&self, blocks: usize) {
+        self.shared.pool_lend_caps.store(blocks, Ordering::Release);
+    }
+
     pub fn is_accepting(&self) -> bool {
         self.shared.accepting.load(Ordering::Acquire)
     }
@@ -399,11 +406,6 @@ impl EngineHandle {
         Duration::from_secs(1 + (waiting / self.shared.max_num_seqs.max(1)) as u64)
     }
 }
-    /// What the other workers could lend at most, together, as the gManager last reported.
-    pub fn set_pool_lend_caps(&self, blocks: usize) {
-        self.shared.pool_lend_caps.store(blocks, Ordering::Release);
-    }
-
 
 struct Active {
     req: GenerateRequest,
@@ -512,6 +514,22 @@ impl<B: Backend> Runner<B> {
             for (peer, blocks) in round.grants {
                 scheduler.add_borrowed(seq, peer, &blocks);
             }
+            return;
+        }
+        // Short: give back this round's blocks and those of earlier rounds, and wait. Holding
+        // them while waiting for more could deadlock two homes that borrow from each other.
+        let mut peers: Vec<u16> = round
+            .grants
+            .iter()
+            .map(|(p, _)| *p)
+            .chain(round.unanswered)
+            .chain(scheduler.unreserve(seq))
+            .collect();
+        peers.sort_unstable();
+        peers.dedup();
+        tracing::debug!(seq, want, "not enough to borrow yet; the request waits");
+        for peer in peers {
+            link.release(seq, peer);
         }
     }
 
@@ -540,22 +558,6 @@ impl<B: Backend> Runner<B> {
     }
 
     fn drop_cancelled(&mut self) {
-            return;
-        }
-        // Short: give back this round's blocks and those of earlier rounds, and wait. Holding
-        // them while waiting for more could deadlock two homes that borrow from each other.
-        let mut peers: Vec<u16> = round
-            .grants
-            .iter()
-            .map(|(p, _)| *p)
-            .chain(round.unanswered)
-            .chain(scheduler.unreserve(seq))
-            .collect();
-        peers.sort_unstable();
-        peers.dedup();
-        tracing::debug!(seq, want, "not enough to borrow yet; the request waits");
-        for peer in peers {
-            link.release(seq, peer);
         let gone: Vec<SeqId> = self
             .active
             .iter()
@@ -582,14 +584,6 @@ impl<B: Backend> Runner<B> {
         if step.items.is_empty() {
             return false;
         }
-        let input = StepInput {
-            tokens: &step.tokens,
-            positions: &step.positions,
-            slots: &step.slots,
-            seqs: &step.attn,
-            logit_rows: &step.logit_rows,
-            remote: &step.remote,
-        };
         let mut local = NoExchange;
         let mut pooled;
         let exchange: &mut dyn Exchange = match self.link.as_mut() {
@@ -600,7 +594,7 @@ impl<B: Backend> Runner<B> {
             }
             _ => &mut local,
         };
-        let logits = match self.model.forward(&mut self.kv, &input, exchange) {
+        let logits = match self.model.forward(&mut self.kv, &step.input(), exchange) {
             Ok(l) => l,
             Err(e) => {
                 // The step's K/V is partly written; every request in it ends, retryably.
@@ -662,8 +656,8 @@ impl<B: Backend> Runner<B> {
             kv_blocks_borrowed: s.borrowed_blocks(),
             kv_blocks_lend_cap: s.rmanager().lend_cap(),
             kv_borrow_total: self.link.as_ref().map_or(0, |l| l.borrow_total),
+            kv_borrow_refusals_total: self.link.as_ref().map_or(0, |l| l.refusals_total),
             preemptions_total: s.preemptions(),
         });
     }
 }
-            kv_borrow_refusals_total: self.link.as_ref().map_or(0, |l| l.refusals_total),

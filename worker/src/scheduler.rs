@@ -12,6 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 
 use crate::backend::{AttnSeq, KvSegment, NO_SLOT};
+use crate::model::llama::StepInput;
 use crate::rblock_pool::{BlockTable, Holder};
 use crate::rmanager::RManager;
 
@@ -59,6 +60,20 @@ pub struct Step {
     pub remote: Vec<RemotePart>,
     /// Requests sent back to the queue to free blocks in this step.
     pub preempted: Vec<SeqId>,
+}
+
+impl Step {
+    /// The model's view of this step.
+    pub fn input(&self) -> StepInput<'_> {
+        StepInput {
+            tokens: &self.tokens,
+            positions: &self.positions,
+            slots: &self.slots,
+            seqs: &self.attn,
+            logit_rows: &self.logit_rows,
+            remote: &self.remote,
+        }
+    }
 }
 
 /// One request's attention over the blocks one creditor holds for it.

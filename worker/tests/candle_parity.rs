@@ -10,7 +10,7 @@ use candle_transformers::models::llama as candle_llama;
 use infinite_llm_worker::backend::Backend;
 use infinite_llm_worker::backend::cpu::Cpu;
 use infinite_llm_worker::demo_model::{DemoModelSpec, write_demo_model};
-use infinite_llm_worker::model::llama::{Llama, NoExchange, StepInput};
+use infinite_llm_worker::model::llama::{Llama, NoExchange};
 use infinite_llm_worker::rmanager::RManager;
 use infinite_llm_worker::sampling::argmax;
 use infinite_llm_worker::scheduler::{Scheduler, SchedulerConfig};
@@ -95,18 +95,7 @@ fn ours(dir: &Path, prompts: &[Vec<u32>], steps: usize) -> Vec<(Vec<Vec<f32>>, V
             "the pool is large enough for this test"
         );
         let logits = model
-            .forward(
-                &mut kv,
-                &StepInput {
-                    tokens: &step.tokens,
-                    positions: &step.positions,
-                    slots: &step.slots,
-                    seqs: &step.attn,
-                    logit_rows: &step.logit_rows,
-                    remote: &step.remote,
-                },
-                &mut NoExchange,
-            )
+            .forward(&mut kv, &step.input(), &mut NoExchange)
             .unwrap();
         for (row, item) in step.items.iter().filter(|it| it.samples).enumerate() {
             let l = logits[row * vocab..(row + 1) * vocab].to_vec();

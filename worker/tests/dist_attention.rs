@@ -8,7 +8,7 @@ use infinite_llm_worker::backend::Backend;
 use infinite_llm_worker::backend::cpu::{Cpu, CpuKv};
 use infinite_llm_worker::demo_model::{DemoModelSpec, write_demo_model};
 use infinite_llm_worker::dist_attention::AttnCall;
-use infinite_llm_worker::model::llama::{Exchange, Llama, StepInput, Waited};
+use infinite_llm_worker::model::llama::{Exchange, Llama, Waited};
 use infinite_llm_worker::rmanager::RManager;
 use infinite_llm_worker::sampling::argmax;
 use infinite_llm_worker::scheduler::{Scheduler, SchedulerConfig};
@@ -92,20 +92,7 @@ fn run(
         let step = sched.schedule();
         assert!(step.preempted.is_empty());
         max_borrowed = max_borrowed.max(sched.borrowed_blocks());
-        let logits = home
-            .forward(
-                &mut kv,
-                &StepInput {
-                    tokens: &step.tokens,
-                    positions: &step.positions,
-                    slots: &step.slots,
-                    seqs: &step.attn,
-                    logit_rows: &step.logit_rows,
-                    remote: &step.remote,
-                },
-                &mut ex,
-            )
-            .unwrap();
+        let logits = home.forward(&mut kv, &step.input(), &mut ex).unwrap();
         if step.items[0].samples {
             let l = logits[..vocab].to_vec();
             let t = argmax(&l);

@@ -2,6 +2,7 @@
 //! per creditor this worker borrows from. Blocking sockets on plain threads: the engine thread
 //! never awaits, it reads everything from one inbox.
 
+use std::io::BufReader;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -79,7 +80,9 @@ impl TcpPeers {
         .write_to(&mut w)
         .map_err(connect_err)?;
         let peer = self.conns.len() as u16;
-        let (mut r, sink) = (stream.try_clone().map_err(connect_err)?, self.sink.clone());
+        // Buffered: a frame's length and body then come in one read, not two.
+        let mut r = BufReader::new(stream.try_clone().map_err(connect_err)?);
+        let sink = self.sink.clone();
         std::thread::Builder::new()
             .name(format!("peer-{peer}"))
             .spawn(move || {
@@ -130,25 +133,26 @@ fn accept_loop(listener: TcpListener, token: String, sink: Sink) {
 }
 
 /// Reads one home's requests until it hangs up. The first frame must carry the cluster token.
-fn serve_home(mut stream: TcpStream, token: &str, sink: Sink) {
+fn serve_home(stream: TcpStream, token: &str, sink: Sink) {
     let _ = stream.set_nodelay(true);
-    let home = match PeerMsg::read_from(&mut stream) {
+    let Ok(w) = stream.try_clone() else { return };
+    let mut r = BufReader::new(stream);
+    let home = match PeerMsg::read_from(&mut r) {
         Ok(PeerMsg::Hello { home, token: t })
             if constant_time_eq(t.as_bytes(), token.as_bytes()) =>
         {
             home
         }
         _ => {
-            tracing::warn!(peer = ?stream.peer_addr().ok(), "peer refused: no valid cluster token");
+            tracing::warn!(peer = ?w.peer_addr().ok(), "peer refused: no valid cluster token");
             return;
         }
     };
-    let Ok(w) = stream.try_clone() else { return };
     let reply = Responder {
         stream: Arc::new(Mutex::new(w)),
     };
     tracing::info!(home = %home, "a home connected");
-    while let Ok(msg) = PeerMsg::read_from(&mut stream) {
+    while let Ok(msg) = PeerMsg::read_from(&mut r) {
         sink(Incoming::Request {
             from: home.clone(),
             msg,

@@ -73,6 +73,7 @@ impl Enc {
     }
     fn f32s(&mut self, v: &[f32]) {
         self.len(v.len());
+        self.0.reserve(v.len() * 4);
         v.iter()
             .for_each(|x| self.0.extend_from_slice(&x.to_le_bytes()));
     }
@@ -133,8 +134,10 @@ impl Dec<'_> {
 }
 
 impl PeerMsg {
+    /// The whole frame: length, then body, in one buffer so that it leaves in one write.
     fn encode(&self) -> Vec<u8> {
         let mut e = Enc::default();
+        e.u32(0);
         match self {
             PeerMsg::Hello { home, token } => {
                 e.u8(1);
@@ -292,10 +295,9 @@ impl PeerMsg {
     }
 
     pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
-        let body = self.encode();
-        let mut frame = Vec::with_capacity(4 + body.len());
-        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&body);
+        let mut frame = self.encode();
+        let body = (frame.len() - 4) as u32;
+        frame[..4].copy_from_slice(&body.to_le_bytes());
         w.write_all(&frame)
     }
 
