@@ -2,24 +2,27 @@
 
 use std::fs;
 
-use infinite_llm_operator::crd::{InfiniteLLMCluster, crd_yaml};
+use infinite_llm_operator::crd::{InfiniteLLMCluster, chart_crd_template, crd_yaml};
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::core::ApiResource;
 
 use crate::harness::{self, shared, stderr, stdout};
 
 const CRD_FILE: &str = "crds/infinitellmclusters.infinitellm.io.yaml";
+pub const CHART_CRD_FILE: &str = "charts/infinite-llm/templates/crd.yaml";
 
 #[test]
-fn checked_in_crd_matches_the_rust_types() {
-    let path = harness::workspace_root().join(CRD_FILE);
-    let checked_in = fs::read_to_string(&path).unwrap_or_default();
-    let generated = crd_yaml().unwrap();
-    assert!(
-        checked_in == generated,
-        "{CRD_FILE} is stale or missing: run `make crds` \
-         (cargo run -p infinite-llm-operator -- crd > {CRD_FILE}) and commit the result"
-    );
+fn checked_in_crds_match_the_rust_types() {
+    for (file, generated) in [
+        (CRD_FILE, crd_yaml().unwrap()),
+        (CHART_CRD_FILE, chart_crd_template().unwrap()),
+    ] {
+        let checked_in = fs::read_to_string(harness::workspace_root().join(file));
+        assert!(
+            checked_in.ok().as_ref() == Some(&generated),
+            "{file} is stale or missing: run `make crds` and commit the result"
+        );
+    }
 }
 
 #[test]

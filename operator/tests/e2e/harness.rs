@@ -148,6 +148,10 @@ impl ControlPlane {
                     pki.sa_key.display()
                 ),
                 "--authorization-mode=RBAC",
+                // As on clusters that enforce it (OpenShift among them): owner references
+                // that block deletion need update on the owner's finalizers, which the
+                // operator's RBAC must then grant.
+                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
                 "--allow-privileged=true",
                 "--v=0",
             ]),
@@ -293,6 +297,26 @@ impl ControlPlane {
 
     fn kubectl_ok(&self, args: &[&str]) -> bool {
         self.kubectl(args).status.success()
+    }
+
+    /// Helm from the tools bin, as cluster admin of this control plane; its cache and
+    /// config live in the control plane's temp dir, not the user's home.
+    pub fn helm(&self, args: &[&str]) -> Output {
+        let helm = tools_bin().join("helm");
+        assert!(
+            helm.is_file(),
+            "{} is missing: run `make tools` (tests/tools/build_helm.sh builds it)",
+            helm.display()
+        );
+        let home = self.root.join("helm");
+        Command::new(helm)
+            .args(args)
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"))
+            .output()
+            .expect("running helm")
     }
 
     /// A kubeconfig that authenticates with a bearer token (a ServiceAccount's).

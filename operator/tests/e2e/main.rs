@@ -4,6 +4,7 @@
 
 mod crd;
 mod harness;
+mod helm;
 mod leader;
 mod rbac;
 mod reconcile;
