@@ -14,12 +14,13 @@ VENV    := .venv
 
 WORKER_BIN := target/release/infinite-llm-worker
 
-.PHONY: help build run test lint lint-docker unit test-python bench venv tools crds
+.PHONY: help build run test lint lint-docker unit test-python bench venv tools crds simulate
 
 help:
 	@echo "make run        local pool: gManager + WORKERS=$(WORKERS) workers behind http://127.0.0.1:$(PORT) (MODEL=, KV_BLOCKS=, LEND_FRACTION=)"
 	@echo "make test       every check: fmt, clippy, Rust tests, the openai client against make run"
 	@echo "make bench      CPU decode tokens/s against candle-transformers"
+	@echo "make simulate   static vs pooled clusters of 4 to 1024 simulated instances, same traces and cost model"
 	@echo "make tools      build etcd, kube-apiserver, kube-controller-manager and helm from their Go modules into bin/"
 	@echo "make crds       regenerate crds/ and the chart's CRD template from the Rust types"
 
@@ -66,3 +67,7 @@ test-python: build venv
 
 bench:
 	$(CARGO) bench -p infinite-llm-worker --bench decode --bench dist_decode
+
+# Pure logic, no servers: the gManager's placement code over a simulated cluster.
+simulate:
+	$(CARGO) run --release -q -p infinite-llm-operator -- simulate

@@ -12,6 +12,7 @@ pub mod names;
 pub mod preflight;
 pub mod reconciler;
 pub mod server;
+pub mod simulate;
 pub mod status;
 pub mod token;
 

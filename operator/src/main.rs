@@ -31,6 +31,15 @@ enum Command {
     Run,
     /// Serve only the gManager, without Kubernetes (local mode).
     Gmanager(GManagerArgs),
+    /// Simulate static and pooled clusters on the same traces and print the comparison.
+    Simulate(SimulateArgs),
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// Instance counts to simulate, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = infinite_llm_operator::simulate::SCALES)]
+    instances: Vec<usize>,
 }
 
 #[derive(clap::Args)]
@@ -94,6 +103,16 @@ async fn main() -> std::process::ExitCode {
                 print!("{yaml}");
                 std::process::ExitCode::SUCCESS
             }
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(Command::Simulate(args)) = &cli.command {
+        let mut out = std::io::stdout().lock();
+        return match infinite_llm_operator::simulate::report(&mut out, &args.instances) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");
                 std::process::ExitCode::FAILURE

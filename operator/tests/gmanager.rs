@@ -434,3 +434,104 @@ async fn each_cluster_token_sees_only_its_own_cluster() {
     .await;
     g.stop().await;
 }
+
+#[tokio::test]
+async fn heartbeats_with_placements_build_debts_debtors_and_creditors() {
+    let g = GManager::local().await;
+    let mut full = pool(100, 100, 0, 50);
+    full.running_requests = 2;
+    full.waiting_requests = 1;
+    g.register(TOKEN, "full", full).await;
+    g.register(TOKEN, "idle", pool(100, 0, 0, 50)).await;
+
+    // An old worker's heartbeat (no placements) still parses; a new one reports its requests.
+    let beat = serde_json::json!({
+        "epoch": 2,
+        "pool": full,
+        "placements": [
+            {"request": 1, "holder": "full", "blocks": 70},
+            {"request": 2, "holder": "full", "blocks": 30},
+            {"request": 2, "holder": "idle", "blocks": 5},
+        ],
+    });
+    let r = g
+        .post("/v1/workers/full/heartbeat")
+        .bearer_auth(TOKEN)
+        .json(&beat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    let view = g.pool(TOKEN).await;
+    assert_eq!(view.debtors, ["full"]);
+    assert_eq!(view.creditors, ["idle"]);
+    assert_eq!(view.debts.len(), 1);
+    assert_eq!(
+        (
+            view.debts[0].home.as_str(),
+            view.debts[0].creditor.as_str(),
+            view.debts[0].blocks
+        ),
+        ("full", "idle", 5)
+    );
+
+    // Returning more than was placed is refused whole.
+    let bad = serde_json::json!({
+        "epoch": 2,
+        "pool": full,
+        "placements": [{"request": 2, "holder": "idle", "blocks": -6}],
+    });
+    let r = g
+        .post("/v1/workers/full/heartbeat")
+        .bearer_auth(TOKEN)
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, StatusCode::CONFLICT, "placement_underflow").await;
+    assert_eq!(g.pool(TOKEN).await.debts[0].blocks, 5);
+
+    // The sweeper's placement round plans to move the longest request's blocks to "idle".
+    let mut planned = Vec::new();
+    for _ in 0..30 {
+        tokio::time::sleep(INTERVAL / 2).await;
+        assert_eq!(
+            g.heartbeat("idle", pool(100, 0, 0, 50)).await.status(),
+            StatusCode::OK
+        );
+        let r = g
+            .post("/v1/workers/full/heartbeat")
+            .bearer_auth(TOKEN)
+            .json(&Heartbeat {
+                epoch: 2,
+                pool: full,
+            })
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        planned = g.pool(TOKEN).await.planned_moves;
+        if !planned.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(planned.len(), 1, "{planned:?}");
+    assert_eq!(
+        (
+            planned[0].request,
+            planned[0].from.as_str(),
+            planned[0].to.as_str()
+        ),
+        (1, "full", "idle")
+    );
+    assert_eq!(planned[0].blocks, 50, "what the next request needs");
+    let metrics = g.metrics().await;
+    for line in [
+        r#"ilm_gmanager_placement_workers{cluster="local",role="debtor"} 1"#,
+        r#"ilm_gmanager_planned_move_blocks{cluster="local"} 50"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+    }
+    g.stop().await;
+}

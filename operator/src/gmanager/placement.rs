@@ -245,6 +245,69 @@ pub fn rank_lenders(instances: &[Instance], home: usize) -> Vec<usize> {
     ranked
 }
 
+/// Creditors by spare blocks, most first (ties by index). Taking from one lowers its spare, so
+/// one queue serves many placements of a round without handing out a block twice.
+#[derive(Debug, Clone)]
+pub struct Creditors {
+    heap: BinaryHeap<(u64, Reverse<usize>)>,
+}
+
+impl Creditors {
+    pub fn new(instances: &[Instance], cfg: &PlacementConfig) -> Self {
+        let heap = instances
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| role(c, cfg) == Role::Creditor)
+            .map(|(i, c)| (c.spare_blocks(cfg), Reverse(i)))
+            .collect();
+        Creditors { heap }
+    }
+
+    /// `need` blocks from the creditors with most spare blocks, never from `home`: all or
+    /// nothing.
+    pub fn take(&mut self, need: u64, home: usize) -> Option<Vec<(usize, u64)>> {
+        let mut taken = Vec::new();
+        let mut skipped = Vec::new();
+        let mut left = need;
+        while left > 0 {
+            let Some((spare, Reverse(c))) = self.heap.pop() else {
+                break;
+            };
+            if c == home {
+                skipped.push((spare, Reverse(c)));
+                continue;
+            }
+            let k = spare.min(left);
+            taken.push((c, k));
+            left -= k;
+            if spare > k {
+                skipped.push((spare - k, Reverse(c)));
+            }
+        }
+        self.heap.extend(skipped);
+        if left > 0 {
+            self.give_back(&taken);
+            return None;
+        }
+        Some(taken)
+    }
+
+    /// Returns blocks taken but not used.
+    pub fn give_back(&mut self, taken: &[(usize, u64)]) {
+        for &(c, k) in taken {
+            let entry = self.heap.iter().find(|(_, Reverse(i))| *i == c).copied();
+            let spare = match entry {
+                Some(e) => {
+                    self.heap.retain(|x| *x != e);
+                    e.0
+                }
+                None => 0,
+            };
+            self.heap.push((spare + k, Reverse(c)));
+        }
+    }
+}
+
 /// Where a new request of `need` blocks homed at `home` goes: `(worker, blocks)`, the home
 /// first. A long request keeps only `long_home_share` of the home's pool there and takes the
 /// rest from creditors right away, before the home overflows; a short one borrows only what the
@@ -253,36 +316,28 @@ pub fn place_new(
     instances: &[Instance],
     home: usize,
     need: u64,
+    creditors: &mut Creditors,
     cfg: &PlacementConfig,
 ) -> Option<Vec<(usize, u64)>> {
     let h = &instances[home];
+    let free = h.free_blocks();
     let long = need as f64 > h.total_blocks as f64 * cfg.long_request_share;
-    let mut local = h.free_blocks().min(need);
+    let mut local = free.min(need);
     if long {
         local = local.min((h.total_blocks as f64 * cfg.long_home_share) as u64);
     }
-    let mut placed = vec![(home, local)];
-    let mut left = need - local;
-    if left == 0 {
-        return Some(placed);
+    if local == need {
+        return Some(vec![(home, need)]);
     }
-    let mut creditors: Vec<(u64, usize)> = instances
-        .iter()
-        .enumerate()
-        .filter(|&(i, c)| i != home && role(c, cfg) == Role::Creditor)
-        .map(|(i, c)| (c.spare_blocks(cfg), i))
-        .collect();
-    creditors.sort_by_key(|&(spare, i)| (Reverse(spare), i));
-    for (spare, i) in creditors {
-        let take = spare.min(left);
-        placed.push((i, take));
-        left -= take;
-        if left == 0 {
-            return Some(placed);
+    match creditors.take(need - local, home) {
+        Some(lent) => {
+            let mut placed = vec![(home, local)];
+            placed.extend(lent);
+            Some(placed)
         }
+        // Creditors cannot take it: the request may still fit at home alone.
+        None => (free >= need).then(|| vec![(home, need)]),
     }
-    // Creditors could not take it all: a short request may still fit at home alone.
-    (h.free_blocks() >= need).then(|| vec![(home, need)])
 }
 
 /// `blocks` of `request`, homed at `from`, go to `to`.
@@ -307,24 +362,20 @@ pub fn plan_moves(instances: &[Instance], block_tokens: u64, cfg: &PlacementConf
         return Vec::new();
     }
     debtors.sort_by_key(|&i| (instances[i].batch, i));
-
-    // Creditors by spare blocks; taking from one lowers its entry, so entries are refreshed
-    // lazily: an entry whose spare no longer matches is dropped when popped.
-    let mut spare: Vec<u64> = instances.iter().map(|c| c.spare_blocks(cfg)).collect();
+    let mut creditors = Creditors::new(instances, cfg);
     let mut extra_tokens = vec![0u64; instances.len()];
-    let mut heap: BinaryHeap<(u64, Reverse<usize>)> = (0..instances.len())
-        .filter(|&i| role(&instances[i], cfg) == Role::Creditor)
-        .map(|i| (spare[i], Reverse(i)))
-        .collect();
-
     let mut moves = Vec::new();
     let mut budget = cfg.max_round_blocks;
     for d in debtors {
         let debtor = &instances[d];
         let lack = debtor.next_need_blocks - debtor.free_blocks();
-        if lack > budget {
+        let movable: u64 = debtor.requests.iter().map(|&(_, local)| local).sum();
+        if lack > budget || lack > movable {
             continue;
         }
+        let Some(taken) = creditors.take(lack, d) else {
+            continue;
+        };
         let mut requests: Vec<(u64, u64)> = debtor
             .requests
             .iter()
@@ -332,51 +383,43 @@ pub fn plan_moves(instances: &[Instance], block_tokens: u64, cfg: &PlacementConf
             .filter(|&(_, local)| local > 0)
             .collect();
         requests.sort_by_key(|&(id, local)| (Reverse(local), id));
-
-        let mut planned: Vec<Move> = Vec::new();
-        let mut taken: Vec<(u64, Reverse<usize>)> = Vec::new();
-        let mut left = lack;
-        let mut rest = requests.into_iter();
-        let mut current = rest.next();
-        while left > 0 {
-            let Some((req_id, req_local)) = current else {
-                break;
-            };
-            let Some((s, Reverse(c))) = heap.pop() else {
-                break;
-            };
-            if s != spare[c] || s == 0 {
-                continue;
-            }
-            let k = left.min(req_local).min(s);
-            planned.push(Move {
-                request: req_id,
-                from: d,
-                to: c,
-                blocks: k,
-            });
-            spare[c] -= k;
-            taken.push((k, Reverse(c)));
-            heap.push((spare[c], Reverse(c)));
-            left -= k;
-            current = if req_local > k {
-                Some((req_id, req_local - k))
-            } else {
-                rest.next()
-            };
-        }
-
-        if left == 0 && gains(instances, d, &planned, &extra_tokens, block_tokens, cfg) {
+        let planned = split(&requests, &taken, d);
+        if gains(instances, d, &planned, &extra_tokens, block_tokens, cfg) {
             budget -= lack;
             for m in &planned {
                 extra_tokens[m.to] += moved_tokens(debtor, m.blocks, block_tokens);
             }
             moves.extend(planned);
         } else {
-            for (k, Reverse(c)) in taken {
-                spare[c] += k;
-                heap.push((spare[c], Reverse(c)));
-            }
+            creditors.give_back(&taken);
+        }
+    }
+    moves
+}
+
+/// Pairs the debtor's requests, longest first, with the blocks taken from creditors.
+fn split(requests: &[(u64, u64)], taken: &[(usize, u64)], from: usize) -> Vec<Move> {
+    let mut moves = Vec::new();
+    let mut reqs = requests.iter().copied();
+    let mut current = reqs.next();
+    for &(to, mut blocks) in taken {
+        while blocks > 0 {
+            let Some((request, local)) = current else {
+                return moves;
+            };
+            let k = blocks.min(local);
+            moves.push(Move {
+                request,
+                from,
+                to,
+                blocks: k,
+            });
+            blocks -= k;
+            current = if local > k {
+                Some((request, local - k))
+            } else {
+                reqs.next()
+            };
         }
     }
     moves
@@ -510,18 +553,32 @@ mod tests {
             worker(1000, 800, 4, 0),
             worker(1000, 100, 4, 0),
         ];
-        assert_eq!(place_new(&ws, 0, 100, &cfg), Some(vec![(0, 100)]));
-        let long = place_new(&ws, 0, 800, &cfg).unwrap();
+        let mut creditors = Creditors::new(&ws, &cfg);
+        assert_eq!(
+            place_new(&ws, 0, 100, &mut creditors, &cfg),
+            Some(vec![(0, 100)])
+        );
+        let long = place_new(&ws, 0, 800, &mut creditors, &cfg).unwrap();
         assert_eq!(
             long,
             [(0, 250), (2, 500), (1, 50)],
             "a quarter of the home, then the creditors with most spare blocks first"
         );
-        assert!(
-            long.iter()
-                .all(|&(w, b)| w == 0 || b <= ws[w].spare_blocks(&cfg))
+        assert_eq!(
+            place_new(&ws, 0, 300, &mut creditors, &cfg),
+            Some(vec![(0, 250), (1, 50)]),
+            "the queue remembers what earlier placements took"
         );
-        assert_eq!(place_new(&ws, 0, 5000, &cfg), None, "all or nothing");
+        assert_eq!(
+            place_new(&ws, 0, 1000, &mut creditors, &cfg),
+            Some(vec![(0, 1000)]),
+            "with creditors exhausted a long request may still fit at home"
+        );
+        assert_eq!(
+            place_new(&ws, 0, 1100, &mut creditors, &cfg),
+            None,
+            "all or nothing"
+        );
     }
 
     #[test]
