@@ -199,6 +199,14 @@ fn reply_call(msg: &PeerMsg) -> Option<u64> {
     }
 }
 
+/// Frees what a home whose connection closed still borrowed here.
+pub fn take_back_loans(rm: &mut RManager, from: &str) {
+    let blocks = rm.take_back_all(from);
+    if blocks > 0 {
+        tracing::info!(home = %from, blocks, "a home went away; its loans are taken back");
+    }
+}
+
 /// Answers what a creditor can answer from its pool alone; returns attention requests, which
 /// need the model.
 pub fn serve_pool_request(
@@ -345,6 +353,7 @@ impl Exchange for LayerExchange<'_> {
                         ));
                     }
                 }
+                Ok(Inbox::Peer(Incoming::Gone { from })) => take_back_loans(self.rm, &from),
                 Ok(Inbox::Peer(Incoming::Request { from, msg, reply })) => {
                     if let Some(req) = serve_pool_request(self.rm, from, msg, reply) {
                         let call = req.call;

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use crate::backend::Backend;
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::Cuda;
-use crate::cluster_link::{ClusterLink, LayerExchange, serve_pool_request};
+use crate::cluster_link::{ClusterLink, LayerExchange, serve_pool_request, take_back_loans};
 use crate::model::llama::{Exchange, Llama, NoExchange};
 use crate::peer::tcp::TcpPeers;
 use crate::peer::{Incoming, PeerMsg};
@@ -447,6 +447,7 @@ fn serve_home<B: Backend>(
             tracing::debug!(peer, "late answer from a creditor dropped")
         }
         Incoming::Lost { peer, error } => tracing::warn!(peer, %error, "link to a creditor lost"),
+        Incoming::Gone { from } => take_back_loans(scheduler.rmanager_mut(), &from),
     }
 }
 

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use infinite_llm_worker::demo_model::{DemoModelSpec, write_demo_model_if_missing};
-use local_support::{BIN, Launcher, free_port, metric, worker_urls};
+use local_support::{BIN, Launcher, free_port, metric};
 use serde_json::{Value, json};
 
 const BLOCK_TOKENS: usize = 16;
@@ -18,6 +18,7 @@ struct Pool {
     launcher: Launcher,
     base: String,
     workers: Vec<String>,
+    pids: Vec<u32>,
 }
 
 fn start(model: &std::path::Path, workers: u16, kv_blocks: usize, extra: &[&str]) -> Pool {
@@ -36,11 +37,12 @@ fn start(model: &std::path::Path, workers: u16, kv_blocks: usize, extra: &[&str]
             .spawn()
             .expect("launcher starts"),
     );
-    let (workers, _) = worker_urls(&mut launcher.0);
+    let (started, _) = local_support::workers(&mut launcher.0);
     Pool {
         launcher,
         base: format!("http://127.0.0.1:{port}"),
-        workers,
+        workers: started.iter().map(|(_, url)| url.clone()).collect(),
+        pids: started.iter().map(|(pid, _)| *pid).collect(),
     }
 }
 
@@ -80,10 +82,14 @@ async fn greedy(client: &reqwest::Client, base: &str, prompt: &[u32], max_tokens
 
 /// Waits until every worker's `name` gauge reads 0; panics after a generous deadline.
 async fn all_zero(client: &reqwest::Client, pool: &Pool, name: &str) {
+    until_zero(client, &pool.workers, name).await;
+}
+
+async fn until_zero(client: &reqwest::Client, workers: &[String], name: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let mut left = Vec::new();
-        for w in &pool.workers {
+        for w in workers {
             let v = metric(client, w, name).await;
             if v != 0.0 {
                 left.push(format!("{w}: {v}"));
@@ -218,4 +224,27 @@ async fn refusing_creditors_and_a_full_pool_never_corrupt_or_crash() {
     }
     // And the pool still serves.
     assert_eq!(greedy(&client, &pool.base, &long, 24).await, want);
+
+    // A home that dies mid-request: its creditors take back what it borrowed. 256 tokens
+    // need 16 blocks: 8 at home and 4 from each of the others.
+    let request = tokio::spawn({
+        let (client, home) = (client.clone(), pool.workers[0].clone());
+        async move { post(&client, &home, &prompt(16, 7), 16 * BLOCK_TOKENS - 16).await }
+    });
+    let creditors = &pool.workers[1..];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for w in creditors {
+        while metric(&client, w, "ilm_kv_blocks_lent").await != 4.0 {
+            assert!(Instant::now() < deadline, "{w} never lent its 4 blocks");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let killed = Command::new("kill")
+        .arg("-9")
+        .arg(pool.pids[0].to_string())
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    until_zero(&client, creditors, "ilm_kv_blocks_lent").await;
+    request.abort();
 }

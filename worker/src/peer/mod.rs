@@ -22,6 +22,8 @@ pub enum Incoming {
     Reply { peer: u16, msg: PeerMsg },
     /// The connection to a creditor broke: calls in flight to it will not be answered.
     Lost { peer: u16, error: String },
+    /// A home's connection closed (it left or died): what it borrowed here comes back.
+    Gone { from: String },
 }
 
 /// The way back to the home that sent a request.

@@ -123,17 +123,18 @@ impl TcpPeers {
 }
 
 fn accept_loop(listener: TcpListener, token: String, sink: Sink) {
-    for stream in listener.incoming() {
+    for (conn, stream) in listener.incoming().enumerate() {
         let Ok(stream) = stream else { continue };
         let (token, sink) = (token.clone(), sink.clone());
         let _ = std::thread::Builder::new()
             .name("peer-home".into())
-            .spawn(move || serve_home(stream, &token, sink));
+            .spawn(move || serve_home(stream, &token, sink, conn));
     }
 }
 
-/// Reads one home's requests until it hangs up. The first frame must carry the cluster token.
-fn serve_home(stream: TcpStream, token: &str, sink: Sink) {
+/// Reads one home's requests until it hangs up, then reports it gone. The first frame must
+/// carry the cluster token.
+fn serve_home(stream: TcpStream, token: &str, sink: Sink, conn: usize) {
     let _ = stream.set_nodelay(true);
     let Ok(w) = stream.try_clone() else { return };
     let mut r = BufReader::new(stream);
@@ -152,14 +153,18 @@ fn serve_home(stream: TcpStream, token: &str, sink: Sink) {
         stream: Arc::new(Mutex::new(w)),
     };
     tracing::info!(home = %home, "a home connected");
+    // Loans are held per connection: a home that reconnects (say, restarted under the same
+    // name) never has its new loans taken back with the old connection's.
+    let from = format!("{home}#{conn}");
     while let Ok(msg) = PeerMsg::read_from(&mut r) {
         sink(Incoming::Request {
-            from: home.clone(),
+            from: from.clone(),
             msg,
             reply: reply.clone(),
         });
     }
     tracing::info!(home = %home, "a home disconnected");
+    sink(Incoming::Gone { from });
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -27,12 +27,22 @@ pub fn free_port() -> u16 {
 /// Reads the launcher's banner up to its last line; returns the workers' URLs, and the pipe,
 /// which must stay open while the launcher may still print.
 pub fn worker_urls(launcher: &mut Child) -> (Vec<String>, BufReader<ChildStdout>) {
+    let (workers, stdout) = workers(launcher);
+    (workers.into_iter().map(|(_, url)| url).collect(), stdout)
+}
+
+/// Like `worker_urls`, with each worker's process id.
+pub fn workers(launcher: &mut Child) -> (Vec<(u32, String)>, BufReader<ChildStdout>) {
     let mut stdout = BufReader::new(launcher.stdout.take().expect("stdout is piped"));
     let mut urls = Vec::new();
     let mut line = String::new();
     while stdout.read_line(&mut line).expect("banner line") > 0 {
-        if line.trim_start().starts_with("worker-") {
-            urls.push(line.split_whitespace().last().unwrap().to_owned());
+        // "  worker-0  pid 1234     http://127.0.0.1:8010"
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if let [name, "pid", pid, url] = fields[..]
+            && name.starts_with("worker-")
+        {
+            urls.push((pid.parse().expect("a pid"), url.to_owned()));
         }
         if line.contains("Ctrl-C stops everything") {
             return (urls, stdout);
