@@ -604,6 +604,18 @@ impl Operator {
         id: &str,
         args: &[&str],
     ) -> Operator {
+        Operator::start_with_env(cp, kubeconfig, ns, id, args, &[])
+    }
+
+    /// Like `start`, with `env` set as well (a Deployment's, say); flags win over it.
+    pub fn start_with_env(
+        cp: &ControlPlane,
+        kubeconfig: &Path,
+        ns: &str,
+        id: &str,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> Operator {
         let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let gmanager_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = cp.path(&format!("operator-{ns}-{id}.log"));
@@ -622,6 +634,7 @@ impl Operator {
         }
         let child = cmd
             .args(args)
+            .envs(env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)

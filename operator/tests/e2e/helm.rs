@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use infinite_llm_operator::crd::InfiniteLLMCluster;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, PostParams};
@@ -313,23 +314,41 @@ async fn helm_install_runs_the_operator_and_uninstall_keeps_the_clusters() {
     assert!(container.readiness_probe.is_some() && container.liveness_probe.is_some());
     assert!(container.resources.as_ref().unwrap().requests.is_some());
 
-    // The operator binary, with the chart's ServiceAccount and nothing else, reconciles an
-    // example from examples/.
+    // The operator binary, with the chart's ServiceAccount and nothing else, and the
+    // environment of the chart's Deployment, reconciles an example from examples/. Flags
+    // only narrow it to the example's namespace and pick free ports.
+    let env: Vec<(String, String)> = container
+        .env
+        .iter()
+        .flatten()
+        .map(|var| {
+            let field = var
+                .value_from
+                .as_ref()
+                .and_then(|from| from.field_ref.as_ref())
+                .map(|f| f.field_path.as_str());
+            let value = match field {
+                Some("metadata.namespace") => release_ns.to_owned(),
+                Some("metadata.name") => "chart".to_owned(),
+                Some(path) => panic!("{}: no stand-in for {path}", var.name),
+                None => var.value.clone().unwrap_or_default(),
+            };
+            (var.name.clone(), value)
+        })
+        .collect();
     let ns = harness::namespace(&client, "helm-example").await;
     let example = harness::workspace_root().join("examples/cpu-small.yaml");
     let out = cp.kubectl(&["apply", "-n", &ns, "-f", example.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let token = harness::service_account_token(&client, release_ns, &fullname).await;
     let kubeconfig = cp.token_kubeconfig("chart-sa", &token);
-    let mut op = Operator::start(
+    let mut op = Operator::start_with_env(
         cp,
         &kubeconfig,
         &ns,
         "chart",
-        &[
-            &format!("--lease-namespace={release_ns}"),
-            &format!("--lease-name={fullname}"),
-        ],
+        &[&format!("--lease-namespace={release_ns}")],
+        &env,
     );
     let clusters = Api::<InfiniteLLMCluster>::namespaced(client.clone(), &ns);
     eventually(
@@ -346,7 +365,28 @@ async fn helm_install_runs_the_operator_and_uninstall_keeps_the_clusters() {
         .get("tiny-llama")
         .await
         .unwrap();
-    assert_eq!(sts.spec.unwrap().replicas, Some(2));
+    let sts = sts.spec.unwrap();
+    assert_eq!(sts.replicas, Some(2));
+    // Workers are told the chart's Service as their gManager, and the lease is the chart's.
+    let worker = &sts.template.spec.unwrap().containers[0];
+    let gmanager_url = worker
+        .env
+        .iter()
+        .flatten()
+        .find(|v| v.name == "ILM_GMANAGER_URL")
+        .and_then(|v| v.value.clone());
+    assert_eq!(
+        gmanager_url.as_deref(),
+        Some(format!("http://{fullname}.{release_ns}.svc:8001").as_str())
+    );
+    let lease = Api::<Lease>::namespaced(client.clone(), release_ns)
+        .get(&fullname)
+        .await
+        .unwrap();
+    assert_eq!(
+        lease.spec.and_then(|s| s.holder_identity).as_deref(),
+        Some("chart")
+    );
     let log = op.log();
     assert!(!log.to_lowercase().contains("forbidden"), "{log}");
     op.kill();
