@@ -9,7 +9,7 @@ use kube::core::ApiResource;
 use crate::harness::{self, shared, stderr, stdout};
 
 const CRD_FILE: &str = "crds/infinitellmclusters.infinitellm.io.yaml";
-pub const CHART_CRD_FILE: &str = "charts/infinite-llm/templates/crd.yaml";
+const CHART_CRD_FILE: &str = "charts/infinite-llm/templates/crd.yaml";
 
 #[test]
 fn checked_in_crds_match_the_rust_types() {

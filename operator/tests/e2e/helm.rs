@@ -95,7 +95,7 @@ fn chart_lints_clean_with_default_and_ci_values() {
 }
 
 /// Everything the chart renders, with default and ci values, passes the API server's
-/// validation (`kubectl apply --dry-run=server`), the CRD included.
+/// validation (`kubectl apply --server-side --dry-run=server`), the CRD included.
 #[tokio::test]
 async fn rendered_chart_is_accepted_by_the_api_server() {
     let cp = shared();
