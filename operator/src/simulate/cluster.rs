@@ -372,7 +372,7 @@ impl<'a> Sim<'a> {
         }
 
         let tick = self.cfg.tick_s;
-        for home in 0..n {
+        for (home, &chunked) in prefilling.iter().enumerate() {
             if self.workers[home].running.is_empty() {
                 continue;
             }
@@ -388,7 +388,7 @@ impl<'a> Sim<'a> {
             for &r in &self.workers[home].running {
                 let req = &mut self.reqs[r];
                 if req.prefilled < req.prompt as f64 {
-                    if prefilling[home] == r {
+                    if chunked == r {
                         let add = (steps * chunk).min(req.prompt as f64 - req.prefilled);
                         req.prefilled += add;
                         self.tokens += add;
