@@ -309,7 +309,7 @@ impl<B: Backend> Llama<B> {
                 input.positions,
                 inv_freq,
             );
-            // Creditors get their queries first: they start while this worker writes its K/V.
+            b.kv_write(kv, li, &s.qkv, qkv_w, qd, qd + kvd, input.slots);
             let remote = !input.remote.is_empty();
             if remote {
                 let host = b.download(&s.qkv, rows * qkv_w);
@@ -322,7 +322,6 @@ impl<B: Backend> Llama<B> {
                     dist_attention::build_calls(li, &host, layout, input.seqs, input.remote);
                 exchange.send(calls.into_iter().collect());
             }
-            b.kv_write(kv, li, &s.qkv, qkv_w, qd, qd + kvd, input.slots);
             // Local MicroAttention runs while the creditors work on theirs.
             b.attention(
                 &s.qkv,
