@@ -110,7 +110,7 @@ pub fn report(out: &mut impl Write, scales: &[usize]) -> std::io::Result<()> {
     }
     writeln!(
         out,
-        "{:<6} {:>9} {:<7} {:>13} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
+        "{:<6} {:>9} {:<7} {:>13} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}",
         "trace",
         "instances",
         "policy",
@@ -121,7 +121,8 @@ pub fn report(out: &mut impl Write, scales: &[usize]) -> std::io::Result<()> {
         "p50 s",
         "p99 s",
         "pooled/st",
-        "round ms"
+        "round ms",
+        "moved"
     )?;
     let largest = scales.iter().copied().max().unwrap_or(0);
     let mut summary_ratio = None;
@@ -131,17 +132,18 @@ pub fn report(out: &mut impl Write, scales: &[usize]) -> std::io::Result<()> {
         for &n in scales {
             let cmp = compare(t, &ClusterConfig::measured(n));
             for (policy, o) in [("static", &cmp.static_), ("pooled", &cmp.pooled)] {
-                let (ratio, round) = if policy == "pooled" {
+                let (ratio, round, moved) = if policy == "pooled" {
                     (
                         format!("{:.2}x", cmp.ratio()),
                         format!("{:.3}", o.placement_round_ms),
+                        o.moved_blocks.to_string(),
                     )
                 } else {
-                    ("".into(), "".into())
+                    ("".into(), "".into(), "".into())
                 };
                 writeln!(
                     out,
-                    "{:<6} {:>9} {:<7} {:>13.0} {:>12.0} {:>9} {:>9} {:>9.1} {:>9.1} {:>9} {:>10}",
+                    "{:<6} {:>9} {:<7} {:>13.0} {:>12.0} {:>9} {:>9} {:>9.1} {:>9.1} {:>9} {:>10} {:>9}",
                     t.name,
                     n,
                     policy,
@@ -152,7 +154,8 @@ pub fn report(out: &mut impl Write, scales: &[usize]) -> std::io::Result<()> {
                     o.p50_latency_s,
                     o.p99_latency_s,
                     ratio,
-                    round
+                    round,
+                    moved
                 )?;
             }
             out.flush()?;
