@@ -14,12 +14,15 @@ VENV    := .venv
 
 WORKER_BIN := target/release/infinite-llm-worker
 
-.PHONY: help build run test lint lint-docker unit test-python bench venv tools crds simulate
+.PHONY: help build run test lint lint-docker unit test-python bench venv tools crds simulate gpu-bundle test-gpu bench-gpu
 
 help:
 	@echo "make run        local pool: gManager + WORKERS=$(WORKERS) workers behind http://127.0.0.1:$(PORT) (MODEL=, KV_BLOCKS=, LEND_FRACTION=)"
 	@echo "make test       every check: fmt, clippy, Rust tests, the openai client against make run"
 	@echo "make bench      CPU decode tokens/s against candle-transformers"
+	@echo "make gpu-bundle build the GPU tests and benches here, into target/gpu-bundle, for a GPU machine"
+	@echo "make test-gpu   on a GPU machine: CUDA kernels against float64, the model against transformers"
+	@echo "make bench-gpu  on a GPU machine: attention, decode, prefill against PyTorch, transformers, roofline"
 	@echo "make simulate   static vs pooled clusters of 4 to 1024 simulated instances, same traces and cost model"
 	@echo "make tools      build etcd, kube-apiserver, kube-controller-manager and helm from their Go modules into bin/"
 	@echo "make crds       regenerate crds/ and the chart's CRD template from the Rust types"
@@ -71,3 +74,14 @@ bench:
 # Pure logic, no servers: the gManager's placement code over a simulated cluster.
 simulate:
 	$(CARGO) run --release -q -p infinite-llm-operator -- simulate
+
+# The GPU machine has no Rust toolchain: build the bundle where cargo is, carry target/gpu-bundle
+# there with the tree, and run the two targets below there (they call no cargo).
+gpu-bundle:
+	bash tests/gpu/bundle.sh
+
+test-gpu:
+	bash tests/gpu/run.sh test
+
+bench-gpu:
+	bash tests/gpu/run.sh bench

@@ -128,160 +128,187 @@ extern "C" __global__ void kv_write(bf16* k, bf16* v, const float* src, const u3
 // Paged MicroAttention, split over the KV length (flash-decoding).
 //
 // Grid: (query row, kv head, split). Each block of 4 warps serves the G query heads that share
-// the kv head, so a KV token is read once per group. Lanes own head_dim/32 dimensions of q, K, V
-// and the output; each warp keeps its own online softmax over its share of the split's tokens,
-// and the warps are merged at the end. The block writes, per query head of its group, the
-// normalised partial output and its log-sum-exp; `attn_merge` combines the splits.
+// the kv head, so a KV token is read once per group. Within a warp, LPT = head_dim / 8 lanes hold
+// one token (16 bytes of K and of V each, one load apiece), so a warp covers 32 / LPT tokens per
+// pass and a dot product needs log2(LPT) shuffles. Each lane group keeps its own online softmax
+// over its tokens; groups, then warps, are merged at the end. The block writes, per query head of
+// its group, the normalised partial output and its log-sum-exp; `attn_merge` combines the splits.
 //
 // Metadata: `row_seq[row]` names the row's sequence; `seqs[4 * s ..]` is (first_row, first_row_pos,
 // first_segment, segments); `segs[3 * i ..]` is (block, first_pos, tokens).
 #define WARPS 4
-#define UNROLL 4
+#define PASSES 4
 
-__device__ __forceinline__ void unpack2(u32 w, float* out) {
-    out[0] = __uint_as_float(w << 16);
-    out[1] = __uint_as_float(w & 0xffff0000u);
-}
-
-// Loads N consecutive bf16 values with one access of 2N bytes.
-template <int N>
-__device__ __forceinline__ void load_bf16(const bf16* p, float* out) {
-    if constexpr (N == 1) {
-        out[0] = bf16_to_f32(*p);
-    } else if constexpr (N == 2) {
-        unpack2(*reinterpret_cast<const u32*>(p), out);
-    } else if constexpr (N == 4) {
-        uint2 w = *reinterpret_cast<const uint2*>(p);
-        unpack2(w.x, out);
-        unpack2(w.y, out + 2);
-    } else {
-        uint4 w = *reinterpret_cast<const uint4*>(p);
-        unpack2(w.x, out);
-        unpack2(w.y, out + 2);
-        unpack2(w.z, out + 4);
-        unpack2(w.w, out + 6);
+__device__ __forceinline__ void unpack8(uint4 w, float* out) {
+    const u32 words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        out[2 * i] = __uint_as_float(words[i] << 16);
+        out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
     }
 }
 
-template <int DPL, int G>
+// Folds the softmax state (m2, l2, acc2) into (m, l, acc).
+template <int G>
+__device__ __forceinline__ void fold(float* m, float* l, float (*acc)[8], const float* m2, const float* l2,
+                                     const float (*acc2)[8]) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        float mx = fmaxf(m[g], m2[g]);
+        float f1 = m[g] == NEG_INF ? 0.f : __expf(m[g] - mx);
+        float f2 = m2[g] == NEG_INF ? 0.f : __expf(m2[g] - mx);
+        l[g] = l[g] * f1 + l2[g] * f2;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] = acc[g][i] * f1 + acc2[g][i] * f2;
+        m[g] = mx;
+    }
+}
+
+template <int LPT, int G>
 __device__ void attn_split(const float* q, int q_width, int q_col, const bf16* kc, const bf16* vc,
                            KvGeom geo, int layer, float scale, const u32* row_seq, const u32* seqs,
                            const u32* segs, int segs_per_split, float* part_o, float* part_lse,
                            int splits) {
+    constexpr int HD = LPT * 8, TPP = 32 / LPT, STEP = TPP * PASSES;
     const int row = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int hd = DPL * 32, q_heads = geo.kv_heads * G;
+    const int grp = lane / LPT, sub = lane % LPT;
+    const int q_heads = geo.kv_heads * G;
     const u32* sq = seqs + 4 * row_seq[row];
     const u32 row_pos = sq[1] + (row - sq[0]);
     const int seg_lo = sq[2] + split * segs_per_split;
     const int seg_hi = min((int)(sq[2] + sq[3]), seg_lo + segs_per_split);
 
-    float qr[G][DPL];
+    float qr[G][8];
 #pragma unroll
     for (int g = 0; g < G; ++g)
 #pragma unroll
-        for (int i = 0; i < DPL; ++i)
-            qr[g][i] = q[(size_t)row * q_width + q_col + (kvh * G + g) * hd + lane * DPL + i] * scale;
+        for (int i = 0; i < 8; ++i)
+            qr[g][i] = q[(size_t)row * q_width + q_col + (kvh * G + g) * HD + sub * 8 + i] * scale;
 
-    float m[G], l[G], acc[G][DPL];
+    float m[G], l[G], acc[G][8];
 #pragma unroll
     for (int g = 0; g < G; ++g) {
         m[g] = NEG_INF;
         l[g] = 0.f;
 #pragma unroll
-        for (int i = 0; i < DPL; ++i) acc[g][i] = 0.f;
+        for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
     }
 
-    // Tokens of the split in chunks of UNROLL; chunk c goes to warp c % WARPS.
-    int chunk = 0;
-    for (int s = seg_lo; s < seg_hi; ++s) {
-        u32 block = segs[3 * s], first = segs[3 * s + 1], n = segs[3 * s + 2];
-        if (first > row_pos) break;  // segments are in position order; the rest is in the future
+    // Whole segments go to warps in turn; each warp fetches its next segment's entry before
+    // reading the current one's KV, so the table's latency hides behind the data's.
+    int s = seg_lo + warp;
+    uint3 next = s < seg_hi ? make_uint3(segs[3 * s], segs[3 * s + 1], segs[3 * s + 2]) : make_uint3(0, 0, 0);
+    for (; s < seg_hi; s += WARPS) {
+        const u32 block = next.x, first = next.y, n = next.z;
+        if (s + WARPS < seg_hi)
+            next = make_uint3(segs[3 * (s + WARPS)], segs[3 * (s + WARPS) + 1], segs[3 * (s + WARPS) + 2]);
+        if (first > row_pos) continue;  // wholly in this row's future
         u32 visible = min(n, row_pos - first + 1);
-        const bf16* kb = kc + kv_offset(geo, layer, block, kvh, 0) + lane * DPL;
-        const bf16* vb = vc + kv_offset(geo, layer, block, kvh, 0) + lane * DPL;
-        for (u32 t0 = 0; t0 < visible; t0 += UNROLL, ++chunk) {
-            if (chunk % WARPS != warp) continue;
-            float kv_k[UNROLL][DPL], kv_v[UNROLL][DPL];
+        const bf16* kb = kc + kv_offset(geo, layer, block, kvh, 0) + sub * 8;
+        const bf16* vb = vc + kv_offset(geo, layer, block, kvh, 0) + sub * 8;
+        for (u32 t0 = 0; t0 < visible; t0 += STEP) {
+            float kf[PASSES][8], vf[PASSES][8];
+            bool ok[PASSES];
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
-                u32 t = t0 + u < visible ? t0 + u : t0;
-                load_bf16<DPL>(kb + (size_t)t * hd, kv_k[u]);
-                load_bf16<DPL>(vb + (size_t)t * hd, kv_v[u]);
+            for (int u = 0; u < PASSES; ++u) {
+                u32 t = t0 + u * TPP + grp;
+                ok[u] = t < visible;
+                if (!ok[u]) t = t0;
+                unpack8(*reinterpret_cast<const uint4*>(kb + (size_t)t * HD), kf[u]);
+                unpack8(*reinterpret_cast<const uint4*>(vb + (size_t)t * HD), vf[u]);
             }
 #pragma unroll
             for (int g = 0; g < G; ++g) {
-                float sc[UNROLL];
+                float sc[PASSES];
                 float mx = m[g];
 #pragma unroll
-                for (int u = 0; u < UNROLL; ++u) {
+                for (int u = 0; u < PASSES; ++u) {
                     float d = 0.f;
 #pragma unroll
-                    for (int i = 0; i < DPL; ++i) d += qr[g][i] * kv_k[u][i];
-                    d = warp_sum(d);
-                    sc[u] = t0 + u < visible ? d : NEG_INF;
+                    for (int i = 0; i < 8; ++i) d += qr[g][i] * kf[u][i];
+#pragma unroll
+                    for (int o = LPT / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+                    sc[u] = ok[u] ? d : NEG_INF;
                     mx = fmaxf(mx, sc[u]);
                 }
+                if (mx == NEG_INF) continue;  // this lane group has no token in the step yet
                 float corr = __expf(m[g] - mx);
                 l[g] *= corr;
 #pragma unroll
-                for (int i = 0; i < DPL; ++i) acc[g][i] *= corr;
+                for (int i = 0; i < 8; ++i) acc[g][i] *= corr;
 #pragma unroll
-                for (int u = 0; u < UNROLL; ++u) {
-                    float p = __expf(sc[u] - mx);
+                for (int u = 0; u < PASSES; ++u) {
+                    float p = ok[u] ? __expf(sc[u] - mx) : 0.f;
                     l[g] += p;
 #pragma unroll
-                    for (int i = 0; i < DPL; ++i) acc[g][i] += p * kv_v[u][i];
+                    for (int i = 0; i < 8; ++i) acc[g][i] += p * vf[u][i];
                 }
                 m[g] = mx;
             }
         }
     }
 
-    // Merge the warps: per head, rescale each warp's state to the common maximum.
+    // Merge the lane groups of the warp: the lanes with the same dims, LPT apart.
+#pragma unroll
+    for (int o = LPT; o < 32; o <<= 1) {
+        float m2[G], l2[G], acc2[G][8];
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            m2[g] = __shfl_xor_sync(0xffffffffu, m[g], o);
+            l2[g] = __shfl_xor_sync(0xffffffffu, l[g], o);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc2[g][i] = __shfl_xor_sync(0xffffffffu, acc[g][i], o);
+        }
+        fold<G>(m, l, acc, m2, l2, acc2);
+    }
+
+    // Merge the warps through shared memory.
     __shared__ float sm_m[WARPS][G], sm_l[WARPS][G];
-    __shared__ float sm_acc[WARPS][G][DPL * 32];
+    __shared__ float sm_acc[WARPS][G][HD];
     if (lane == 0)
 #pragma unroll
         for (int g = 0; g < G; ++g) {
             sm_m[warp][g] = m[g];
             sm_l[warp][g] = l[g];
         }
+    if (grp == 0)
 #pragma unroll
-    for (int g = 0; g < G; ++g)
+        for (int g = 0; g < G; ++g)
 #pragma unroll
-        for (int i = 0; i < DPL; ++i) sm_acc[warp][g][lane * DPL + i] = acc[g][i];
+            for (int i = 0; i < 8; ++i) sm_acc[warp][g][sub * 8 + i] = acc[g][i];
     __syncthreads();
-    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
-        int g = i / hd, d = i % hd;
+    for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
+        int g = i / HD, d = i % HD;
         float mx = NEG_INF;
         for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, sm_m[w][g]);
         float tl = 0.f, to = 0.f;
         if (mx != NEG_INF)
             for (int w = 0; w < WARPS; ++w) {
+                if (sm_m[w][g] == NEG_INF) continue;
                 float f = __expf(sm_m[w][g] - mx);
                 tl += sm_l[w][g] * f;
                 to += sm_acc[w][g][d] * f;
             }
         size_t at = ((size_t)row * q_heads + kvh * G + g) * splits + split;
-        part_o[at * hd + d] = tl > 0.f ? to / tl : 0.f;
+        part_o[at * HD + d] = tl > 0.f ? to / tl : 0.f;
         if (d == 0) part_lse[at] = tl > 0.f ? mx + __logf(tl) : NEG_INF;
     }
 }
 
-#define ATTN_KERNEL(DPL, G)                                                                          \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) attn_split_d##DPL##_g##G(              \
+#define ATTN_KERNEL(HD, G)                                                                           \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) attn_split_h##HD##_g##G(               \
         const float* q, int q_width, int q_col, const bf16* kc, const bf16* vc, KvGeom geo, int layer, \
         float scale, const u32* row_seq, const u32* seqs, const u32* segs, int segs_per_split,      \
         float* part_o, float* part_lse, int splits) {                                                \
-        attn_split<DPL, G>(q, q_width, q_col, kc, vc, geo, layer, scale, row_seq, seqs, segs,        \
-                           segs_per_split, part_o, part_lse, splits);                                \
+        attn_split<HD / 8, G>(q, q_width, q_col, kc, vc, geo, layer, scale, row_seq, seqs, segs,     \
+                              segs_per_split, part_o, part_lse, splits);                             \
     }
-#define ATTN_KERNELS(DPL) ATTN_KERNEL(DPL, 1) ATTN_KERNEL(DPL, 2) ATTN_KERNEL(DPL, 4) ATTN_KERNEL(DPL, 8)
-ATTN_KERNELS(1)
-ATTN_KERNELS(2)
-ATTN_KERNELS(4)
-ATTN_KERNELS(8)
+#define ATTN_KERNELS(HD) ATTN_KERNEL(HD, 1) ATTN_KERNEL(HD, 2) ATTN_KERNEL(HD, 4) ATTN_KERNEL(HD, 8)
+ATTN_KERNELS(32)
+ATTN_KERNELS(64)
+ATTN_KERNELS(128)
+ATTN_KERNELS(256)
 
 // Exact merge of the splits: grid (row, q head), one thread per dimension.
 extern "C" __global__ void attn_merge(const float* part_o, const float* part_lse, int splits, int head_dim,

@@ -32,7 +32,9 @@ fn rng(test: &str) -> StdRng {
 }
 
 fn randn(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect()
+    (0..n)
+        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
+        .collect()
 }
 
 fn rel_err(got: &[f32], want: &[f64]) -> f64 {
@@ -118,13 +120,12 @@ fn projections_norms_and_elementwise_match_float64() {
         let y = randn(&mut r, rows * k, 1.0);
         let mut acc = upload(&g, &y);
         g.add_assign(&mut acc, &xd, rows * k);
-        let want: Vec<f64> = x.iter().zip(&y).map(|(&a, &b)| a as f64 + b as f64).collect();
-        check(
-            "add_assign",
-            &g.download(&acc, rows * k),
-            &want,
-            F32_TOL,
-        );
+        let want: Vec<f64> = x
+            .iter()
+            .zip(&y)
+            .map(|(&a, &b)| a as f64 + b as f64)
+            .collect();
+        check("add_assign", &g.download(&acc, rows * k), &want, F32_TOL);
 
         let half = k / 2;
         let mut out = poisoned(&g, rows * half);
@@ -136,12 +137,7 @@ fn projections_norms_and_elementwise_match_float64() {
                 gate / (1.0 + (-gate).exp()) * x[row * k + half + c] as f64
             })
             .collect();
-        check(
-            "silu_mul",
-            &g.download(&out, rows * half),
-            &want,
-            F32_TOL,
-        );
+        check("silu_mul", &g.download(&out, rows * half), &want, F32_TOL);
 
         let picks: Vec<usize> = (0..rows).rev().step_by(2).collect();
         let mut out = poisoned(&g, picks.len() * k);
@@ -361,7 +357,9 @@ fn attention_case(g: &Cuda, r: &mut StdRng, shape: AttnShape, bt: usize, reqs: &
     let qd = upload(g, &q);
     let mut out = poisoned(g, total_rows * hq * hd);
     let mut lse = poisoned(g, total_rows * hq);
-    g.attention(&qd, q_width, 0, &kv, layer, shape, &seqs, &mut out, &mut lse);
+    g.attention(
+        &qd, q_width, 0, &kv, layer, shape, &seqs, &mut out, &mut lse,
+    );
     let name = format!(
         "attention hq {hq} hkv {hkv} hd {hd} bt {bt} rows {total_rows} contexts {:?}",
         reqs.iter()

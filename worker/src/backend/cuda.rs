@@ -65,7 +65,8 @@ struct Kernels {
     gather_rows: CudaFunction,
     kv_write: CudaFunction,
     attn_merge: CudaFunction,
-    /// `attn_split_d{dims per lane}_g{query heads per kv head}`, indexed by the log2 of each.
+    /// `attn_split_h{head_dim}_g{query heads per kv head}`, indexed by log2(head_dim / 32) and
+    /// log2(group).
     attn_split: Vec<CudaFunction>,
 }
 
@@ -193,15 +194,17 @@ impl Cuda {
         )?;
         let module = ctx.load_module(ptx).map_err(device)?;
         let f = |name: &str| {
-            module.load_function(name).map_err(|source| CudaError::Kernel {
-                name: name.to_owned(),
-                source,
-            })
+            module
+                .load_function(name)
+                .map_err(|source| CudaError::Kernel {
+                    name: name.to_owned(),
+                    source,
+                })
         };
         let mut attn_split = Vec::new();
-        for dpl in [1, 2, 4, 8] {
+        for hd in [32, 64, 128, 256] {
             for g in [1, 2, 4, 8] {
-                attn_split.push(f(&format!("attn_split_d{dpl}_g{g}"))?);
+                attn_split.push(f(&format!("attn_split_h{hd}_g{g}"))?);
             }
         }
         let k = Kernels {
@@ -354,10 +357,7 @@ impl Backend for Cuda {
         let mut b = self.stream.launch_builder(&self.k.embed_rows);
         b.arg(&table.data).arg(ids_dev).arg(out).arg(&width);
         // SAFETY: ids index rows of the table; out holds ids.len() rows of `width`.
-        ok(
-            unsafe { b.launch(Self::per_row(ids.len(), 256)) },
-            "embed",
-        );
+        ok(unsafe { b.launch(Self::per_row(ids.len(), 256)) }, "embed");
     }
 
     fn linear(
@@ -509,7 +509,13 @@ impl Backend for Cuda {
         }
         let flat: Vec<u32> = slots
             .iter()
-            .flat_map(|&(b, t)| if (b, t) == NO_SLOT { [u32::MAX, 0] } else { [b, t] })
+            .flat_map(|&(b, t)| {
+                if (b, t) == NO_SLOT {
+                    [u32::MAX, 0]
+                } else {
+                    [b, t]
+                }
+            })
             .collect();
         let mut s = self.scratch.borrow_mut();
         let slots_dev = s.slots.put(&self.stream, &flat);
@@ -595,7 +601,11 @@ impl Backend for Cuda {
             &mut sc.part_o,
             rows * shape.q_heads * splits * hd,
         );
-        let part_lse = grown(&self.stream, &mut sc.part_lse, rows * shape.q_heads * splits);
+        let part_lse = grown(
+            &self.stream,
+            &mut sc.part_lse,
+            rows * shape.q_heads * splits,
+        );
         let g = geom(&kv.shape);
         let (qw, qc, l, sps, sp) = (
             q_width as i32,

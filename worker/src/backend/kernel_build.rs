@@ -18,9 +18,15 @@ pub enum BuildError {
 pub(super) fn ptx(source: &str, (major, minor): (i32, i32)) -> Result<Ptx, BuildError> {
     let arch = (major * 10 + minor) as u32;
     let options = vec![format!("--gpu-architecture=sm_{arch}"), "-std=c++17".into()];
-    let key = fnv1a(source.as_bytes(), fnv1a(options.join(" ").as_bytes(), FNV_OFFSET));
+    let key = fnv1a(
+        source.as_bytes(),
+        fnv1a(options.join(" ").as_bytes(), FNV_OFFSET),
+    );
     let cached = cache_dir().map(|d| d.join(format!("{key:016x}-sm{arch}.ptx")));
-    if let Some(text) = cached.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+    if let Some(text) = cached
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+    {
         tracing::debug!(path = ?cached, "kernels from the PTX cache");
         return Ok(Ptx::from_src(text));
     }
@@ -69,7 +75,7 @@ const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
 /// FNV-1a: stable across Rust releases, unlike `DefaultHasher`, so the cache survives upgrades.
 fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
-    bytes
-        .iter()
-        .fold(seed, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(seed, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, from the bundle tests/gpu/bundle.sh built (no Rust toolchain there).
+#   tests/gpu/run.sh test    kernel tests against float64, whole-model logits against transformers
+#   tests/gpu/run.sh bench   attention, decode and prefill against PyTorch/transformers and the roofline
+# Work files go to ${ILM_GPU_WORK:-/tmp/ilm-gpu}.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+bundle=target/gpu-bundle
+work="${ILM_GPU_WORK:-/tmp/ilm-gpu}"
+export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+if [[ ! -x "$bundle/gpu_kernels" ]]; then
+	echo "no GPU bundle in $bundle: run tests/gpu/bundle.sh (make gpu-bundle) on a machine with cargo first" >&2
+	exit 2
+fi
+mkdir -p "$work"
+case "${1:-test}" in
+test)
+	"$bundle/gpu_kernels" --nocapture --test-threads=1
+	[[ -f "$work/parity/reference.json" ]] || python3 tests/gpu/hf_reference.py "$work/parity"
+	ILM_HF_REFERENCE="$work/parity" "$bundle/gpu_parity" --nocapture
+	;;
+bench)
+	[[ -f "$work/llama8b/config.json" ]] || python3 tests/gpu/llama8b_random.py "$work/llama8b"
+	python3 tests/gpu/bench_peers.py "$work/llama8b" "$work/peers.json" >"$work/peers.log"
+	ILM_PEER_FIGURES="$work/peers.json" ILM_BENCH_MODEL="$work/llama8b" "$bundle/gpu_bench"
+	;;
+*)
+	echo "usage: $0 test|bench" >&2
+	exit 2
+	;;
+esac

@@ -1,0 +1,272 @@
+//! `make bench-gpu`: the CUDA worker against its peers and the roofline, measured in one run.
+//!
+//! Reads the peers' figures that tests/gpu/bench_peers.py measured just before on the same GPU
+//! (ILM_PEER_FIGURES: copy bandwidth, PyTorch SDPA, transformers) and the Llama-3-8B-shaped
+//! model folder (ILM_BENCH_MODEL), then prints:
+//! - paged decode MicroAttention bandwidth (KV bytes read per second) at (batch, context) =
+//!   (1, 128K), (8, 32K), (64, 4K), (1, 1M), 32 query and 8 KV heads of 128, over SDPA and over
+//!   the copy bandwidth;
+//! - whole-worker decode tokens/s at batch 1, 8, 32 (prompt 512, 128 new tokens) over
+//!   transformers' `generate` and over the roofline (weights plus KV bytes per step at copy speed);
+//! - prefill tokens/s of an 8K prompt over transformers.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use infinite_llm_worker::backend::cuda::{self, Cuda};
+use infinite_llm_worker::backend::{AttnSeq, AttnShape, Backend, KvSegment, KvShape};
+use infinite_llm_worker::engine::{self, Device, EngineOptions};
+use infinite_llm_worker::model::config::ModelConfig;
+use infinite_llm_worker::request::{Event, GenerateRequest, SamplingParams};
+use serde::Deserialize;
+
+const Q_HEADS: usize = 32;
+const KV_HEADS: usize = 8;
+const HEAD_DIM: usize = 128;
+const BT: usize = 16;
+const SHAPES: [(usize, usize); 4] = [(1, 131072), (8, 32768), (64, 4096), (1, 1048576)];
+const BATCHES: [usize; 3] = [1, 8, 32];
+const PROMPT: usize = 512;
+const NEW: usize = 128;
+const PREFILL: usize = 8192;
+
+#[derive(Deserialize)]
+struct Peers {
+    gpu: String,
+    copy_bytes_per_s: f64,
+    sdpa_bytes_per_s: HashMap<String, f64>,
+    transformers: Transformers,
+}
+
+#[derive(Deserialize)]
+struct Transformers {
+    decode_tokens_per_s: HashMap<String, f64>,
+    prefill_tokens_per_s: f64,
+}
+
+/// Random K/V (never zeros: they can read faster than data) in every block of one layer.
+fn fill_kv(g: &Cuda, kv: &mut <Cuda as Backend>::Kv, tokens: usize) {
+    let width = 2 * KV_HEADS * HEAD_DIM;
+    let chunk = 32768;
+    let src: Vec<f32> = (0..chunk * width)
+        .map(|i| ((i as u64).wrapping_mul(2654435761) % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
+    let mut buf = g.alloc(src.len());
+    g.upload(&src, &mut buf);
+    for start in (0..tokens).step_by(chunk) {
+        let slots: Vec<(u32, u32)> = (start..(start + chunk).min(tokens))
+            .map(|t| ((t / BT) as u32, (t % BT) as u32))
+            .collect();
+        g.kv_write(kv, 0, &buf, width, 0, KV_HEADS * HEAD_DIM, &slots);
+    }
+    g.synchronize();
+}
+
+/// KV bytes read per second by one decode token per sequence over `ctx` tokens each.
+fn attention_bandwidth(g: &Cuda, kv: &<Cuda as Backend>::Kv, batch: usize, ctx: usize) -> f64 {
+    let blocks_per_seq = ctx / BT;
+    let seqs: Vec<AttnSeq> = (0..batch)
+        .map(|b| AttnSeq {
+            rows: b..b + 1,
+            first_row_pos: (ctx - 1) as u32,
+            segments: (0..blocks_per_seq)
+                .map(|i| KvSegment {
+                    block: (b * blocks_per_seq + i) as u32,
+                    first_pos: (i * BT) as u32,
+                    tokens: BT as u32,
+                })
+                .collect(),
+        })
+        .collect();
+    let shape = AttnShape {
+        q_heads: Q_HEADS,
+        kv_heads: KV_HEADS,
+        head_dim: HEAD_DIM,
+        scale: 1.0 / (HEAD_DIM as f32).sqrt(),
+    };
+    let q_width = Q_HEADS * HEAD_DIM;
+    let q: Vec<f32> = (0..batch * q_width)
+        .map(|i| (i % 97) as f32 / 97.0 - 0.5)
+        .collect();
+    let mut qd = g.alloc(q.len());
+    g.upload(&q, &mut qd);
+    let mut out = g.alloc(batch * q_width);
+    let mut lse = g.alloc(batch * Q_HEADS);
+    let mut run = || g.attention(&qd, q_width, 0, kv, 0, shape, &seqs, &mut out, &mut lse);
+    run();
+    g.synchronize();
+    let reps = 20;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        run();
+        g.synchronize();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let bytes = (batch * ctx * KV_HEADS * HEAD_DIM * 2 * 2) as f64;
+    bytes / times[reps / 2]
+}
+
+fn prompt(k: usize, len: usize, vocab: usize) -> Vec<u32> {
+    (0..len)
+        .map(|i| ((i * 7919 + k * 104_729 + 3) % vocab) as u32)
+        .collect()
+}
+
+fn greedy(prompt_tokens: Vec<u32>, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        prompt_tokens,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            max_tokens,
+            ..SamplingParams::default()
+        },
+        stop_token_ids: Vec::new(),
+    }
+}
+
+/// Decode tokens/s with `batch` concurrent requests: the clock runs from the moment every
+/// request has its first token to the last token, so prefill is left out.
+async fn decode_tokens_per_s(e: &engine::EngineHandle, vocab: usize, batch: usize) -> f64 {
+    let streams: Vec<_> = (0..batch)
+        .map(|k| e.submit(greedy(prompt(k, PROMPT, vocab), NEW)).unwrap())
+        .collect();
+    let mut streams = futures::future::join_all(streams.into_iter().map(|mut rx| async move {
+        assert!(matches!(rx.recv().await, Some(Event::Token { .. })));
+        rx
+    }))
+    .await;
+    let start = Instant::now();
+    let mut tokens = 0;
+    for rx in &mut streams {
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Token { .. } => tokens += 1,
+                Event::Failed { message, .. } => panic!("request failed: {message}"),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(
+        tokens,
+        batch * (NEW - 1),
+        "every request decodes all its tokens"
+    );
+    tokens as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn prefill_tokens_per_s(e: &engine::EngineHandle, vocab: usize) -> f64 {
+    let start = Instant::now();
+    let mut rx = e.submit(greedy(prompt(99, PREFILL, vocab), 1)).unwrap();
+    assert!(matches!(rx.recv().await, Some(Event::Token { .. })));
+    PREFILL as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Bytes a decode step must read: every weight but the embedding table (only gathered), and
+/// each sequence's KV at its mean context over the run.
+fn step_bytes(c: &ModelConfig, batch: usize) -> f64 {
+    let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
+    let per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h;
+    let weights = c.num_hidden_layers * per_layer + v * h + h;
+    let mean_ctx = PROMPT + NEW / 2;
+    let kv_bytes = batch * mean_ctx * c.num_hidden_layers * 2 * kv * 2;
+    (2 * weights + kv_bytes) as f64
+}
+
+fn main() {
+    if !cuda::available() {
+        println!("SKIPPED: no CUDA GPU on this machine (make bench-gpu runs on the GPU machine)");
+        return;
+    }
+    let (Some(peers), Some(model)) = (
+        std::env::var_os("ILM_PEER_FIGURES"),
+        std::env::var_os("ILM_BENCH_MODEL"),
+    ) else {
+        println!("SKIPPED: ILM_PEER_FIGURES and ILM_BENCH_MODEL are set by make bench-gpu");
+        return;
+    };
+    let peers: Peers = serde_json::from_slice(&std::fs::read(peers).unwrap()).unwrap();
+    let copy = peers.copy_bytes_per_s;
+    println!(
+        "{} | copy bandwidth (read + write) {:.0} GB/s",
+        peers.gpu,
+        copy / 1e9
+    );
+
+    let mut attn = Vec::new();
+    {
+        let g = Cuda::new(0).unwrap();
+        let most = SHAPES.iter().map(|(b, c)| b * c).max().unwrap();
+        let mut kv = g.alloc_kv(KvShape {
+            layers: 1,
+            blocks: most / BT,
+            block_tokens: BT,
+            kv_heads: KV_HEADS,
+            head_dim: HEAD_DIM,
+        });
+        fill_kv(&g, &mut kv, most);
+        for (batch, ctx) in SHAPES {
+            let ours = attention_bandwidth(&g, &kv, batch, ctx);
+            let sdpa = peers.sdpa_bytes_per_s[&format!("{batch}x{ctx}")];
+            attn.push(format!(
+                "attention batch {batch:>2} ctx {:>5}K: {:7.0} GB/s | SDPA {:7.0} GB/s | ours/SDPA {:.2}x | ours/copy {:.2}",
+                ctx / 1024,
+                ours / 1e9,
+                sdpa / 1e9,
+                ours / sdpa,
+                ours / copy
+            ));
+        }
+    }
+    for line in &attn {
+        println!("{line}");
+    }
+
+    let model = Path::new(&model);
+    let config = ModelConfig::from_model_dir(model).unwrap();
+    let vocab = config.vocab_size;
+    let t = Instant::now();
+    let e = engine::start(
+        model,
+        EngineOptions {
+            device: Device::Cuda(0),
+            max_num_seqs: 64,
+            max_batched_tokens: PREFILL,
+            ..EngineOptions::default()
+        },
+    )
+    .unwrap();
+    println!(
+        "worker loaded the model in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // Warm-up: kernels, cuBLAS heuristics and scratch reach their steady state.
+        decode_tokens_per_s(&e, vocab, 2).await;
+        for batch in BATCHES {
+            let ours = decode_tokens_per_s(&e, vocab, batch).await;
+            let hf = peers.transformers.decode_tokens_per_s[&batch.to_string()];
+            let roofline = batch as f64 * copy / step_bytes(&config, batch);
+            println!(
+                "decode batch {batch:>2}: {ours:8.1} tok/s | transformers {hf:8.1} | ours/transformers {:.2}x | ours/roofline {:.2} (roofline {roofline:.0} tok/s)",
+                ours / hf,
+                ours / roofline
+            );
+        }
+        prefill_tokens_per_s(&e, vocab).await;
+        let ours = prefill_tokens_per_s(&e, vocab).await;
+        let hf = peers.transformers.prefill_tokens_per_s;
+        println!(
+            "prefill {}K prompt: {ours:8.0} tok/s | transformers {hf:8.0} | ours/transformers {:.2}x",
+            PREFILL / 1024,
+            ours / hf
+        );
+    });
+}
