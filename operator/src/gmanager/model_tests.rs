@@ -43,6 +43,9 @@ struct Model {
     next_request: u64,
     /// Moves placement rounds asked for and the model carried out.
     moved_blocks: u64,
+    /// Blocks copied off draining workers, and recomputed elsewhere after crashes.
+    evacuated_blocks: u64,
+    recovered_blocks: u64,
 }
 
 impl Model {
@@ -55,6 +58,8 @@ impl Model {
             next_worker: 0,
             next_request: 0,
             moved_blocks: 0,
+            evacuated_blocks: 0,
+            recovered_blocks: 0,
         }
     }
 
@@ -339,6 +344,7 @@ impl Model {
             if self.relocate(&owner, id) {
                 self.workers.get_mut(id).unwrap().slots[slot] = None;
                 self.record(&owner.0, owner.1, id, -1);
+                self.evacuated_blocks += 1;
             } else {
                 for (holder, n) in self.release(&owner) {
                     self.record(&owner.0, owner.1, &holder, -(n as i64));
@@ -365,7 +371,9 @@ impl Model {
                 continue;
             }
             self.record(&owner.0, owner.1, id, -1);
-            if !self.relocate(&owner, id) {
+            if self.relocate(&owner, id) {
+                self.recovered_blocks += 1;
+            } else {
                 for (holder, n) in self.release(&owner) {
                     self.record(&owner.0, owner.1, &holder, -(n as i64));
                 }
@@ -577,7 +585,7 @@ impl Model {
 
 #[test]
 fn random_membership_and_borrowing_keep_the_ledger_exact() {
-    let mut moved = 0;
+    let (mut moved, mut evacuated, mut recovered) = (0, 0, 0);
     let mut debts_settled = 0;
     for seed in 0..200 {
         let mut m = Model::new(seed);
@@ -609,8 +617,12 @@ fn random_membership_and_borrowing_keep_the_ledger_exact() {
         assert!(m.ledger.debts().is_empty(), "seed {seed}: debts left");
         assert_eq!(m.ledger.view(m.now).totals.used_blocks, 0);
         moved += m.moved_blocks;
+        evacuated += m.evacuated_blocks;
+        recovered += m.recovered_blocks;
     }
     // The sequences must exercise what they claim to.
     assert!(moved > 0, "no placement round ever moved a block");
     assert!(debts_settled > 0, "debts never went away");
+    assert!(evacuated > 0, "no drain ever copied a lent block away");
+    assert!(recovered > 0, "no crash ever lost a lent block");
 }

@@ -131,8 +131,11 @@ pub fn report(out: &mut impl Write, scales: &[usize]) -> std::io::Result<()> {
     for t in &traces {
         for &n in scales {
             let cmp = compare(t, &ClusterConfig::measured(n));
-            for (policy, o) in [("static", &cmp.static_), ("pooled", &cmp.pooled)] {
-                let (ratio, round, moved) = if policy == "pooled" {
+            for (policy, o) in [
+                (Policy::Static, &cmp.static_),
+                (Policy::Pooled, &cmp.pooled),
+            ] {
+                let (ratio, round, moved) = if policy == Policy::Pooled {
                     (
                         format!("{:.2}x", cmp.ratio()),
                         format!("{:.3}", o.placement_round_ms),
@@ -146,7 +149,7 @@ pub fn report(out: &mut impl Write, scales: &[usize]) -> std::io::Result<()> {
                     "{:<6} {:>9} {:<7} {:>13.0} {:>12.0} {:>9} {:>9} {:>9.1} {:>9.1} {:>9} {:>10} {:>9}",
                     t.name,
                     n,
-                    policy,
+                    policy.name(),
                     o.tokens_per_s,
                     o.output_tokens_per_s,
                     o.arrived,
