@@ -211,4 +211,32 @@ mod tests {
         assert!(p.tokens_per_s > s.tokens_per_s, "{s:?} {p:?}");
         assert_eq!(s.arrived, p.arrived, "the same trace");
     }
+
+    /// One request alone on one worker decodes at the cost model's step time.
+    #[test]
+    fn a_lone_request_takes_the_cost_models_time() {
+        let cluster = ClusterConfig::measured(1);
+        let requests = [trace::Request {
+            arrival_s: 0.0,
+            prompt_tokens: 16,
+            output_tokens: 2_000,
+        }];
+        let cost = &cluster.placement.cost;
+        // One prefill step, then a step per output token over a growing context.
+        let expected: f64 = cost.decode_step_s(16.0, 0.0, false)
+            + (0..2_000u32)
+                .map(|i| cost.decode_step_s(1.0, 16.0 + f64::from(i), false))
+                .sum::<f64>();
+        for policy in [Policy::Static, Policy::Pooled] {
+            let out = cluster::run(&cluster, policy, &requests, 60.0);
+            assert_eq!(out.completed, 1);
+            let error = (out.p50_latency_s - expected).abs() / expected;
+            assert!(
+                error < 0.02,
+                "{}: {} s against {expected} s",
+                policy.name(),
+                out.p50_latency_s
+            );
+        }
+    }
 }
