@@ -70,6 +70,24 @@ extern "C" __global__ void rms_norm(const float* x, const bf16* w, float* out, i
     for (int i = threadIdx.x; i < width; i += blockDim.x) o[i] = xr[i] * inv * bf16_to_f32(w[i]);
 }
 
+// acc += x, then out = rms_norm(acc) * w; one block per row. Each thread reads back only the
+// values it wrote, so the two passes need no barrier beyond the reduction's.
+extern "C" __global__ void add_rms_norm(float* acc, const float* x, const bf16* w, float* out, int width,
+                                        float eps) {
+    __shared__ float red[32];
+    float* a = acc + (size_t)blockIdx.x * width;
+    const float* xr = x + (size_t)blockIdx.x * width;
+    float* o = out + (size_t)blockIdx.x * width;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float v = a[i] + xr[i];
+        a[i] = v;
+        ss += v * v;
+    }
+    float inv = rsqrtf(block_sum(ss, red) / width + eps);
+    for (int i = threadIdx.x; i < width; i += blockDim.x) o[i] = a[i] * inv * bf16_to_f32(w[i]);
+}
+
 // Half-split rotation of the first `heads` heads of each row, in place; one block per row.
 extern "C" __global__ void rope(float* x, const u32* positions, const float* inv_freq, int row_width,
                                 int heads, int head_dim) {

@@ -109,6 +109,36 @@ fn attention_bandwidth(g: &Cuda, kv: &<Cuda as Backend>::Kv, batch: usize, ctx: 
     bytes / times[reps / 2]
 }
 
+/// The projections at batch 1 (one row): weight bytes read per second by the gate/up GEMM of a
+/// Llama-3-8B layer, the largest of a decode step, against the copy bandwidth.
+fn gemv_line(g: &Cuda, copy: f64) -> String {
+    let (n, k) = (2 * 14336, 4096);
+    let w = g.weight(
+        n,
+        k,
+        (0..n * k)
+            .map(|i| ((i % 251) as f32 - 125.0) / 1000.0)
+            .collect(),
+    );
+    let mut x = g.alloc(k);
+    g.upload(&vec![0.5; k], &mut x);
+    let mut out = g.alloc(n);
+    let reps = 50;
+    g.linear(&x, 1, &w, None, &mut out);
+    g.synchronize();
+    let t = Instant::now();
+    for _ in 0..reps {
+        g.linear(&x, 1, &w, None, &mut out);
+    }
+    g.synchronize();
+    let bw = (n * k * 2 * reps) as f64 / t.elapsed().as_secs_f64();
+    format!(
+        "cuBLAS bf16 GEMM at one row ({n}x{k}): {:.0} GB/s of weights | over copy {:.2}",
+        bw / 1e9,
+        bw / copy
+    )
+}
+
 fn prompt(k: usize, len: usize, vocab: usize) -> Vec<u32> {
     (0..len)
         .map(|i| ((i * 7919 + k * 104_729 + 3) % vocab) as u32)
@@ -210,6 +240,7 @@ fn main() {
             kv_heads: KV_HEADS,
             head_dim: HEAD_DIM,
         });
+        attn.push(gemv_line(&g, copy));
         fill_kv(&g, &mut kv, most);
         for (batch, ctx) in SHAPES {
             let ours = attention_bandwidth(&g, &kv, batch, ctx);

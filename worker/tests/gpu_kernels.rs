@@ -117,6 +117,35 @@ fn projections_norms_and_elementwise_match_float64() {
             BF16_TOL,
         );
 
+        let residual = randn(&mut r, rows * k, 1.0);
+        let mut acc = upload(&g, &residual);
+        let mut out = poisoned(&g, rows * k);
+        g.add_rms_norm(&mut acc, &xd, rows, &nwd, 1e-5, &mut out);
+        let summed: Vec<f64> = x
+            .iter()
+            .zip(&residual)
+            .map(|(&a, &b)| a as f64 + b as f64)
+            .collect();
+        check(
+            "add_rms_norm: the residual",
+            &g.download(&acc, rows * k),
+            &summed,
+            F32_TOL,
+        );
+        let want: Vec<f64> = (0..rows * k)
+            .map(|i| {
+                let row = &summed[(i / k) * k..(i / k + 1) * k];
+                let ms = row.iter().map(|v| v * v).sum::<f64>() / k as f64;
+                summed[i] / (ms + 1e-5).sqrt() * nw[i % k] as f64
+            })
+            .collect();
+        check(
+            &format!("add_rms_norm {rows}x{k}"),
+            &g.download(&out, rows * k),
+            &want,
+            BF16_TOL,
+        );
+
         let y = randn(&mut r, rows * k, 1.0);
         let mut acc = upload(&g, &y);
         g.add_assign(&mut acc, &xd, rows * k);

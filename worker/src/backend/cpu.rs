@@ -68,6 +68,10 @@ impl Backend for Cpu {
         CpuWeight { rows, cols, data }
     }
 
+    fn weight_cols(&self, w: &CpuWeight) -> usize {
+        w.cols
+    }
+
     fn alloc(&self, len: usize) -> Vec<f32> {
         vec![0.0; len]
     }

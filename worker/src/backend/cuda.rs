@@ -60,6 +60,7 @@ struct Kernels {
     add_bias: CudaFunction,
     add_assign: CudaFunction,
     rms_norm: CudaFunction,
+    add_rms_norm: CudaFunction,
     rope: CudaFunction,
     silu_mul: CudaFunction,
     gather_rows: CudaFunction,
@@ -213,6 +214,7 @@ impl Cuda {
             add_bias: f("add_bias")?,
             add_assign: f("add_assign")?,
             rms_norm: f("rms_norm")?,
+            add_rms_norm: f("add_rms_norm")?,
             rope: f("rope")?,
             silu_mul: f("silu_mul")?,
             gather_rows: f("gather_rows")?,
@@ -320,6 +322,10 @@ impl Backend for Cuda {
             "weight upload",
         );
         CudaWeight { rows, cols, data }
+    }
+
+    fn weight_cols(&self, w: &CudaWeight) -> usize {
+        w.cols
     }
 
     fn alloc(&self, len: usize) -> CudaSlice<f32> {
@@ -441,6 +447,33 @@ impl Backend for Cuda {
         b.arg(x).arg(&w.data).arg(out).arg(&width).arg(&eps);
         // SAFETY: x and out hold rows rows of `width`; the kernel's reduction needs <= 1024 threads.
         ok(unsafe { b.launch(Self::per_row(rows, 256)) }, "rms_norm");
+    }
+
+    fn add_rms_norm(
+        &self,
+        acc: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        w: &CudaWeight,
+        eps: f32,
+        out: &mut CudaSlice<f32>,
+    ) {
+        if rows == 0 {
+            return;
+        }
+        let width = w.cols as i32;
+        let mut b = self.stream.launch_builder(&self.k.add_rms_norm);
+        b.arg(acc)
+            .arg(x)
+            .arg(&w.data)
+            .arg(out)
+            .arg(&width)
+            .arg(&eps);
+        // SAFETY: acc, x and out hold rows rows of `width`.
+        ok(
+            unsafe { b.launch(Self::per_row(rows, 256)) },
+            "add_rms_norm",
+        );
     }
 
     fn add_assign(&self, acc: &mut CudaSlice<f32>, x: &CudaSlice<f32>, len: usize) {

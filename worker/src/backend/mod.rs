@@ -107,6 +107,22 @@ pub trait Backend: Send + 'static {
     fn rms_norm(&self, x: &Self::Buf, rows: usize, w: &Self::Weight, eps: f32, out: &mut Self::Buf);
     /// `acc += x` over the first `len` values.
     fn add_assign(&self, acc: &mut Self::Buf, x: &Self::Buf, len: usize);
+    /// `acc += x`, then `out = rms_norm(acc) * w`, over `rows` rows of `w`'s width: a residual
+    /// add and the norm after it, which a GPU does in one pass.
+    fn add_rms_norm(
+        &self,
+        acc: &mut Self::Buf,
+        x: &Self::Buf,
+        rows: usize,
+        w: &Self::Weight,
+        eps: f32,
+        out: &mut Self::Buf,
+    ) {
+        self.add_assign(acc, x, rows * self.weight_cols(w));
+        self.rms_norm(acc, rows, w, eps, out);
+    }
+    /// Columns of a weight (its length, for a vector).
+    fn weight_cols(&self, w: &Self::Weight) -> usize;
     /// Rotates, in place, the first `heads` heads of each row (half-split layout, as Llama).
     fn rope(
         &self,

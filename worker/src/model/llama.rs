@@ -297,8 +297,10 @@ impl<B: Backend> Llama<B> {
         let eps = c.rms_norm_eps as f32;
 
         b.embed(embed, input.tokens, &mut s.x);
+        if let Some(first) = layers.first() {
+            b.rms_norm(&s.x, rows, &first.input_norm, eps, &mut s.h);
+        }
         for (li, l) in layers.iter().enumerate() {
-            b.rms_norm(&s.x, rows, &l.input_norm, eps, &mut s.h);
             b.linear(&s.h, rows, &l.qkv, l.qkv_bias.as_ref(), &mut s.qkv);
             // q and k are rotated in place inside the stacked buffer (k's heads follow q's).
             b.rope(
@@ -354,12 +356,17 @@ impl<B: Backend> Llama<B> {
                 b.upload(&o, &mut s.attn);
             }
             b.linear(&s.attn, rows, &l.o, None, &mut s.proj);
-            b.add_assign(&mut s.x, &s.proj, rows * h);
-            b.rms_norm(&s.x, rows, &l.post_norm, eps, &mut s.h);
+            b.add_rms_norm(&mut s.x, &s.proj, rows, &l.post_norm, eps, &mut s.h);
             b.linear(&s.h, rows, &l.gate_up, None, &mut s.gate_up);
             b.silu_mul(&s.gate_up, rows, c.intermediate_size, &mut s.act);
             b.linear(&s.act, rows, &l.down, None, &mut s.proj);
-            b.add_assign(&mut s.x, &s.proj, rows * h);
+            // The residual add meets the next layer's input norm in one pass.
+            match layers.get(li + 1) {
+                Some(next) => {
+                    b.add_rms_norm(&mut s.x, &s.proj, rows, &next.input_norm, eps, &mut s.h)
+                }
+                None => b.add_assign(&mut s.x, &s.proj, rows * h),
+            }
         }
         let n = input.logit_rows.len();
         b.gather_rows(&s.x, h, input.logit_rows, &mut s.h);
