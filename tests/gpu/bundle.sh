@@ -7,27 +7,24 @@ cd "$(dirname "$0")/../.."
 out=target/gpu-bundle
 rm -rf "$out"
 mkdir -p "$out"
+
+# Reads cargo's JSON messages and copies, stripped, each executable of target kind $1.
+collect() {
+	python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == [sys.argv[1]]:
+        print(m["target"]["name"], m["executable"])
+' "$1" | while read -r name exe; do
+		strip -o "$out/$name" "$exe"
+	done
+}
+
 cargo build --release -p infinite-llm-worker --bins
 cargo test --release -p infinite-llm-worker --no-run --message-format=json \
-	--test gpu_kernels --test gpu_parity 2>/dev/null |
-	python3 -c '
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
-        print(m["target"]["name"], m["executable"])
-' | while read -r name exe; do
-	strip -o "$out/$name" "$exe"
-done
+	--test gpu_kernels --test gpu_parity 2>/dev/null | collect test
 cargo bench -p infinite-llm-worker --no-run --message-format=json --bench gpu_bench 2>/dev/null |
-	python3 -c '
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["bench"]:
-        print(m["target"]["name"], m["executable"])
-' | while read -r name exe; do
-	strip -o "$out/$name" "$exe"
-done
+	collect bench
 strip -o "$out/infinite-llm-worker" target/release/infinite-llm-worker
 ls -la "$out"

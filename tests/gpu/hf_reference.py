@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from llama_config import llama3_config
+from transformers import LlamaForCausalLM
 
 PROMPT = 96
 STEPS = 24
@@ -20,7 +21,8 @@ STEPS = 24
 
 def main(out: Path) -> None:
     torch.manual_seed(1234)
-    config = LlamaConfig(
+    config = llama3_config(
+        2048,
         vocab_size=32000,
         hidden_size=1024,
         intermediate_size=2816,
@@ -29,16 +31,6 @@ def main(out: Path) -> None:
         num_key_value_heads=4,
         head_dim=64,
         max_position_embeddings=16384,
-        rope_theta=500000.0,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 2048,
-        },
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model_dir = out / "model"

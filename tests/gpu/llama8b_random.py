@@ -7,9 +7,11 @@ minutes a CPU initialisation takes) and saved as safetensors with the config.
 import sys
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from llama_config import llama3_config
+from transformers import LlamaForCausalLM
 
-config = LlamaConfig(
+config = llama3_config(
+    8192,
     vocab_size=128256,
     hidden_size=4096,
     intermediate_size=14336,
@@ -17,16 +19,6 @@ config = LlamaConfig(
     num_attention_heads=32,
     num_key_value_heads=8,
     max_position_embeddings=131072,
-    rope_theta=500000.0,
-    rope_scaling={
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    },
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
 )
 torch.manual_seed(0)
 with torch.device("cuda"):
