@@ -48,10 +48,10 @@ pub const PEER_PORT: i32 = 8101;
         description = "Desired workers"
     ),
     printcolumn(
-        name = "Pool Used",
+        name = "Pool Used %",
         type_ = "integer",
-        json_path = ".status.pool.usedBlocks",
-        description = "KV blocks in use across the pool"
+        json_path = ".status.pool.usedPercent",
+        description = "Percent of the pool's KV blocks that hold KV, for their own worker or lent"
     ),
     printcolumn(
         name = "Age",
@@ -375,10 +375,19 @@ pub enum Phase {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct PoolStatus {
+    /// Live workers the gManager sums over.
+    #[serde(default)]
+    pub workers: i64,
     pub total_blocks: i64,
+    /// Held by each worker's own requests.
     pub used_blocks: i64,
+    /// Held for requests homed on another worker.
     pub lent_blocks: i64,
+    /// Held on other workers for each worker's requests.
     pub borrowed_blocks: i64,
+    /// usedBlocks plus lentBlocks, as a rounded percent of totalBlocks.
+    #[serde(default)]
+    pub used_percent: i64,
 }
 
 /// The CRD as YAML, exactly as `crds/infinitellmclusters.infinitellm.io.yaml` holds it.

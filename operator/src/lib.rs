@@ -69,7 +69,10 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         client: client.clone(),
         metrics: metrics.clone(),
         settings: config.settings.clone(),
-        gmanager_tokens: gmanager::Tokens::default(),
+        gmanager: gmanager::GManager::new(
+            gmanager::GManagerConfig::default(),
+            gmanager::Tokens::default(),
+        ),
     });
     let namespace = config.namespace.clone();
     let gmanager_addr = config.gmanager_addr;
@@ -83,10 +86,10 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
             // The gManager is leader-only too: its ledger is soft state that workers rebuild by
             // re-registering with whichever replica leads.
             let ended = futures::FutureExt::shared(ended);
-            let tokens = ctx.gmanager_tokens.clone();
+            let gmanager = ctx.gmanager.clone();
             tokio::join!(
                 reconciler::run(ctx, namespace.as_deref(), ended.clone()),
-                serve_gmanager(gmanager_addr, tokens, ended),
+                serve_gmanager(gmanager_addr, gmanager, ended),
             );
         },
     )
@@ -97,7 +100,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
 /// port clash is logged rather than fatal.
 async fn serve_gmanager(
     addr: SocketAddr,
-    tokens: gmanager::Tokens,
+    gmanager: gmanager::GManager,
     ended: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let listener = match tokio::net::TcpListener::bind(addr).await {
@@ -108,9 +111,7 @@ async fn serve_gmanager(
         }
     };
     info!(%addr, "serving the gManager");
-    if let Err(e) =
-        gmanager::serve(listener, gmanager::GManagerConfig::default(), tokens, ended).await
-    {
+    if let Err(e) = gmanager.serve(listener, ended).await {
         tracing::error!(error = %e, "the gManager stopped");
     }
 }

@@ -32,12 +32,16 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
-    /// Each cluster's token, for the gManager to tell which cluster a worker belongs to.
-    pub gmanager_tokens: crate::gmanager::Tokens,
+    /// The gManager the leader serves: the reconciler gives it each cluster's token (so it
+    /// can tell which cluster a worker belongs to) and reports its pool figures in status.
+    pub gmanager: crate::gmanager::GManager,
 }
 
 /// Nothing changes in a healthy cluster without a watch event, so this is only a safety net.
 const RESYNC: Duration = Duration::from_secs(300);
+/// Pool figures change with heartbeats, which make no watch event: a cluster that has
+/// workers is looked at this often so that its status follows them.
+const POOL_RESYNC: Duration = Duration::from_secs(20);
 const RETRY: Duration = Duration::from_secs(10);
 
 /// Runs the controller until `shutdown` resolves. `namespace` limits it to one namespace.
@@ -149,11 +153,27 @@ async fn reconcile(ilc: Arc<InfiniteLLMCluster>, ctx: Arc<Context>) -> Result<Ac
             .round(Unit::Second)
             .unwrap_or_else(|_| Timestamp::now()),
     );
-    let next = status::compute(&ilc, Some(sts.object()), &pods.items, &now);
+    let pool = ctx.gmanager.pool(&gmanager_cluster(&ns, &names));
+    let next = status::with_pool(
+        status::compute(&ilc, Some(sts.object()), &pods.items, &now),
+        pool.as_ref(),
+    );
     if ilc.status.as_ref() != Some(&next) {
         write_status(&ilc, &ns, &next, &ctx).await?;
     }
-    Ok(Action::requeue(RESYNC))
+    // Workers of a scaled-down cluster may still be draining and heartbeating.
+    let workers_expected =
+        ilc.spec.workers.replicas > 0 || pool.as_ref().is_some_and(|p| !p.workers.is_empty());
+    Ok(Action::requeue(if workers_expected {
+        POOL_RESYNC
+    } else {
+        RESYNC
+    }))
+}
+
+/// The gManager's name for a cluster: its token selects this ledger.
+fn gmanager_cluster(ns: &str, names: &Names) -> String {
+    format!("{ns}/{}", names.cluster)
 }
 
 /// Creates the token Secret once; afterwards only its labels and owner are kept in place,
@@ -176,8 +196,9 @@ async fn ensure_token(
         None => k8s_openapi::ByteString(token::generate()?.into_bytes()),
     };
     if let Ok(token) = std::str::from_utf8(&value.0) {
-        ctx.gmanager_tokens
-            .set(&format!("{ns}/{}", names.cluster), token);
+        ctx.gmanager
+            .tokens()
+            .set(&gmanager_cluster(ns, names), token);
     }
     let outcome = ensure(&api, token::secret(ilc, names, value), &ctx.metrics).await?;
     if matches!(outcome, Outcome::Created(_)) {

@@ -6,7 +6,9 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 
-use crate::crd::{InfiniteLLMCluster, InfiniteLLMClusterStatus, Phase};
+use infinite_llm_protocol::gmanager::PoolView;
+
+use crate::crd::{InfiniteLLMCluster, InfiniteLLMClusterStatus, Phase, PoolStatus};
 use crate::names::Names;
 
 pub const READY: &str = "Ready";
@@ -128,6 +130,35 @@ pub fn compute(
         pool: previous.pool,
         membership_epoch: previous.membership_epoch,
     }
+}
+
+/// Fills the pool figures and the membership epoch from the gManager's view of the cluster.
+/// Without a view (no worker has reached this leader yet, as just after a fail-over, while
+/// workers re-register) the last reported figures stay rather than dropping to nothing.
+pub fn with_pool(
+    mut status: InfiniteLLMClusterStatus,
+    view: Option<&PoolView>,
+) -> InfiniteLLMClusterStatus {
+    let Some(view) = view else {
+        return status;
+    };
+    let t = &view.totals;
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let held = t.used_blocks.saturating_add(t.lent_blocks);
+    let used_percent = match t.total_blocks {
+        0 => 0,
+        total => (u128::from(held) * 100 + u128::from(total) / 2) / u128::from(total),
+    };
+    status.pool = Some(PoolStatus {
+        workers: count(view.workers.len() as u64),
+        total_blocks: count(t.total_blocks),
+        used_blocks: count(t.used_blocks),
+        lent_blocks: count(t.lent_blocks),
+        borrowed_blocks: count(t.borrowed_blocks),
+        used_percent: i64::try_from(used_percent).unwrap_or(i64::MAX),
+    });
+    status.membership_epoch = Some(count(view.epoch));
+    status
 }
 
 fn failing_reason(pod: &Pod) -> Option<String> {
@@ -282,6 +313,81 @@ mod tests {
         assert!(is_true(&s, DEGRADED));
         let d = s.conditions.iter().find(|c| c.type_ == DEGRADED).unwrap();
         assert_eq!(d.message, "c-0: CrashLoopBackOff");
+    }
+
+    fn view(epoch: u64, pools: &[(u64, u64, u64, u64)]) -> PoolView {
+        use infinite_llm_protocol::gmanager::{PoolFigures, WorkerView};
+        let figures = |&(total, used, lent, borrowed): &(u64, u64, u64, u64)| PoolFigures {
+            total_blocks: total,
+            used_blocks: used,
+            lent_blocks: lent,
+            borrowed_blocks: borrowed,
+            ..PoolFigures::default()
+        };
+        let mut totals = PoolFigures::default();
+        for p in pools.iter().map(figures) {
+            totals.total_blocks += p.total_blocks;
+            totals.used_blocks += p.used_blocks;
+            totals.lent_blocks += p.lent_blocks;
+            totals.borrowed_blocks += p.borrowed_blocks;
+        }
+        PoolView {
+            epoch,
+            block_tokens: 16,
+            workers: pools
+                .iter()
+                .enumerate()
+                .map(|(i, p)| WorkerView {
+                    worker_id: format!("w{i}"),
+                    api_url: String::new(),
+                    peer_addr: String::new(),
+                    pool: figures(p),
+                    free_blocks: 0,
+                    last_seen_ms: 0,
+                })
+                .collect(),
+            totals,
+            debtors: Vec::new(),
+            creditors: Vec::new(),
+            debts: Vec::new(),
+            planned_moves: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_pool_comes_from_the_gmanager_and_stays_without_it() {
+        let ilc = cluster(2);
+        let s = compute(&ilc, Some(&sts(2, 2, 2)), &[], &now());
+        assert_eq!(
+            with_pool(s.clone(), None),
+            s,
+            "no view leaves the pool unset"
+        );
+        let s = with_pool(s, Some(&view(3, &[(100, 30, 10, 0), (100, 5, 0, 10)])));
+        assert_eq!(
+            s.pool,
+            Some(PoolStatus {
+                workers: 2,
+                total_blocks: 200,
+                used_blocks: 35,
+                lent_blocks: 10,
+                borrowed_blocks: 10,
+                // 45 of 200 blocks hold KV: 22.5 rounds to 23.
+                used_percent: 23,
+            })
+        );
+        assert_eq!(s.membership_epoch, Some(3));
+        // A later reconcile without a view (a new leader) keeps what was reported.
+        let mut ilc = ilc;
+        ilc.status = Some(s.clone());
+        let again = compute(&ilc, Some(&sts(2, 2, 2)), &[], &now());
+        assert_eq!(with_pool(again, None), s);
+        let empty = with_pool(s, Some(&view(4, &[])));
+        assert_eq!(
+            empty.pool.unwrap().used_percent,
+            0,
+            "an empty pool is 0% used"
+        );
     }
 
     #[test]

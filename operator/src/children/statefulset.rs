@@ -151,6 +151,17 @@ fn env(
         value: Some(value),
         value_from: None,
     };
+    let field = |name: &str, path: &str| EnvVar {
+        name: name.to_owned(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                api_version: None,
+            }),
+            ..EnvVarSource::default()
+        }),
+    };
     let device = if spec.workers.gpus_per_worker > 0 {
         "cuda:0"
     } else {
@@ -173,17 +184,10 @@ fn env(
         value("ILM_GMANAGER_URL", settings.gmanager_url.clone()),
         value("ILM_TOKEN_FILE", token_file.to_owned()),
         value("ILM_CLUSTER", names.cluster.clone()),
-        EnvVar {
-            name: "ILM_WORKER_ID".to_owned(),
-            value: None,
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.name".to_owned(),
-                    api_version: None,
-                }),
-                ..EnvVarSource::default()
-            }),
-        },
+        field("ILM_WORKER_ID", "metadata.name"),
+        // The worker listens on all interfaces, so it must be told the address its peers and
+        // the gManager reach it at: its own Pod IP, which NetworkPolicies match on.
+        field("ILM_ADVERTISE_HOST", "status.podIP"),
     ];
     if let Some(blocks) = kv.max_blocks {
         env.push(value("ILM_KV_BLOCKS", blocks.to_string()));
@@ -331,6 +335,40 @@ mod tests {
         let volumes = sts.spec.unwrap().template.spec.unwrap().volumes.unwrap();
         let model = volumes.iter().find(|v| v.name == "model").unwrap();
         assert_eq!(model.host_path.as_ref().unwrap().path, "/srv/m");
+    }
+
+    #[test]
+    fn workers_advertise_their_pod_ip_and_the_peer_port_they_listen_on() {
+        let ilc = cluster(serde_json::json!({
+            "model": {"servedName": "m", "source": {"hostPath": {"path": "/srv/m"}}},
+            "workers": {"image": "img"}
+        }));
+        let sts = build(&ilc, &Names::new("c"), &settings());
+        let c = container(&sts);
+        let field = |name: &str| {
+            c.env
+                .iter()
+                .flatten()
+                .find(|e| e.name == name)?
+                .value_from
+                .as_ref()?
+                .field_ref
+                .as_ref()
+                .map(|f| f.field_path.clone())
+        };
+        assert_eq!(field("ILM_ADVERTISE_HOST").as_deref(), Some("status.podIP"));
+        assert_eq!(env_value(c, "ILM_HOST"), Some("0.0.0.0"));
+        let peer = c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some("peer"))
+            .unwrap();
+        assert_eq!(
+            env_value(c, "ILM_PEER_PORT"),
+            Some(peer.container_port.to_string().as_str())
+        );
+        assert_eq!(peer.container_port, PEER_PORT);
     }
 
     #[test]

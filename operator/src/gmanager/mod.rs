@@ -14,6 +14,7 @@ mod tokens;
 
 use std::time::{Duration, Instant};
 
+use infinite_llm_protocol::gmanager::PoolView;
 use tokio::net::TcpListener;
 
 pub use tokens::Tokens;
@@ -56,22 +57,61 @@ pub async fn serve(
     tokens: Tokens,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let interval = config.heartbeat_interval;
-    let service = service::Service::new(config, tokens);
-    let sweeper = {
-        let service = service.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                service.sweep(Instant::now());
-            }
-        })
-    };
-    let served = axum::serve(listener, service.router())
-        .with_graceful_shutdown(shutdown)
-        .await;
-    sweeper.abort();
-    served
+    GManager::new(config, tokens)
+        .serve(listener, shutdown)
+        .await
+}
+
+/// A gManager whose ledgers can be read while it serves: the operator's reconciler reports
+/// each cluster's pool in its status from here. Cloning shares the same ledgers.
+#[derive(Clone)]
+pub struct GManager {
+    service: service::Service,
+    interval: Duration,
+}
+
+impl GManager {
+    pub fn new(config: GManagerConfig, tokens: Tokens) -> Self {
+        let interval = config.heartbeat_interval;
+        GManager {
+            service: service::Service::new(config, tokens),
+            interval,
+        }
+    }
+
+    /// The tokens requests are accepted with, for whoever learns them.
+    pub fn tokens(&self) -> &Tokens {
+        self.service.tokens()
+    }
+
+    /// The cluster's pool as `GET /v1/pool` would show it; `None` until a worker of the
+    /// cluster has reached this gManager.
+    pub fn pool(&self, cluster: &str) -> Option<PoolView> {
+        self.service.pool(cluster, Instant::now())
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let sweeper = {
+            let service = self.service.clone();
+            let interval = self.interval;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    service.sweep(Instant::now());
+                }
+            })
+        };
+        let served = axum::serve(listener, self.service.router())
+            .with_graceful_shutdown(shutdown)
+            .await;
+        sweeper.abort();
+        served
+    }
 }

@@ -62,6 +62,15 @@ impl Service {
             .with_state(self.clone())
     }
 
+    pub(super) fn tokens(&self) -> &Tokens {
+        &self.inner.tokens
+    }
+
+    /// The cluster's pool without expiring anyone: reading must not change membership.
+    pub(super) fn pool(&self, cluster: &str, now: Instant) -> Option<PoolView> {
+        self.ledgers().get(cluster).map(|l| l.view(now))
+    }
+
     /// Expires silent workers of every cluster, so that expiry is logged and counted even
     /// when no request comes in, and runs a placement round on what is left.
     pub(super) fn sweep(&self, now: Instant) {

@@ -3,8 +3,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use infinite_llm_operator::crd::{InfiniteLLMCluster, Phase};
+use infinite_llm_operator::crd::{InfiniteLLMCluster, Phase, PoolStatus};
 use infinite_llm_operator::names::Names;
+use infinite_llm_protocol::gmanager::{Heartbeat, PoolFigures, Register};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::events::v1::Event;
@@ -186,20 +187,29 @@ async fn children_have_the_right_specs_and_owners() {
     ] {
         assert_eq!(env.get(k).map(String::as_str), Some(v), "env {k}");
     }
-    let worker_id = c
-        .env
+    let field_of = |name: &str| {
+        c.env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
+            .map(|f| f.field_path.clone())
+    };
+    assert_eq!(field_of("ILM_WORKER_ID").as_deref(), Some("metadata.name"));
+    // Each worker advertises its own Pod IP to its peers and the gManager.
+    assert_eq!(
+        field_of("ILM_ADVERTISE_HOST").as_deref(),
+        Some("status.podIP")
+    );
+    assert_eq!(env.get("ILM_HOST").map(String::as_str), Some("0.0.0.0"));
+    let peer_port = c
+        .ports
         .iter()
         .flatten()
-        .find(|e| e.name == "ILM_WORKER_ID")
-        .unwrap();
-    let field = worker_id
-        .value_from
-        .as_ref()
-        .unwrap()
-        .field_ref
-        .as_ref()
-        .unwrap();
-    assert_eq!(field.field_path, "metadata.name");
+        .find(|p| p.name.as_deref() == Some("peer"))
+        .expect("a peer container port")
+        .container_port;
+    assert_eq!(env["ILM_PEER_PORT"], peer_port.to_string());
     let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
         p.as_ref()
             .unwrap()
@@ -240,6 +250,17 @@ async fn children_have_the_right_specs_and_owners() {
     let peers_spec = peers.spec.as_ref().unwrap();
     assert_eq!(peers_spec.cluster_ip.as_deref(), Some("None"));
     assert_eq!(peers_spec.publish_not_ready_addresses, Some(true));
+    let peer_service_port = peers_spec
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("peer"))
+        .expect("a peer Service port");
+    assert_eq!(peer_service_port.port, peer_port);
+    assert_eq!(
+        peer_service_port.target_port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("peer".into()))
+    );
     let client_svc = s.api::<Service>().get("llm").await.unwrap();
     assert_eq!(
         client_svc.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port,
@@ -256,7 +277,7 @@ async fn children_have_the_right_specs_and_owners() {
         .iter()
         .find(|r| {
             r.ports.as_ref().unwrap()[0].port
-                == Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(8101))
+                == Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(peer_port))
         })
         .expect("a rule for the peer port");
     let from = peer_rule
@@ -599,4 +620,136 @@ async fn a_crash_looping_worker_degrades_the_cluster() {
             .iter()
             .any(|e| e.type_.as_deref() == Some("Warning"))
     );
+}
+
+/// Figures a fake worker reports: total, own, lent and borrowed blocks.
+fn figures(total: u64, used: u64, lent: u64, borrowed: u64) -> PoolFigures {
+    PoolFigures {
+        total_blocks: total,
+        used_blocks: used,
+        lent_blocks: lent,
+        borrowed_blocks: borrowed,
+        lend_cap_blocks: total / 2,
+        ..PoolFigures::default()
+    }
+}
+
+#[tokio::test]
+async fn status_reports_the_pool_the_workers_heartbeat() {
+    let s = setup("pool").await;
+    s.create(&crate::cluster("llm", 2)).await;
+    let secrets = s.api::<Secret>();
+    let token = eventually("the token Secret exists", LIMIT, || async {
+        let secret = secrets.get_opt("llm-token").await.unwrap()?;
+        String::from_utf8(secret.data?.get("token")?.0.clone()).ok()
+    })
+    .await;
+    let base = format!("http://{}", s.operator.gmanager_addr);
+    let http = reqwest::Client::new();
+
+    // Workers register with the token their Secret holds, as a worker Pod would.
+    for id in ["llm-0", "llm-1"] {
+        let body = Register {
+            worker_id: id.to_owned(),
+            api_url: format!("http://{id}:8000"),
+            peer_addr: format!("{id}:8101"),
+            block_tokens: 16,
+            pool: figures(100, 0, 0, 0),
+        };
+        eventually(
+            &format!("{id} registers with the gManager"),
+            LIMIT,
+            || async {
+                let r = http
+                    .post(format!("{base}/v1/workers"))
+                    .bearer_auth(&token)
+                    .json(&body)
+                    .send()
+                    .await
+                    .ok()?;
+                assert_ne!(
+                    r.status(),
+                    reqwest::StatusCode::UNAUTHORIZED,
+                    "token refused"
+                );
+                r.status().is_success().then_some(())
+            },
+        )
+        .await;
+    }
+    // Heartbeats keep both workers alive and carry the figures status must show.
+    let beating = |id: &'static str, pool: PoolFigures| {
+        let (http, base, token) = (http.clone(), base.clone(), token.clone());
+        tokio::spawn(async move {
+            loop {
+                let _ = http
+                    .post(format!("{base}/v1/workers/{id}/heartbeat"))
+                    .bearer_auth(&token)
+                    .json(&Heartbeat { epoch: 0, pool })
+                    .send()
+                    .await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let w0 = beating("llm-0", figures(100, 30, 10, 0));
+    let w1 = beating("llm-1", figures(100, 20, 0, 10));
+
+    let api = s.api::<InfiniteLLMCluster>();
+    let pool_of = |ilc: InfiniteLLMCluster| {
+        let status = ilc.status?;
+        Some((status.pool?, status.membership_epoch?))
+    };
+    let expected = PoolStatus {
+        workers: 2,
+        total_blocks: 200,
+        used_blocks: 50,
+        lent_blocks: 10,
+        borrowed_blocks: 10,
+        used_percent: 30,
+    };
+    eventually("status shows the summed heartbeats", LIMIT, || async {
+        let (pool, epoch) = pool_of(api.get("llm").await.unwrap())?;
+        (pool == expected && epoch == 2).then_some(())
+    })
+    .await;
+    let out = s.cp.kubectl(&["get", "ilc", "llm", "-n", &s.ns]);
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    let header = lines.next().unwrap_or_default();
+    assert!(header.contains("POOL USED %"), "{text}{}", stderr(&out));
+    let row: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(row.get(4), Some(&"30"), "{text}");
+
+    // A worker leaving is a new epoch and takes its figures out of the totals.
+    w1.abort();
+    let r = http
+        .delete(format!("{base}/v1/workers/llm-1"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "leave: {}", r.status());
+    let expected = PoolStatus {
+        workers: 1,
+        total_blocks: 100,
+        used_blocks: 30,
+        lent_blocks: 10,
+        borrowed_blocks: 0,
+        used_percent: 40,
+    };
+    eventually(
+        "status shows the pool without the worker that left",
+        LIMIT,
+        || async {
+            let (pool, epoch) = pool_of(api.get("llm").await.unwrap())?;
+            (pool == expected && epoch == 3).then_some(())
+        },
+    )
+    .await;
+    w0.abort();
 }
