@@ -114,6 +114,44 @@ extern "C" __global__ void silu_mul(const float* x, float* out, int rows, int wi
     }
 }
 
+// Greedy choice per row: one block per row; ties go to the lowest index, NaN never wins.
+extern "C" __global__ void argmax_rows(const float* x, u32* out, int width) {
+    __shared__ float best_v[32];
+    __shared__ int best_i[32];
+    const float* r = x + (size_t)blockIdx.x * width;
+    float v = NEG_INF;
+    int idx = width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x)
+        if (r[i] > v) {
+            v = r[i];
+            idx = i;
+        }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+        int i2 = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (v2 > v || (v2 == v && i2 < idx)) {
+            v = v2;
+            idx = i2;
+        }
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        best_v[warp] = v;
+        best_i[warp] = idx;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); ++w)
+            if (best_v[w] > v || (best_v[w] == v && best_i[w] < idx)) {
+                v = best_v[w];
+                idx = best_i[w];
+            }
+        // A row of NaN or -inf only: the first index, as the host's argmax.
+        out[blockIdx.x] = idx < width ? idx : 0;
+    }
+}
+
 extern "C" __global__ void gather_rows(const float* x, const u32* rows, float* out, int width) {
     const float* src = x + (size_t)rows[blockIdx.x] * width;
     float* dst = out + (size_t)blockIdx.x * width;

@@ -129,6 +129,14 @@ pub enum EngineError {
     Cuda(#[from] crate::backend::cuda::CudaError),
 }
 
+/// What a step hands back for its sampling rows.
+enum Picked {
+    /// The greedy token of each row, chosen by the backend.
+    Tokens(Vec<u32>),
+    /// `[rows, vocab]` logits, for the samplers.
+    Logits(Vec<f32>),
+}
+
 pub(crate) struct Submitted {
     id: SeqId,
     req: GenerateRequest,
@@ -585,6 +593,12 @@ impl<B: Backend> Runner<B> {
         if step.items.is_empty() {
             return false;
         }
+        // When no sampling row needs more than the top token, only token ids leave the device.
+        let greedy = step.items.iter().filter(|it| it.samples).all(|it| {
+            self.active
+                .get(&it.seq)
+                .is_some_and(|a| a.sampler.is_plain_greedy())
+        });
         let mut local = NoExchange;
         let mut pooled;
         let exchange: &mut dyn Exchange = match self.link.as_mut() {
@@ -595,8 +609,18 @@ impl<B: Backend> Runner<B> {
             }
             _ => &mut local,
         };
-        let logits = match self.model.forward(&mut self.kv, &step.input(), exchange) {
-            Ok(l) => l,
+        let input = step.input();
+        let picked = if greedy {
+            self.model
+                .forward_greedy(&mut self.kv, &input, exchange)
+                .map(Picked::Tokens)
+        } else {
+            self.model
+                .forward(&mut self.kv, &input, exchange)
+                .map(Picked::Logits)
+        };
+        let picked = match picked {
+            Ok(p) => p,
             Err(e) => {
                 // The step's K/V is partly written; every request in it ends, retryably.
                 tracing::warn!(error = %e, "step failed; failing its requests");
@@ -619,7 +643,10 @@ impl<B: Backend> Runner<B> {
                 .active
                 .get_mut(&item.seq)
                 .expect("scheduled requests are active");
-            let (token, logprob) = a.sampler.sample(&logits[row * vocab..(row + 1) * vocab]);
+            let (token, logprob) = match &picked {
+                Picked::Tokens(t) => (t[row], None),
+                Picked::Logits(l) => a.sampler.sample(&l[row * vocab..(row + 1) * vocab]),
+            };
             a.generated += 1;
             let sent = a.tx.send(Event::Token { id: token, logprob });
             let eos = !a.req.sampling.ignore_eos && a.req.stop_token_ids.contains(&token);

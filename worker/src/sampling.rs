@@ -21,6 +21,12 @@ impl Sampler {
         }
     }
 
+    /// Whether this sampler only ever takes the largest logit and reports nothing else, so the
+    /// backend can choose the token where the logits are.
+    pub fn is_plain_greedy(&self) -> bool {
+        (self.params.temperature == 0.0 || self.params.top_k == 1) && self.params.logprobs.is_none()
+    }
+
     /// Picks a token from one row of logits and, if asked, its log-probability under the model
     /// (before temperature and cuts, as OpenAI reports it) with the top alternatives.
     pub fn sample(&mut self, logits: &[f32]) -> (u32, Option<TokenLogprob>) {

@@ -7,6 +7,7 @@
 
 use infinite_llm_worker::backend::cuda::{self, Cuda};
 use infinite_llm_worker::backend::{AttnSeq, AttnShape, Backend, KvSegment, KvShape, NO_SLOT};
+use infinite_llm_worker::sampling::argmax;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -444,6 +445,29 @@ fn paged_attention_matches_float64() {
             ];
             attention_case(&g, &mut r, shape, bt, &reqs);
         }
+    }
+}
+
+#[test]
+fn argmax_rows_matches_the_host_argmax() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng("argmax_rows_matches_the_host_argmax");
+    for (rows, width) in [(1, 128256), (5, 32000), (33, 1000)] {
+        let mut x = randn(&mut r, rows * width, 10.0);
+        // A tie on the maximum in row 0 (the lower index must win) and a row of -inf last.
+        let (a, b) = (
+            r.random_range(0..width / 2),
+            r.random_range(width / 2..width),
+        );
+        x[a] = 100.0;
+        x[b] = 100.0;
+        if rows > 1 {
+            x[(rows - 1) * width..].fill(f32::NEG_INFINITY);
+        }
+        let got = g.argmax_rows(&upload(&g, &x), rows, width);
+        let want: Vec<u32> = x.chunks(width).map(argmax).collect();
+        assert_eq!(got, want, "{rows} rows of {width}");
+        assert_eq!(got[0], a as u32, "a tie goes to the lowest index");
     }
 }
 

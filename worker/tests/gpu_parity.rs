@@ -88,22 +88,22 @@ fn logits_match_transformers() {
             first_row_pos: done as u32,
             segments,
         }];
-        let logits = model
-            .forward(
-                &mut kv,
-                &StepInput {
-                    tokens: new,
-                    positions: &positions,
-                    slots: &slots,
-                    seqs: &seqs,
-                    logit_rows: &[new.len() - 1],
-                    remote: &[],
-                },
-                &mut NoExchange,
-            )
-            .unwrap();
+        let input = StepInput {
+            tokens: new,
+            positions: &positions,
+            slots: &slots,
+            seqs: &seqs,
+            logit_rows: &[new.len() - 1],
+            remote: &[],
+        };
+        let logits = model.forward(&mut kv, &input, &mut NoExchange).unwrap();
         let err = rel_err(&logits, &step.logits);
         let ours = argmax(&logits);
+        // The same step again, choosing on the GPU: it must pick what the host picks.
+        let on_gpu = model
+            .forward_greedy(&mut kv, &input, &mut NoExchange)
+            .unwrap();
+        assert_eq!(on_gpu, [ours], "step {i}: greedy choice on the GPU");
         eprintln!(
             "step {i}: relative error {err:.2e} (transformers bf16 vs f32: {:.2e}); token ours {ours} \
              transformers {} (top-2 margin {:.3})",

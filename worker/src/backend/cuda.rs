@@ -64,6 +64,7 @@ struct Kernels {
     rope: CudaFunction,
     silu_mul: CudaFunction,
     gather_rows: CudaFunction,
+    argmax_rows: CudaFunction,
     kv_write: CudaFunction,
     attn_merge: CudaFunction,
     /// `attn_split_h{head_dim}_g{query heads per kv head}`, indexed by log2(head_dim / 32) and
@@ -118,6 +119,7 @@ struct Scratch {
     seqs: Table<u32>,
     segs: Table<u32>,
     x_bf16: Option<CudaSlice<u16>>,
+    picks: Option<CudaSlice<u32>>,
     part_o: Option<CudaSlice<f32>>,
     part_lse: Option<CudaSlice<f32>>,
 }
@@ -218,6 +220,7 @@ impl Cuda {
             rope: f("rope")?,
             silu_mul: f("silu_mul")?,
             gather_rows: f("gather_rows")?,
+            argmax_rows: f("argmax_rows")?,
             kv_write: f("kv_write")?,
             attn_merge: f("attn_merge")?,
             attn_split,
@@ -250,6 +253,7 @@ impl Cuda {
                 seqs: Table::new(),
                 segs: Table::new(),
                 x_bf16: None,
+                picks: None,
                 part_o: None,
                 part_lse: None,
             }),
@@ -686,6 +690,23 @@ impl Backend for Cuda {
         };
         // SAFETY: out holds rows * q_heads * hd values and lse rows * q_heads.
         ok(unsafe { b.launch(cfg) }, "attention merge");
+    }
+
+    fn argmax_rows(&self, x: &CudaSlice<f32>, rows: usize, width: usize) -> Vec<u32> {
+        if rows == 0 {
+            return Vec::new();
+        }
+        let mut s = self.scratch.borrow_mut();
+        let picks = grown(&self.stream, &mut s.picks, rows);
+        let w = width as i32;
+        let mut b = self.stream.launch_builder(&self.k.argmax_rows);
+        b.arg(x).arg(&mut *picks).arg(&w);
+        // SAFETY: x holds rows rows of `width`, picks at least rows entries.
+        ok(
+            unsafe { b.launch(Self::per_row(rows, 1024)) },
+            "argmax_rows",
+        );
+        ok(self.stream.clone_dtoh(&picks.slice(..rows)), "download")
     }
 
     fn gather_rows(

@@ -168,4 +168,10 @@ pub trait Backend: Send + 'static {
     );
     /// Gathers rows `rows` of `[_, width]` into `out`, in order.
     fn gather_rows(&self, x: &Self::Buf, width: usize, rows: &[usize], out: &mut Self::Buf);
+    /// Index of the largest value of each of `rows` rows of `width` (the lowest index wins a
+    /// tie, as `sampling::argmax`): greedy decoding without bringing the logits to the host.
+    fn argmax_rows(&self, x: &Self::Buf, rows: usize, width: usize) -> Vec<u32> {
+        let host = self.download(x, rows * width);
+        host.chunks(width).map(crate::sampling::argmax).collect()
+    }
 }

@@ -275,6 +275,33 @@ impl<B: Backend> Llama<B> {
         input: &StepInput,
         exchange: &mut dyn Exchange,
     ) -> Result<Vec<f32>, RemoteError> {
+        self.layers_and_head(kv, input, exchange, |b, logits, m, vocab| {
+            b.download(logits, m * vocab)
+        })
+    }
+
+    /// Runs one step and returns the greedy token of each of `logit_rows`, chosen where the
+    /// logits are (on a GPU only the token ids come back).
+    pub fn forward_greedy(
+        &mut self,
+        kv: &mut B::Kv,
+        input: &StepInput,
+        exchange: &mut dyn Exchange,
+    ) -> Result<Vec<u32>, RemoteError> {
+        self.layers_and_head(kv, input, exchange, |b, logits, m, vocab| {
+            b.argmax_rows(logits, m, vocab)
+        })
+    }
+
+    /// The decoder over the step's rows, then the LM head over `logit_rows` in chunks, each
+    /// chunk's `[rows, vocab]` logits handed to `take`.
+    fn layers_and_head<T>(
+        &mut self,
+        kv: &mut B::Kv,
+        input: &StepInput,
+        exchange: &mut dyn Exchange,
+        take: impl Fn(&B, &B::Buf, usize, usize) -> Vec<T>,
+    ) -> Result<Vec<T>, RemoteError> {
         let rows = input.tokens.len();
         assert_eq!(rows, input.positions.len());
         assert_eq!(rows, input.slots.len());
@@ -372,13 +399,13 @@ impl<B: Backend> Llama<B> {
         b.gather_rows(&s.x, h, input.logit_rows, &mut s.h);
         b.rms_norm(&s.h, n, norm, eps, &mut s.x);
         let head = lm_head.as_ref().unwrap_or(embed);
-        let mut out = Vec::with_capacity(n * c.vocab_size);
+        let mut out = Vec::new();
         // Chunked so the logits buffer stays small whatever the number of sampling rows.
         for chunk in (0..n).step_by(MAX_LOGIT_ROWS) {
             let m = (n - chunk).min(MAX_LOGIT_ROWS);
             b.gather_rows(&s.x, h, &(chunk..chunk + m).collect::<Vec<_>>(), &mut s.h);
             b.linear(&s.h, m, head, None, &mut s.logits);
-            out.extend(b.download(&s.logits, m * c.vocab_size));
+            out.extend(take(b, &s.logits, m, c.vocab_size));
         }
         Ok(out)
     }
