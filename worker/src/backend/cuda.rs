@@ -115,13 +115,85 @@ struct Scratch {
     inv_freq: Table<f32>,
     slots: Table<u32>,
     rows: Table<u32>,
-    row_seq: Table<u32>,
-    seqs: Table<u32>,
-    segs: Table<u32>,
+    attn: AttnTables,
     x_bf16: Option<CudaSlice<u16>>,
     picks: Option<CudaSlice<u32>>,
     part_o: Option<CudaSlice<f32>>,
     part_lse: Option<CudaSlice<f32>>,
+}
+
+/// The attention metadata of one set of sequences, on the device. Every layer of a step attends
+/// over the same sequences, so the tables are built and uploaded once a step, not once a layer.
+///
+/// `row_seq[row]` names the row's sequence (rows outside every sequence point at an empty one,
+/// so they come out as 0 and -inf); `meta` holds (first_row, first_row_pos, first_segment,
+/// segments) per sequence; `segs` holds (block, first_pos, tokens) per segment.
+struct AttnTables {
+    /// What the tables were built from, and the grid they were split for.
+    seqs: Vec<AttnSeq>,
+    blocks: usize,
+    splits: usize,
+    segs_per_split: usize,
+    row_seq: Table<u32>,
+    meta: Table<u32>,
+    segs: Table<u32>,
+}
+
+impl AttnTables {
+    const fn new() -> Self {
+        Self {
+            seqs: Vec::new(),
+            blocks: 0,
+            splits: 1,
+            segs_per_split: 1,
+            row_seq: Table::new(),
+            meta: Table::new(),
+            segs: Table::new(),
+        }
+    }
+
+    /// Rebuilds the tables when `seqs` differ from the last ones; `blocks` is rows x KV heads.
+    fn update(&mut self, stream: &Arc<CudaStream>, seqs: &[AttnSeq], blocks: usize, sms: usize) {
+        if self.seqs == seqs && self.blocks == blocks {
+            return;
+        }
+        let rows = seqs.iter().map(|s| s.rows.end).max().unwrap_or(0);
+        let empty = seqs.len() as u32;
+        let mut row_seq = vec![empty; rows];
+        let mut meta = Vec::with_capacity(4 * (seqs.len() + 1));
+        let mut segs = Vec::new();
+        let mut most_segs = 1;
+        for (i, s) in seqs.iter().enumerate() {
+            row_seq[s.rows.clone()].fill(i as u32);
+            meta.extend([
+                s.rows.start as u32,
+                s.first_row_pos,
+                (segs.len() / 3) as u32,
+                s.segments.len() as u32,
+            ]);
+            for g in &s.segments {
+                segs.extend([g.block, g.first_pos, g.tokens]);
+            }
+            most_segs = most_segs.max(s.segments.len());
+        }
+        meta.extend([0, 0, 0, 0]);
+        // Split the KV length until the grid fills the GPU; a long context alone still does.
+        let want_splits = (sms * ATTN_BLOCKS_PER_SM).div_ceil(blocks).max(1);
+        self.segs_per_split = most_segs.div_ceil(want_splits.min(most_segs));
+        self.splits = most_segs.div_ceil(self.segs_per_split);
+        self.row_seq.put(stream, &row_seq);
+        self.meta.put(stream, &meta);
+        self.segs.put(stream, &segs);
+        self.seqs = seqs.to_vec();
+        self.blocks = blocks;
+    }
+
+    fn device(&self) -> (&CudaSlice<u32>, &CudaSlice<u32>, &CudaSlice<u32>) {
+        fn dev(t: &Table<u32>) -> &CudaSlice<u32> {
+            t.dev.as_ref().expect("uploaded by update")
+        }
+        (dev(&self.row_seq), dev(&self.meta), dev(&self.segs))
+    }
 }
 
 fn grown<'a, T: DeviceRepr>(
@@ -249,9 +321,7 @@ impl Cuda {
                 inv_freq: Table::new(),
                 slots: Table::new(),
                 rows: Table::new(),
-                row_seq: Table::new(),
-                seqs: Table::new(),
-                segs: Table::new(),
+                attn: AttnTables::new(),
                 x_bf16: None,
                 picks: None,
                 part_o: None,
@@ -602,37 +672,12 @@ impl Backend for Cuda {
                 shape.q_heads, shape.kv_heads
             ),
         };
-        // Rows outside every sequence point at an empty one, so they come out as 0 and -inf.
-        let empty = seqs.len() as u32;
-        let mut row_seq = vec![empty; rows];
-        let mut meta = Vec::with_capacity(4 * (seqs.len() + 1));
-        let mut segs = Vec::new();
-        let mut most_segs = 1;
-        for (i, s) in seqs.iter().enumerate() {
-            row_seq[s.rows.clone()].fill(i as u32);
-            meta.extend([
-                s.rows.start as u32,
-                s.first_row_pos,
-                (segs.len() / 3) as u32,
-                s.segments.len() as u32,
-            ]);
-            for g in &s.segments {
-                segs.extend([g.block, g.first_pos, g.tokens]);
-            }
-            most_segs = most_segs.max(s.segments.len());
-        }
-        meta.extend([0, 0, 0, 0]);
-        // Split the KV length until the grid fills the GPU; a long context alone still does.
-        let blocks = rows * shape.kv_heads;
-        let want_splits = (self.sms * ATTN_BLOCKS_PER_SM).div_ceil(blocks).max(1);
-        let segs_per_split = most_segs.div_ceil(want_splits.min(most_segs));
-        let splits = most_segs.div_ceil(segs_per_split);
-
         let mut sc = self.scratch.borrow_mut();
         let sc = &mut *sc;
-        let row_seq = sc.row_seq.put(&self.stream, &row_seq);
-        let meta = sc.seqs.put(&self.stream, &meta);
-        let segs = sc.segs.put(&self.stream, &segs);
+        let t = &mut sc.attn;
+        t.update(&self.stream, seqs, rows * shape.kv_heads, self.sms);
+        let (splits, segs_per_split) = (t.splits, t.segs_per_split);
+        let (row_seq, meta, segs) = t.device();
         let part_o = grown(
             &self.stream,
             &mut sc.part_o,
