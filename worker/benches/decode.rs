@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::llama as candle_llama;
 use infinite_llm_worker::demo_model::{DemoModelSpec, write_demo_model};
 use infinite_llm_worker::engine::{self, EngineOptions};
-use infinite_llm_worker::request::{Event, GenerateRequest, SamplingParams};
+use infinite_llm_worker::request::{Event, GenerateRequest};
 use infinite_llm_worker::sampling::argmax;
 
 const PROMPT: usize = 32;
@@ -70,15 +70,10 @@ fn ours_tokens_per_s(rt: &tokio::runtime::Runtime, dir: &Path, vocab: u32, batch
         let streams: Vec<_> = (0..batch)
             .map(|k| {
                 engine
-                    .submit(GenerateRequest {
-                        prompt_tokens: prompt(k as u32, vocab),
-                        sampling: SamplingParams {
-                            temperature: 0.0,
-                            max_tokens: NEW_TOKENS + 1,
-                            ..SamplingParams::default()
-                        },
-                        stop_token_ids: Vec::new(),
-                    })
+                    .submit(GenerateRequest::greedy(
+                        prompt(k as u32, vocab),
+                        NEW_TOKENS + 1,
+                    ))
                     .unwrap()
             })
             .collect();

@@ -7,7 +7,7 @@ use std::time::Instant;
 use infinite_llm_protocol::gmanager::Creditor;
 use infinite_llm_worker::demo_model::{DemoModelSpec, write_demo_model};
 use infinite_llm_worker::engine::{self, ClusterOptions, EngineHandle, EngineOptions};
-use infinite_llm_worker::request::{Event, GenerateRequest, SamplingParams};
+use infinite_llm_worker::request::{Event, GenerateRequest};
 
 const BLOCK_TOKENS: usize = 16;
 const CONTEXT: usize = 2048;
@@ -32,16 +32,7 @@ fn decode(rt: &tokio::runtime::Runtime, engine: &EngineHandle) -> (f64, Vec<u32>
         .map(|i| (i * 7919 + 3) % 1000)
         .collect();
     let mut rx = engine
-        .submit(GenerateRequest {
-            prompt_tokens: prompt,
-            sampling: SamplingParams {
-                temperature: 0.0,
-                max_tokens: NEW_TOKENS,
-                ignore_eos: true,
-                ..SamplingParams::default()
-            },
-            stop_token_ids: Vec::new(),
-        })
+        .submit(GenerateRequest::greedy(prompt, NEW_TOKENS))
         .unwrap();
     rt.block_on(async {
         let mut tokens = Vec::new();

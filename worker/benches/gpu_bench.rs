@@ -18,7 +18,7 @@ use infinite_llm_worker::backend::cuda::{self, Cuda};
 use infinite_llm_worker::backend::{AttnSeq, AttnShape, Backend, KvSegment, KvShape};
 use infinite_llm_worker::engine::{self, Device, EngineOptions};
 use infinite_llm_worker::model::config::ModelConfig;
-use infinite_llm_worker::request::{Event, GenerateRequest, SamplingParams};
+use infinite_llm_worker::request::{Event, GenerateRequest};
 use serde::Deserialize;
 
 const Q_HEADS: usize = 32;
@@ -145,23 +145,14 @@ fn prompt(k: usize, len: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-fn greedy(prompt_tokens: Vec<u32>, max_tokens: usize) -> GenerateRequest {
-    GenerateRequest {
-        prompt_tokens,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            max_tokens,
-            ..SamplingParams::default()
-        },
-        stop_token_ids: Vec::new(),
-    }
-}
-
 /// Decode tokens/s with `batch` concurrent requests: the clock runs from the moment every
 /// request has its first token to the last token, so prefill is left out.
 async fn decode_tokens_per_s(e: &engine::EngineHandle, vocab: usize, batch: usize) -> f64 {
     let streams: Vec<_> = (0..batch)
-        .map(|k| e.submit(greedy(prompt(k, PROMPT, vocab), NEW)).unwrap())
+        .map(|k| {
+            e.submit(GenerateRequest::greedy(prompt(k, PROMPT, vocab), NEW))
+                .unwrap()
+        })
         .collect();
     let mut streams = futures::future::join_all(streams.into_iter().map(|mut rx| async move {
         assert!(matches!(rx.recv().await, Some(Event::Token { .. })));
@@ -189,7 +180,9 @@ async fn decode_tokens_per_s(e: &engine::EngineHandle, vocab: usize, batch: usiz
 
 async fn prefill_tokens_per_s(e: &engine::EngineHandle, vocab: usize) -> f64 {
     let start = Instant::now();
-    let mut rx = e.submit(greedy(prompt(99, PREFILL, vocab), 1)).unwrap();
+    let mut rx = e
+        .submit(GenerateRequest::greedy(prompt(99, PREFILL, vocab), 1))
+        .unwrap();
     assert!(matches!(rx.recv().await, Some(Event::Token { .. })));
     PREFILL as f64 / start.elapsed().as_secs_f64()
 }

@@ -42,6 +42,23 @@ pub struct GenerateRequest {
     pub stop_token_ids: Vec<u32>,
 }
 
+impl GenerateRequest {
+    /// Greedy decoding of exactly `max_tokens` tokens, end-of-sequence or not: what benchmarks
+    /// and tests that compare outputs want.
+    pub fn greedy(prompt_tokens: Vec<u32>, max_tokens: usize) -> Self {
+        Self {
+            prompt_tokens,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                max_tokens,
+                ignore_eos: true,
+                ..SamplingParams::default()
+            },
+            stop_token_ids: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// An end-of-sequence token was produced.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use infinite_llm_protocol::gmanager::Creditor;
 use infinite_llm_worker::demo_model::{DemoModelSpec, write_demo_model};
 use infinite_llm_worker::engine::{self, ClusterOptions, EngineHandle, EngineOptions, EngineStats};
-use infinite_llm_worker::request::{Event, GenerateRequest, SamplingParams};
+use infinite_llm_worker::request::{Event, GenerateRequest};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::mpsc::error::TryRecvError;
 
@@ -40,16 +40,7 @@ fn advised(id: &str, engine: &EngineHandle) -> Creditor {
 fn submit(engine: &EngineHandle) -> UnboundedReceiver<Event> {
     let prompt = (0..PROMPT as u32).map(|i| (i * 7919 + 3) % 1000).collect();
     engine
-        .submit(GenerateRequest {
-            prompt_tokens: prompt,
-            sampling: SamplingParams {
-                temperature: 0.0,
-                max_tokens: NEW_TOKENS,
-                ignore_eos: true,
-                ..SamplingParams::default()
-            },
-            stop_token_ids: Vec::new(),
-        })
+        .submit(GenerateRequest::greedy(prompt, NEW_TOKENS))
         .unwrap()
 }
 
