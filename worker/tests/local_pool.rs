@@ -5,50 +5,11 @@
 
 mod local_support;
 
-use std::process::{Command, Stdio};
-
 use infinite_llm_worker::demo_model::{DemoModelSpec, write_demo_model_if_missing};
-use local_support::{BIN, Launcher, free_port, metric, worker_urls};
+use local_support::{Pool, metric, prompt, start_pool};
 use serde_json::{Value, json};
 
 const BLOCK_TOKENS: usize = 16;
-
-struct Pool {
-    _launcher: Launcher,
-    base: String,
-    workers: Vec<String>,
-}
-
-fn start(model: &std::path::Path, workers: u16, kv_blocks: usize, lend_fraction: f64) -> Pool {
-    let port = free_port();
-    let mut launcher = Launcher(
-        Command::new(BIN)
-            .arg("local")
-            .arg(format!("--workers={workers}"))
-            .arg(format!("--kv-blocks={kv_blocks}"))
-            .arg(format!("--lend-fraction={lend_fraction}"))
-            .arg(format!("--port={port}"))
-            .arg(format!("--gmanager-port={}", free_port()))
-            .arg(format!("--model={}", model.display()))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("launcher starts"),
-    );
-    let (workers, _) = worker_urls(&mut launcher.0);
-    Pool {
-        _launcher: launcher,
-        base: format!("http://127.0.0.1:{port}"),
-        workers,
-    }
-}
-
-/// A prompt of exactly `tokens` tokens, as token ids the demo vocabulary has.
-fn prompt(tokens: usize, salt: usize) -> Vec<u32> {
-    (0..tokens)
-        .map(|i| ((i * 7919 + salt * 104_729) % 900 + 20) as u32)
-        .collect()
-}
 
 async fn greedy(client: &reqwest::Client, base: &str, prompt: &[u32], max_tokens: usize) -> String {
     let body = json!({
@@ -82,10 +43,10 @@ async fn requests_larger_than_a_worker_borrow_and_match_one_big_worker() {
     let model = dir.path().join("demo");
     write_demo_model_if_missing(&model, &DemoModelSpec::default()).unwrap();
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    let reference = start(&model, 1, 256, 0.5);
+    let reference = start_pool(&model, 1, 256, &["--lend-fraction=0.5"]);
 
     // 1.5 times one worker's pool of 8 blocks, with the default lend fraction.
-    let small = start(&model, 3, 8, 0.5);
+    let small = start_pool(&model, 3, 8, &["--lend-fraction=0.5"]);
     // Let the workers' first heartbeats reach the gManager, so creditors are known.
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let p = prompt(8 * BLOCK_TOKENS * 3 / 2 - 32, 1);
@@ -116,7 +77,7 @@ async fn requests_larger_than_a_worker_borrow_and_match_one_big_worker() {
     drop(small);
 
     // With everything lendable, one request uses over 90% of the three pools together.
-    let all = start(&model, 3, 8, 1.0);
+    let all = start_pool(&model, 3, 8, &["--lend-fraction=1.0"]);
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let summed = 3 * 8 * BLOCK_TOKENS;
     let n = summed * 92 / 100;

@@ -5,53 +5,14 @@
 
 mod local_support;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use infinite_llm_worker::demo_model::{DemoModelSpec, write_demo_model_if_missing};
-use local_support::{BIN, Launcher, free_port, metric};
+use local_support::{Pool, metric, prompt, start_pool};
 use serde_json::{Value, json};
 
 const BLOCK_TOKENS: usize = 16;
-
-struct Pool {
-    launcher: Launcher,
-    base: String,
-    workers: Vec<String>,
-    pids: Vec<u32>,
-}
-
-fn start(model: &std::path::Path, workers: u16, kv_blocks: usize, extra: &[&str]) -> Pool {
-    let port = free_port();
-    let mut launcher = Launcher(
-        Command::new(BIN)
-            .arg("local")
-            .arg(format!("--workers={workers}"))
-            .arg(format!("--kv-blocks={kv_blocks}"))
-            .arg(format!("--port={port}"))
-            .arg(format!("--gmanager-port={}", free_port()))
-            .arg(format!("--model={}", model.display()))
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("launcher starts"),
-    );
-    let (started, _) = local_support::workers(&mut launcher.0);
-    Pool {
-        launcher,
-        base: format!("http://127.0.0.1:{port}"),
-        workers: started.iter().map(|(_, url)| url.clone()).collect(),
-        pids: started.iter().map(|(pid, _)| *pid).collect(),
-    }
-}
-
-/// A prompt of exactly `tokens` tokens, as token ids the demo vocabulary has.
-fn prompt(tokens: usize, salt: usize) -> Vec<u32> {
-    (0..tokens)
-        .map(|i| ((i * 7919 + salt * 104_729) % 900 + 20) as u32)
-        .collect()
-}
 
 async fn post(
     client: &reqwest::Client,
@@ -121,10 +82,10 @@ async fn refusing_creditors_and_a_full_pool_never_corrupt_or_crash() {
     let model = dir.path().join("demo");
     write_demo_model_if_missing(&model, &DemoModelSpec::default()).unwrap();
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    let reference = start(&model, 1, 256, &[]);
+    let reference = start_pool(&model, 1, 256, &[]);
 
     // worker-1 lends nothing; worker-0 and worker-2 lend half of their 8 blocks.
-    let mut pool = start(&model, 3, 8, &["--lend-fractions=0.5,0,0.5"]);
+    let mut pool = start_pool(&model, 3, 8, &["--lend-fractions=0.5,0,0.5"]);
     // Let the workers' first heartbeats reach the gManager, so creditors are known.
     tokio::time::sleep(Duration::from_secs(3)).await;
     // 12 blocks: 8 at home and 4 that only the other lending worker can give.
@@ -160,7 +121,7 @@ async fn refusing_creditors_and_a_full_pool_never_corrupt_or_crash() {
 
     // Thirty requests at once on three pools of 8 blocks, with room for one waiting request
     // per worker: some borrow, some are preempted and recomputed, the rest are turned away.
-    let mut pool = start(&model, 3, 8, &["--lend-fraction=0.5", "--max-waiting=1"]);
+    let mut pool = start_pool(&model, 3, 8, &["--lend-fraction=0.5", "--max-waiting=1"]);
     tokio::time::sleep(Duration::from_secs(3)).await;
     // Long ones borrow; short ones fill a worker's whole pool by their end.
     let kinds: Vec<(Vec<u32>, usize)> = (0..6)

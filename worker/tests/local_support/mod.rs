@@ -2,7 +2,8 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdout};
+use std::path::Path;
+use std::process::{Child, ChildStdout, Command, Stdio};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_infinite-llm-worker");
 
@@ -64,4 +65,47 @@ pub async fn metric(client: &reqwest::Client, base: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Local mode running: its launcher (killed on drop), the front door, and each worker's API URL
+/// and process id.
+pub struct Pool {
+    pub launcher: Launcher,
+    pub base: String,
+    pub workers: Vec<String>,
+    pub pids: Vec<u32>,
+}
+
+/// Starts local mode over `model` with `count` workers of `kv_blocks` rBlocks each, plus
+/// `extra` flags, and waits until every worker is up.
+pub fn start_pool(model: &Path, count: u16, kv_blocks: usize, extra: &[&str]) -> Pool {
+    let port = free_port();
+    let mut launcher = Launcher(
+        Command::new(BIN)
+            .arg("local")
+            .arg(format!("--workers={count}"))
+            .arg(format!("--kv-blocks={kv_blocks}"))
+            .arg(format!("--port={port}"))
+            .arg(format!("--gmanager-port={}", free_port()))
+            .arg(format!("--model={}", model.display()))
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("launcher starts"),
+    );
+    let (started, _) = workers(&mut launcher.0);
+    Pool {
+        launcher,
+        base: format!("http://127.0.0.1:{port}"),
+        workers: started.iter().map(|(_, url)| url.clone()).collect(),
+        pids: started.iter().map(|(pid, _)| *pid).collect(),
+    }
+}
+
+/// A prompt of exactly `tokens` tokens, as token ids the demo vocabulary has.
+pub fn prompt(tokens: usize, salt: usize) -> Vec<u32> {
+    (0..tokens)
+        .map(|i| ((i * 7919 + salt * 104_729) % 900 + 20) as u32)
+        .collect()
 }
