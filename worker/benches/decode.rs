@@ -3,6 +3,8 @@
 //! Prints tokens/s for candle at batch 1, ours at batch 1 and ours at batch 16, and the ratios.
 //! Run with `make bench`.
 
+mod decode_clock;
+
 use std::path::Path;
 use std::time::Instant;
 
@@ -11,7 +13,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::llama as candle_llama;
 use infinite_llm_worker::demo_model::{DemoModelSpec, write_demo_model};
 use infinite_llm_worker::engine::{self, EngineOptions};
-use infinite_llm_worker::request::{Event, GenerateRequest};
+use infinite_llm_worker::request::GenerateRequest;
 use infinite_llm_worker::sampling::argmax;
 
 const PROMPT: usize = 32;
@@ -77,23 +79,8 @@ fn ours_tokens_per_s(rt: &tokio::runtime::Runtime, dir: &Path, vocab: u32, batch
                     .unwrap()
             })
             .collect();
-        // The clock starts when every request has its first token: decode only, as for candle.
-        let mut streams: Vec<_> =
-            futures::future::join_all(streams.into_iter().map(|mut rx| async move {
-                assert!(matches!(rx.recv().await, Some(Event::Token { .. })));
-                rx
-            }))
-            .await;
-        let start = Instant::now();
-        let mut tokens = 0;
-        for rx in &mut streams {
-            while let Some(ev) = rx.recv().await {
-                if let Event::Token { .. } = ev {
-                    tokens += 1;
-                }
-            }
-        }
-        tokens as f64 / start.elapsed().as_secs_f64()
+        // Decode only, as for candle.
+        decode_clock::decode_tokens_per_s(streams, batch * NEW_TOKENS).await
     })
 }
 

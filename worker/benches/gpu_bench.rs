@@ -14,6 +14,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
+mod decode_clock;
+
 use infinite_llm_worker::backend::cuda::{self, Cuda};
 use infinite_llm_worker::backend::{AttnSeq, AttnShape, Backend, KvSegment, KvShape};
 use infinite_llm_worker::engine::{self, Device, EngineOptions};
@@ -154,28 +156,7 @@ async fn decode_tokens_per_s(e: &engine::EngineHandle, vocab: usize, batch: usiz
                 .unwrap()
         })
         .collect();
-    let mut streams = futures::future::join_all(streams.into_iter().map(|mut rx| async move {
-        assert!(matches!(rx.recv().await, Some(Event::Token { .. })));
-        rx
-    }))
-    .await;
-    let start = Instant::now();
-    let mut tokens = 0;
-    for rx in &mut streams {
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                Event::Token { .. } => tokens += 1,
-                Event::Failed { message, .. } => panic!("request failed: {message}"),
-                _ => {}
-            }
-        }
-    }
-    assert_eq!(
-        tokens,
-        batch * (NEW - 1),
-        "every request decodes all its tokens"
-    );
-    tokens as f64 / start.elapsed().as_secs_f64()
+    decode_clock::decode_tokens_per_s(streams, batch * (NEW - 1)).await
 }
 
 async fn prefill_tokens_per_s(e: &engine::EngineHandle, vocab: usize) -> f64 {
