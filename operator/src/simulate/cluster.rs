@@ -7,10 +7,10 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use infinite_llm_workload::trace::Request;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::trace::Request;
 use crate::gmanager::placement::{self, Creditors, Instance, PlacementConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

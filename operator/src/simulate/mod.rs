@@ -4,12 +4,11 @@
 //! model and hardware figures. `make simulate` prints its report.
 
 pub mod cluster;
-pub mod trace;
 
 use std::io::Write;
 
 use cluster::{ClusterConfig, Outcome, Policy};
-use trace::TraceConfig;
+use infinite_llm_workload::trace::TraceConfig;
 
 use crate::gmanager::placement::{Measured, PlacementConfig};
 
@@ -216,7 +215,7 @@ mod tests {
     #[test]
     fn a_lone_request_takes_the_cost_models_time() {
         let cluster = ClusterConfig::measured(1);
-        let requests = [trace::Request {
+        let requests = [infinite_llm_workload::trace::Request {
             arrival_s: 0.0,
             prompt_tokens: 16,
             output_tokens: 2_000,

@@ -66,32 +66,38 @@ impl TraceConfig {
         }
     }
 
+    /// The requests arriving within `duration_s`.
     pub fn generate(&self, instances: usize) -> Vec<Request> {
+        self.arrivals(instances)
+            .take_while(|r| r.arrival_s < self.duration_s)
+            .collect()
+    }
+
+    /// The endless arrival process `generate` cuts at `duration_s`; a prefix of it does not
+    /// depend on where it is cut, so a replay can take its first N requests instead.
+    pub fn arrivals(&self, instances: usize) -> impl Iterator<Item = Request> + use<> {
         let mut rng = StdRng::seed_from_u64(self.seed);
         let rate = self.rate_per_instance * instances as f64;
+        let cfg = self.clone();
         let mut t = 0.0;
-        let mut out = Vec::new();
-        loop {
+        std::iter::from_fn(move || {
             // Exponential gaps make a Poisson process.
             t += -(1.0 - rng.random::<f64>()).ln() / rate;
-            if t >= self.duration_s {
-                return out;
-            }
-            let prompt_tokens = if rng.random_bool(self.long_share) {
+            let prompt_tokens = if rng.random_bool(cfg.long_share) {
                 let u = 1.0 - rng.random::<f64>();
-                let x = self.long_min_tokens as f64 / u.powf(1.0 / self.long_alpha);
-                (x as u64).min(self.long_max_tokens)
+                let x = cfg.long_min_tokens as f64 / u.powf(1.0 / cfg.long_alpha);
+                (x as u64).min(cfg.long_max_tokens)
             } else {
-                let x = (self.short_max_tokens as f64).ln() * rng.random::<f64>();
-                (x.exp() as u64).clamp(1, self.short_max_tokens)
+                let x = (cfg.short_max_tokens as f64).ln() * rng.random::<f64>();
+                (x.exp() as u64).clamp(1, cfg.short_max_tokens)
             };
-            let (lo, hi) = self.output_tokens;
-            out.push(Request {
+            let (lo, hi) = cfg.output_tokens;
+            Some(Request {
                 arrival_s: t,
                 prompt_tokens,
                 output_tokens: rng.random_range(lo..=hi),
-            });
-        }
+            })
+        })
     }
 }
 
@@ -123,5 +129,7 @@ mod tests {
             "heavy tail"
         );
         assert_eq!(cfg.generate(8), long, "seeded");
+        let first: Vec<Request> = cfg.arrivals(8).take(10).collect();
+        assert_eq!(first, long[..10], "generate is a prefix of arrivals");
     }
 }
