@@ -14,12 +14,13 @@ VENV    := .venv
 
 WORKER_BIN := target/release/infinite-llm-worker
 
-.PHONY: help build run test lint lint-docker unit test-python bench venv tools crds simulate gpu-bundle test-gpu bench-gpu
+.PHONY: help build run test lint lint-docker unit test-python bench bench-pool venv tools crds simulate gpu-bundle test-gpu bench-gpu
 
 help:
 	@echo "make run        local pool: gManager + WORKERS=$(WORKERS) workers behind http://127.0.0.1:$(PORT) (MODEL=, KV_BLOCKS=, LEND_FRACTION=)"
 	@echo "make test       every check: fmt, clippy, Rust tests, the openai client against make run"
 	@echo "make bench      CPU decode tokens/s against candle-transformers"
+	@echo "make bench-pool local mode pooled vs static (lend 0) on the demo model: one trace replayed by infinite-llm-loadgen"
 	@echo "make gpu-bundle build the GPU tests and benches here, into target/gpu-bundle, for a GPU machine"
 	@echo "make test-gpu   on a GPU machine: CUDA kernels against float64, the model against transformers"
 	@echo "make bench-gpu  on a GPU machine: attention, decode, prefill against PyTorch, transformers, roofline"
@@ -70,6 +71,10 @@ test-python: build venv
 
 bench:
 	$(CARGO) bench -p infinite-llm-worker --bench decode --bench dist_decode
+
+# Real processes: the same trace against local mode pooled and static (WORKERS=, KV_BLOCKS=).
+bench-pool:
+	WORKERS=$(WORKERS) KV_BLOCKS=$(or $(KV_BLOCKS),64) bash tests/bench/pool.sh
 
 # Pure logic, no servers: the gManager's placement code over a simulated cluster.
 simulate:
