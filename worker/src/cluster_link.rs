@@ -2,8 +2,13 @@
 //! then use), homes it lends to, and the wait for partial outputs inside a layer. Everything
 //! arrives through the engine's one inbox, so while it waits for a creditor the engine still
 //! answers homes that wait for it: two workers borrowing from each other never deadlock.
+//!
+//! A creditor that is lost (its connection broke, a send failed, or it did not answer within
+//! `PEER_TIMEOUT`) or that takes its blocks back (it drains) is noted here; the engine then
+//! sends the requests with blocks there back to its queue, to be recomputed from their token
+//! ids, so no request fails because of it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,6 +28,9 @@ use crate::scheduler::SeqId;
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a home waits after a borrowing round fell short, in milliseconds.
 const BORROW_RETRY_MS: std::ops::Range<u64> = 50..250;
+/// A lost or unreachable creditor is not asked again for this long: long enough for the
+/// gManager to expire a dead one (3 missed heartbeats) and for its advice to follow.
+const SHUN: Duration = Duration::from_secs(10);
 
 pub struct ClusterLink {
     pub peers: TcpPeers,
@@ -36,6 +44,12 @@ pub struct ClusterLink {
     remote_attention: Option<Histogram>,
     /// After a round that fell short: not before this instant, unless the advice changes.
     backoff: Option<(Instant, Vec<Creditor>)>,
+    /// Creditors lost or taking their blocks back since the engine last recovered.
+    troubled: BTreeSet<u16>,
+    /// Workers not to borrow from until the instant given.
+    shunned: HashMap<String, Instant>,
+    /// Creditor connections lost since start (a counter for metrics).
+    pub losses_total: u64,
 }
 
 /// What one borrowing round gathered.
@@ -70,7 +84,50 @@ impl ClusterLink {
             refusals_total: 0,
             remote_attention,
             backoff: None,
+            troubled: BTreeSet::new(),
+            shunned: HashMap::new(),
+            losses_total: 0,
         }
+    }
+
+    /// Declares a creditor lost: its connection is shut, its worker shunned for a while, and
+    /// the requests with blocks there are the engine's to recover.
+    pub fn lost(&mut self, peer: u16, why: &str) {
+        if self.peers.lose(peer) {
+            let worker = self.peers.worker(peer).to_owned();
+            tracing::warn!(creditor = %worker, error = why, "creditor lost; the blocks held there will be recomputed");
+            self.losses_total += 1;
+            self.shunned.insert(worker, Instant::now() + SHUN);
+        }
+        self.troubled.insert(peer);
+    }
+
+    /// Takes what the engine must react to out of an inbox message: a lost creditor, or one
+    /// that takes its blocks back. Everything else is handed back.
+    pub fn intercept(&mut self, m: Inbox) -> Option<Inbox> {
+        match m {
+            Inbox::Peer(Incoming::Lost { peer, error }) => self.lost(peer, &error),
+            Inbox::Peer(Incoming::Reply {
+                peer,
+                msg: PeerMsg::Reclaim,
+            }) => {
+                tracing::info!(creditor = %self.peers.worker(peer), "creditor drains; moving the blocks held there");
+                self.troubled.insert(peer);
+            }
+            other => return Some(other),
+        }
+        None
+    }
+
+    /// Creditors lost or reclaiming since the last call.
+    pub fn take_troubled(&mut self) -> Vec<u16> {
+        std::mem::take(&mut self.troubled).into_iter().collect()
+    }
+
+    fn is_shunned(&mut self, worker: &str) -> bool {
+        let now = Instant::now();
+        self.shunned.retain(|_, until| *until > now);
+        self.shunned.contains_key(worker)
     }
 
     fn call_id(&mut self) -> u64 {
@@ -111,10 +168,15 @@ impl ClusterLink {
             if left == 0 {
                 break;
             }
+            if self.is_shunned(&c.worker_id) {
+                continue;
+            }
             let peer = match self.peers.peer(&c.worker_id, &c.peer_addr) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(error = %e, "creditor unreachable");
+                    self.shunned
+                        .insert(c.worker_id.clone(), Instant::now() + SHUN);
                     continue;
                 }
             };
@@ -127,10 +189,10 @@ impl ClusterLink {
                 blocks: left as u32,
             };
             if let Err(e) = self.peers.send(peer, &msg) {
-                tracing::warn!(error = %e, "reserve not sent");
+                self.lost(peer, &e.to_string());
                 continue;
             }
-            match wait_for(inbox, peer, call, serve) {
+            match self.wait_for(inbox, peer, call, serve) {
                 Some(PeerMsg::Reserved { blocks, .. }) if !blocks.is_empty() => {
                     left = left.saturating_sub(blocks.len());
                     tracing::debug!(seq, creditor = %c.worker_id, blocks = blocks.len(), "reserved");
@@ -159,33 +221,47 @@ impl ClusterLink {
         round
     }
 
-    /// Tells a creditor that a request's blocks are free again.
+    /// Tells a creditor that a request's blocks are free again. A lost one freed them when
+    /// the connection dropped.
     pub fn release(&self, seq: SeqId, peer: u16) {
+        if !self.peers.is_alive(peer) {
+            return;
+        }
         if let Err(e) = self.peers.send(peer, &PeerMsg::Release { seq }) {
             tracing::warn!(error = %e, "release not sent; the creditor frees the blocks when the link drops");
         }
     }
-}
 
-/// Waits for the answer to `call` from `peer`, handing everything else to `serve`.
-fn wait_for(
-    inbox: &Receiver<Inbox>,
-    peer: u16,
-    call: u64,
-    serve: &mut dyn FnMut(Inbox),
-) -> Option<PeerMsg> {
-    let deadline = Instant::now() + PEER_TIMEOUT;
-    loop {
-        let left = deadline.checked_duration_since(Instant::now())?;
-        match inbox.recv_timeout(left) {
-            Ok(Inbox::Peer(Incoming::Reply { peer: p, msg }))
-                if p == peer && reply_call(&msg) == Some(call) =>
-            {
-                return Some(msg);
+    /// Waits for the answer to `call` from `peer`, handing everything else to `serve`.
+    fn wait_for(
+        &mut self,
+        inbox: &Receiver<Inbox>,
+        peer: u16,
+        call: u64,
+        serve: &mut dyn FnMut(Inbox),
+    ) -> Option<PeerMsg> {
+        let deadline = Instant::now() + PEER_TIMEOUT;
+        loop {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                self.lost(peer, &format!("no answer within {PEER_TIMEOUT:?}"));
+                return None;
+            };
+            match inbox.recv_timeout(left) {
+                Ok(Inbox::Peer(Incoming::Reply { peer: p, msg }))
+                    if p == peer && reply_call(&msg) == Some(call) =>
+                {
+                    return Some(msg);
+                }
+                Ok(m) => {
+                    if let Some(other) = self.intercept(m) {
+                        serve(other);
+                    } else if !self.peers.is_alive(peer) {
+                        return None;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return None,
             }
-            Ok(Inbox::Peer(Incoming::Lost { peer: p, .. })) if p == peer => return None,
-            Ok(other) => serve(other),
-            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => return None,
         }
     }
 }
@@ -300,7 +376,10 @@ impl Exchange for LayerExchange<'_> {
                 Ok(()) => {
                     self.outstanding.insert(call, peer);
                 }
-                Err(e) => self.failed = Some(e.to_string()),
+                Err(e) => {
+                    self.link.lost(peer, &e.to_string());
+                    self.failed = Some(e.to_string());
+                }
             }
         }
     }
@@ -320,41 +399,55 @@ impl Exchange for LayerExchange<'_> {
                 return Waited::Done(std::mem::take(&mut self.done));
             }
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                let silent: BTreeSet<u16> = self.outstanding.values().copied().collect();
+                for &peer in &silent {
+                    self.link
+                        .lost(peer, &format!("no answer within {PEER_TIMEOUT:?}"));
+                }
                 self.failed = Some(format!(
                     "{} creditors did not answer within {PEER_TIMEOUT:?}",
-                    self.outstanding.len()
+                    silent.len()
                 ));
                 continue;
             };
-            match self.inbox.recv_timeout(left) {
-                Ok(Inbox::Submit(s)) => self.stash.push(s),
-                Ok(Inbox::Peer(Incoming::Reply {
+            let Some(m) = self.inbox.recv_timeout(left).ok() else {
+                continue;
+            };
+            let Some(m) = self.link.intercept(m) else {
+                let lost = self
+                    .outstanding
+                    .values()
+                    .find(|&&p| !self.link.peers.is_alive(p));
+                if let Some(&peer) = lost {
+                    self.failed = Some(format!("creditor {} lost", self.link.peers.worker(peer)));
+                }
+                continue;
+            };
+            match m {
+                Inbox::Submit(s) => self.stash.push(s),
+                // The engine looks at the drain flag between steps.
+                Inbox::Drain => {}
+                Inbox::Peer(Incoming::Reply {
                     msg: PeerMsg::AttnOut { call, parts },
                     ..
-                })) => {
+                }) => {
                     if let Some(peer) = self.outstanding.remove(&call) {
                         self.done.push((peer, parts));
                     }
                 }
-                Ok(Inbox::Peer(Incoming::Reply {
+                // A creditor that no longer holds the blocks it lent is as good as lost.
+                Inbox::Peer(Incoming::Reply {
+                    peer,
                     msg: PeerMsg::Failure { call, message },
-                    ..
-                })) => {
+                }) => {
                     if self.outstanding.remove(&call).is_some() {
+                        self.link.lost(peer, &message);
                         self.failed = Some(message);
                     }
                 }
-                Ok(Inbox::Peer(Incoming::Reply { .. })) => {}
-                Ok(Inbox::Peer(Incoming::Lost { peer, error })) => {
-                    if self.outstanding.values().any(|&p| p == peer) {
-                        self.failed = Some(format!(
-                            "creditor {} lost: {error}",
-                            self.link.peers.worker(peer)
-                        ));
-                    }
-                }
-                Ok(Inbox::Peer(Incoming::Gone { from })) => take_back_loans(self.rm, &from),
-                Ok(Inbox::Peer(Incoming::Request { from, msg, reply })) => {
+                Inbox::Peer(Incoming::Reply { .. } | Incoming::Lost { .. }) => {}
+                Inbox::Peer(Incoming::Gone { from }) => take_back_loans(self.rm, &from),
+                Inbox::Peer(Incoming::Request { from, msg, reply }) => {
                     if let Some(req) = serve_pool_request(self.rm, from, msg, reply) {
                         let call = req.call;
                         let reply = req.reply;
@@ -364,7 +457,6 @@ impl Exchange for LayerExchange<'_> {
                         );
                     }
                 }
-                Err(_) => {}
             }
         }
     }

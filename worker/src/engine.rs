@@ -47,6 +47,12 @@ pub struct EngineStats {
     /// Reservations creditors refused since start.
     pub kv_borrow_refusals_total: u64,
     pub preemptions_total: u64,
+    /// Blocks recomputed from token ids because the creditor holding them was lost or drained.
+    pub kv_recomputed_blocks_total: u64,
+    /// Connections to creditors lost since start.
+    pub peer_losses_total: u64,
+    /// Takes no new requests and lends nothing more; exits once nothing depends on it.
+    pub draining: bool,
 }
 
 /// How the engine is sized. The worker's flags map onto this one to one.
@@ -147,10 +153,13 @@ pub(crate) struct Submitted {
 pub(crate) enum Inbox {
     Submit(Submitted),
     Peer(Incoming),
+    /// Wakes the engine to look at the drain flag.
+    Drain,
 }
 
 struct Shared {
     accepting: AtomicBool,
+    draining: AtomicBool,
     /// Submitted but not yet taken in by the engine thread.
     queued: AtomicUsize,
     next_id: std::sync::atomic::AtomicU64,
@@ -263,6 +272,7 @@ fn start_with<B: Backend>(
     );
     let shared = Arc::new(Shared {
         accepting: AtomicBool::new(true),
+        draining: AtomicBool::new(false),
         queued: AtomicUsize::new(0),
         next_id: Default::default(),
         local_capacity: scheduler.capacity_tokens(),
@@ -287,6 +297,8 @@ fn start_with<B: Backend>(
         stats: stats_tx,
         link,
         stash: Vec::new(),
+        reclaimed: false,
+        recomputed_blocks: 0,
     };
     std::thread::Builder::new()
         .name("engine".into())
@@ -390,19 +402,27 @@ impl EngineHandle {
         self.shared.accepting.load(Ordering::Acquire)
     }
 
-    /// Stops accepting new requests; running and queued ones go on to the end.
-    pub fn stop_accepting(&self) {
+    /// Starts a graceful leave: no new requests, nothing more lent, and every home that holds
+    /// blocks here is told to take them back. Running and queued requests go on to the end.
+    pub fn begin_drain(&self) {
         self.shared.accepting.store(false, Ordering::Release);
+        if !self.shared.draining.swap(true, Ordering::AcqRel) {
+            let _ = self.submit.send(Inbox::Drain);
+        }
     }
 
-    /// Resolves when no request is running or waiting.
-    pub async fn wait_idle(&self) {
+    /// Resolves when nothing depends on this worker any more: no request of its own is
+    /// running or waiting, and no block is lent.
+    pub async fn wait_drained(&self) {
         let mut rx = self.stats.clone();
         let shared = self.shared.clone();
         // The engine thread publishes stats after every step and whenever it goes idle.
         let _ = rx
             .wait_for(|s| {
-                s.running == 0 && s.waiting == 0 && shared.queued.load(Ordering::Acquire) == 0
+                s.running == 0
+                    && s.waiting == 0
+                    && s.kv_blocks_lent == 0
+                    && shared.queued.load(Ordering::Acquire) == 0
             })
             .await;
     }
@@ -432,6 +452,9 @@ struct Runner<B: Backend> {
     link: Option<ClusterLink>,
     /// Requests that arrived while the engine waited on peers.
     stash: Vec<Submitted>,
+    /// Whether the homes borrowing here were told to take their blocks back (draining).
+    reclaimed: bool,
+    recomputed_blocks: u64,
 }
 
 /// Answers a home that asks this worker, as a creditor.
@@ -451,10 +474,10 @@ fn serve_home<B: Backend>(
                 });
             }
         }
-        Incoming::Reply { peer, .. } => {
-            tracing::debug!(peer, "late answer from a creditor dropped")
+        // What needs the link (lost creditors, reclaims) was taken out before.
+        Incoming::Reply { peer, .. } | Incoming::Lost { peer, .. } => {
+            tracing::debug!(peer, "late message from a creditor dropped")
         }
-        Incoming::Lost { peer, error } => tracing::warn!(peer, %error, "link to a creditor lost"),
         Incoming::Gone { from } => take_back_loans(scheduler.rmanager_mut(), &from),
     }
 }
@@ -465,6 +488,8 @@ impl<B: Backend> Runner<B> {
             for s in std::mem::take(&mut self.stash) {
                 self.admit(s);
             }
+            self.reclaim_if_draining();
+            self.recover();
             if self.scheduler.is_idle() {
                 self.publish();
                 match rx.recv() {
@@ -492,10 +517,60 @@ impl<B: Backend> Runner<B> {
     }
 
     fn handle(&mut self, m: Inbox) {
+        let m = match self.link.as_mut() {
+            Some(link) => link.intercept(m),
+            None => Some(m),
+        };
         match m {
-            Inbox::Submit(s) => self.admit(s),
-            Inbox::Peer(m) => serve_home(&self.model, &mut self.kv, &mut self.scheduler, m),
+            Some(Inbox::Submit(s)) => self.admit(s),
+            Some(Inbox::Peer(m)) => serve_home(&self.model, &mut self.kv, &mut self.scheduler, m),
+            // Looked at at the top of the loop.
+            Some(Inbox::Drain) | None => {}
         }
+    }
+
+    /// Once draining: lend nothing more and ask every home holding blocks here to take them
+    /// back (each recomputes those requests elsewhere and releases the blocks).
+    fn reclaim_if_draining(&mut self) {
+        if self.reclaimed || !self.shared.draining.load(Ordering::Acquire) {
+            return;
+        }
+        self.reclaimed = true;
+        let rm = self.scheduler.rmanager_mut();
+        rm.stop_lending();
+        let homes = rm.borrowers();
+        tracing::info!(
+            homes = homes.len(),
+            lent = rm.lent(),
+            "draining: lending stopped; homes asked to take their blocks back"
+        );
+        if let Some(link) = &self.link {
+            for home in homes {
+                link.peers.tell_home(&home, &PeerMsg::Reclaim);
+            }
+        }
+    }
+
+    /// Requests with blocks on creditors that were lost or take their blocks back go back to
+    /// the queue and are recomputed from their token ids (elsewhere, as borrowing allows).
+    fn recover(&mut self) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let peers = link.take_troubled();
+        if peers.is_empty() {
+            return;
+        }
+        let (requests, blocks) = self.scheduler.evict_holding(&peers);
+        if !requests.is_empty() {
+            self.recomputed_blocks += blocks as u64;
+            tracing::warn!(
+                ?requests,
+                blocks,
+                "blocks on a lost or draining creditor given up; recomputing them"
+            );
+        }
+        self.send_releases();
     }
 
     /// Borrows, before the step, what the next request to start lacks: all of it or nothing,
@@ -518,6 +593,7 @@ impl<B: Backend> Runner<B> {
         let round = link.borrow(seq, want, rx, &mut |m| match m {
             Inbox::Submit(s) => stash.push(s),
             Inbox::Peer(m) => serve_home(model, kv, scheduler, m),
+            Inbox::Drain => {}
         });
         if round.complete {
             for (peer, blocks) in round.grants {
@@ -622,17 +698,11 @@ impl<B: Backend> Runner<B> {
         let picked = match picked {
             Ok(p) => p,
             Err(e) => {
-                // The step's K/V is partly written; every request in it ends, retryably.
-                tracing::warn!(error = %e, "step failed; failing its requests");
-                for item in &step.items {
-                    if let Some(a) = self.active.get(&item.seq) {
-                        let _ = a.tx.send(Event::Failed {
-                            message: e.to_string(),
-                            retryable: true,
-                        });
-                    }
-                    self.finish(item.seq);
-                }
+                // Only a creditor fails a step, and it is noted lost: the step's K/V is partly
+                // written, so its requests run it again, those with blocks there from scratch.
+                tracing::warn!(error = %e, "step failed; running it again");
+                self.scheduler.rollback(&step.items);
+                self.recover();
                 return true;
             }
         };
@@ -686,6 +756,9 @@ impl<B: Backend> Runner<B> {
             kv_borrow_total: self.link.as_ref().map_or(0, |l| l.borrow_total),
             kv_borrow_refusals_total: self.link.as_ref().map_or(0, |l| l.refusals_total),
             preemptions_total: s.preemptions(),
+            kv_recomputed_blocks_total: self.recomputed_blocks,
+            peer_losses_total: self.link.as_ref().map_or(0, |l| l.losses_total),
+            draining: self.shared.draining.load(Ordering::Acquire),
         });
     }
 }

@@ -48,6 +48,9 @@ pub struct Metrics {
     num_preemptions: EngineCounter,
     kv_borrow: EngineCounter,
     kv_borrow_refusals: EngineCounter,
+    kv_recomputed_blocks: EngineCounter,
+    peer_losses: EngineCounter,
+    draining: Gauge,
     generation_tokens: Counter,
     prompt_tokens: Counter,
     request_success: Family<FinishLabels, Counter>,
@@ -77,6 +80,9 @@ impl Metrics {
             num_preemptions: EngineCounter::default(),
             kv_borrow: EngineCounter::default(),
             kv_borrow_refusals: EngineCounter::default(),
+            kv_recomputed_blocks: EngineCounter::default(),
+            peer_losses: EngineCounter::default(),
+            draining: Gauge::default(),
             generation_tokens: Counter::default(),
             prompt_tokens: Counter::default(),
             request_success: Family::default(),
@@ -131,6 +137,21 @@ impl Metrics {
             "kv_borrow_refusals",
             "Reservations of rBlocks that creditors refused (full, or their lend cap reached)",
             metrics.kv_borrow_refusals.counter.clone(),
+        );
+        registry.register(
+            "kv_recomputed_blocks",
+            "rBlocks recomputed from token ids because the creditor holding them was lost or drained",
+            metrics.kv_recomputed_blocks.counter.clone(),
+        );
+        registry.register(
+            "peer_losses",
+            "Connections to creditors lost (closed, failed, or silent past the peer timeout)",
+            metrics.peer_losses.counter.clone(),
+        );
+        registry.register(
+            "draining",
+            "1 while this worker drains: no new requests, nothing more lent",
+            metrics.draining.clone(),
         );
         registry.register(
             "num_preemptions",
@@ -229,6 +250,10 @@ impl Metrics {
         self.kv_borrow.catch_up(stats.kv_borrow_total);
         self.kv_borrow_refusals
             .catch_up(stats.kv_borrow_refusals_total);
+        self.kv_recomputed_blocks
+            .catch_up(stats.kv_recomputed_blocks_total);
+        self.peer_losses.catch_up(stats.peer_losses_total);
+        self.draining.set(i64::from(stats.draining));
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
@@ -277,6 +302,9 @@ mod tests {
             kv_borrow_total: 6,
             kv_borrow_refusals_total: 2,
             preemptions_total: 3,
+            kv_recomputed_blocks_total: 5,
+            peer_losses_total: 1,
+            draining: true,
             ..EngineStats::default()
         };
         let text = metrics.render(&stats);
@@ -291,6 +319,9 @@ mod tests {
             "ilm_kv_blocks_borrowed 4",
             "ilm_kv_borrow_total 6",
             "ilm_kv_borrow_refusals_total 2",
+            "ilm_kv_recomputed_blocks_total 5",
+            "ilm_peer_losses_total 1",
+            "ilm_draining 1",
             "ilm_generation_tokens_total 2",
             "ilm_prompt_tokens_total 12",
             "ilm_request_success_total{finished_reason=\"length\"} 1",

@@ -139,6 +139,19 @@ impl RManager {
         blocks.len()
     }
 
+    /// Lends nothing more from now on (the worker drains); loans made stay until returned.
+    pub fn stop_lending(&mut self) {
+        self.lend_cap = 0;
+    }
+
+    /// The homes that hold loans here, each once.
+    pub fn borrowers(&self) -> Vec<String> {
+        let mut homes: Vec<String> = self.lent.keys().map(|k| k.0.clone()).collect();
+        homes.sort_unstable();
+        homes.dedup();
+        homes
+    }
+
     /// Takes back everything lent to one worker (it left or died).
     pub fn take_back_all(&mut self, home: &str) -> usize {
         let keys: Vec<LoanKey> = self.lent.keys().filter(|k| k.0 == home).cloned().collect();
@@ -224,8 +237,26 @@ mod tests {
         assert!(m.check_lent(&key("w1", 1), a.clone()).is_ok());
         assert!(m.check_lent(&key("w1", 1), b.clone()).is_err());
         m.lend(key("w1", 2), 1).unwrap();
+        assert_eq!(m.borrowers(), ["w1", "w2"]);
         assert_eq!(m.take_back_all("w1"), 3);
         assert_eq!(m.take_back(&key("w2", 1)), 2);
         assert_eq!((m.lent(), m.free()), (0, 8));
+    }
+
+    #[test]
+    fn a_draining_pool_lends_nothing_more_but_keeps_its_loans() {
+        let mut m = RManager::new(8, 0.5);
+        m.lend(key("w1", 1), 2).unwrap();
+        m.stop_lending();
+        assert_eq!(m.lendable(), 0);
+        assert!(matches!(
+            m.lend_up_to(key("w2", 1), 1),
+            Err(LendError::CapReached { .. })
+        ));
+        assert!(
+            m.check_lent(&key("w1", 1), m.lent[&key("w1", 1)].clone())
+                .is_ok()
+        );
+        assert_eq!(m.take_back(&key("w1", 1)), 2);
     }
 }

@@ -327,11 +327,61 @@ impl Scheduler {
     }
 
     fn preempt(&mut self, id: SeqId) {
+        self.requeue(id);
+        self.preemptions += 1;
+    }
+
+    /// Frees a running request's blocks and puts it at the front of the queue, to be
+    /// recomputed from its token ids.
+    fn requeue(&mut self, id: SeqId) {
         let mut table = std::mem::take(&mut self.seqs.get_mut(&id).unwrap().table);
         self.release(id, &mut table);
         self.running.retain(|&r| r != id);
         self.waiting.push_front(id);
-        self.preemptions += 1;
+    }
+
+    /// Forgets what a step that failed half-way wrote: its requests run the same positions
+    /// again, into the blocks they already hold.
+    pub fn rollback(&mut self, items: &[StepItem]) {
+        let bt = self.cfg.block_tokens;
+        for it in items {
+            if let Some(s) = self.seqs.get_mut(&it.seq) {
+                for b in s.table.take_blocks() {
+                    s.table.extend_blocks(b.holder, &[b.block]);
+                }
+                s.table.push_tokens(it.positions.start, bt);
+            }
+        }
+    }
+
+    /// Gives up every block held on `peers` (lost, or taking their blocks back): requests with
+    /// K/V there go back to the front of the queue to be recomputed from their token ids, and
+    /// waiting requests drop their reservations and borrow again. Returns the requests and
+    /// the filled blocks that will be recomputed.
+    pub fn evict_holding(&mut self, peers: &[u16]) -> (Vec<SeqId>, usize) {
+        let bt = self.cfg.block_tokens;
+        let mut evicted = Vec::new();
+        let mut blocks = 0;
+        // Newest first, so that the oldest ends up at the front of the queue.
+        for id in self.running.clone().into_iter().rev() {
+            let table = &self.seqs[&id].table;
+            if table.peers().iter().any(|p| peers.contains(p)) {
+                blocks += table.tokens().div_ceil(bt);
+                self.requeue(id);
+                evicted.push(id);
+            }
+        }
+        for &id in &self.waiting {
+            let seq = self.seqs.get_mut(&id).expect("waiting requests are known");
+            if seq.reserved.iter().any(|(p, _)| peers.contains(p)) {
+                let dropped = seq.reserved.drain(..).map(|(p, _)| (id, p));
+                self.released.extend(dropped);
+                if !evicted.contains(&id) {
+                    evicted.push(id);
+                }
+            }
+        }
+        (evicted, blocks)
     }
 
     fn plan_item(&mut self, step: &mut Step, id: SeqId, n: usize) {
@@ -579,6 +629,52 @@ mod tests {
         assert!(step.items.is_empty());
         assert_eq!(s.blocks_used(), 0, "no local block is held while it waits");
         assert_eq!(s.waiting(), 1);
+    }
+
+    #[test]
+    fn a_lost_peer_sends_its_requests_back_to_be_recomputed() {
+        let mut s = sched(2, 64);
+        let mut lender = RManager::new(8, 1.0);
+        // Request 1 needs 5 blocks: 2 at home, 3 on peer 3.
+        s.add(1, (0..16).collect(), 4);
+        let first = schedule_borrowing(&mut s, 3, &mut lender);
+        assert_eq!(first.items[0].positions, 0..16);
+        s.append_token(1, 99);
+        assert_eq!(s.evict_holding(&[4]), (vec![], 0), "nothing held there");
+        let (evicted, blocks) = s.evict_holding(&[3]);
+        assert_eq!(evicted, vec![1]);
+        assert_eq!(blocks, 4, "16 tokens in blocks of 4, wherever they were");
+        assert_eq!(s.take_released(), vec![(1, 3)]);
+        assert_eq!((s.running(), s.waiting(), s.blocks_used()), (0, 1, 0));
+        // Recomputed from its tokens: the prompt and the token it had sampled.
+        let again = schedule_borrowing(&mut s, 5, &mut lender);
+        assert_eq!(again.items[0].positions, 0..17);
+        assert!(again.remote.iter().all(|r| r.peer == 5));
+    }
+
+    #[test]
+    fn a_waiting_request_drops_its_reservation_on_a_reclaiming_peer() {
+        let mut s = sched(2, 64);
+        s.add(1, (0..16).collect(), 4);
+        s.add_borrowed(1, 3, &[0, 1]);
+        s.add_borrowed(1, 4, &[5]);
+        assert_eq!(s.evict_holding(&[4]), (vec![1], 0));
+        let mut released = s.take_released();
+        released.sort();
+        assert_eq!(released, vec![(1, 3), (1, 4)], "all or nothing");
+        assert_eq!(s.borrow_want(), Some((1, 3)));
+    }
+
+    #[test]
+    fn a_rolled_back_step_runs_the_same_positions_again() {
+        let mut s = sched(8, 64);
+        s.add(1, (0..6).collect(), 4);
+        let step = s.schedule();
+        s.rollback(&step.items);
+        assert_eq!(s.blocks_used(), 2, "its blocks stay");
+        let again = s.schedule();
+        assert_eq!(again.items, step.items);
+        assert_eq!(again.slots, step.slots);
     }
 
     #[test]

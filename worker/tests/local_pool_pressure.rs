@@ -9,31 +9,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use infinite_llm_worker::demo_model::{DemoModelSpec, write_demo_model_if_missing};
-use local_support::{Pool, metric, prompt, start_pool};
-use serde_json::{Value, json};
+use local_support::{Pool, metric, post_greedy, prompt, start_pool};
+use serde_json::Value;
 
 const BLOCK_TOKENS: usize = 16;
 
-async fn post(
-    client: &reqwest::Client,
-    base: &str,
-    prompt: &[u32],
-    max_tokens: usize,
-) -> reqwest::Response {
-    let body = json!({
-        "model": "demo", "prompt": prompt, "max_tokens": max_tokens,
-        "temperature": 0, "ignore_eos": true,
-    });
-    client
-        .post(format!("{base}/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-}
-
 async fn greedy(client: &reqwest::Client, base: &str, prompt: &[u32], max_tokens: usize) -> String {
-    let resp = post(client, base, prompt, max_tokens).await;
+    let resp = post_greedy(client, base, prompt, max_tokens).await;
     let status = resp.status();
     let v: Value = resp.json().await.unwrap();
     assert!(status.is_success(), "{status}: {v}");
@@ -136,7 +118,7 @@ async fn refusing_creditors_and_a_full_pool_never_corrupt_or_crash() {
     }
     let answers = futures::future::join_all((0..30).map(|i| {
         let (p, n) = &kinds[i % kinds.len()];
-        post(&client, &pool.base, p, *n)
+        post_greedy(&client, &pool.base, p, *n)
     }))
     .await;
     let (mut done, mut turned_away) = (0, 0);
@@ -190,7 +172,7 @@ async fn refusing_creditors_and_a_full_pool_never_corrupt_or_crash() {
     // need 16 blocks: 8 at home and 4 from each of the others.
     let request = tokio::spawn({
         let (client, home) = (client.clone(), pool.workers[0].clone());
-        async move { post(&client, &home, &prompt(16, 7), 16 * BLOCK_TOKENS - 16).await }
+        async move { post_greedy(&client, &home, &prompt(16, 7), 16 * BLOCK_TOKENS - 16).await }
     });
     let creditors = &pool.workers[1..];
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -2,7 +2,8 @@
 //! block slots joins, drains, crashes, borrows and returns blocks following the ledger's advice
 //! and placement rounds, and heartbeats what it holds. After every step no slot has two owners,
 //! no slot is held for a request that no longer exists, and the ledger equals what the workers
-//! reported; once everyone has reported, it equals the truth.
+//! reported; once everyone has reported, it equals the truth. The gManager itself may restart:
+//! a fresh ledger rebuilt from the workers' re-registrations and re-reports must equal the old.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -46,6 +47,8 @@ struct Model {
     /// Blocks copied off draining workers, and recomputed elsewhere after crashes.
     evacuated_blocks: u64,
     recovered_blocks: u64,
+    /// gManager restarts the ledger was rebuilt from.
+    restarts: u64,
 }
 
 impl Model {
@@ -60,6 +63,7 @@ impl Model {
             moved_blocks: 0,
             evacuated_blocks: 0,
             recovered_blocks: 0,
+            restarts: 0,
         }
     }
 
@@ -400,6 +404,47 @@ impl Model {
         }
     }
 
+    /// The gManager restarts with an empty ledger: every worker's heartbeat gets 404, so each
+    /// registers again with its figures, then reports its requests' whole placement (a fresh
+    /// ledger holds nothing, so everything is a change). Registrations come first: a placement
+    /// may name any live worker as holder.
+    fn restart(&mut self) {
+        self.ledger = Ledger::new(EXPIRY, PlacementConfig::default());
+        self.restarts += 1;
+        let ids: Vec<String> = self.workers.keys().cloned().collect();
+        for id in &ids {
+            let pool = self.figures(id);
+            self.ledger
+                .register(
+                    Register {
+                        worker_id: id.clone(),
+                        api_url: String::new(),
+                        peer_addr: format!("{id}:9000"),
+                        block_tokens: 16,
+                        pool,
+                    },
+                    self.now,
+                )
+                .unwrap();
+            self.workers.get_mut(id).unwrap().reported = pool;
+        }
+        for id in &ids {
+            let all: Vec<PlacementDelta> = self
+                .placement_of(id)
+                .into_iter()
+                .flat_map(|((_, request), holders)| {
+                    holders.into_iter().map(move |(holder, n)| PlacementDelta {
+                        request,
+                        holder,
+                        blocks: n as i64,
+                    })
+                })
+                .collect();
+            self.workers.get_mut(id).unwrap().pending = all;
+            self.heartbeat(id);
+        }
+    }
+
     /// Runs a placement round and carries out its moves where the creditor really has room.
     fn rebalance(&mut self) {
         for w in self.workers.values_mut() {
@@ -466,7 +511,8 @@ impl Model {
                     self.borrow(&id);
                 }
             }
-            70..90 => self.finish(),
+            70..88 => self.finish(),
+            88..90 => self.restart(),
             _ => self.rebalance(),
         }
     }
@@ -585,7 +631,7 @@ impl Model {
 
 #[test]
 fn random_membership_and_borrowing_keep_the_ledger_exact() {
-    let (mut moved, mut evacuated, mut recovered) = (0, 0, 0);
+    let (mut moved, mut evacuated, mut recovered, mut restarts) = (0, 0, 0, 0);
     let mut debts_settled = 0;
     for seed in 0..200 {
         let mut m = Model::new(seed);
@@ -619,10 +665,12 @@ fn random_membership_and_borrowing_keep_the_ledger_exact() {
         moved += m.moved_blocks;
         evacuated += m.evacuated_blocks;
         recovered += m.recovered_blocks;
+        restarts += m.restarts;
     }
     // The sequences must exercise what they claim to.
     assert!(moved > 0, "no placement round ever moved a block");
     assert!(debts_settled > 0, "debts never went away");
     assert!(evacuated > 0, "no drain ever copied a lent block away");
     assert!(recovered > 0, "no crash ever lost a lent block");
+    assert!(restarts > 0, "the gManager never restarted");
 }

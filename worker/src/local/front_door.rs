@@ -1,5 +1,7 @@
 //! The local pool's single address: forwards `/v1/*` to a worker (least outstanding requests,
-//! ties round-robin), streaming responses through as they come, so SSE stays live.
+//! ties round-robin), streaming responses through as they come, so SSE stays live. A worker
+//! that is full (429), draining (503) or gone is passed over for the next; a worker that dies
+//! mid-request ends it with a retryable 503, or with an error event on a stream.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -146,11 +148,10 @@ async fn forward(State(door): State<Arc<FrontDoor>>, request: Request) -> Respon
             .send()
             .await;
         match upstream {
-            // That worker's queue is full; another may have room. The last answer goes back.
-            Ok(response)
-                if response.status() == reqwest::StatusCode::TOO_MANY_REQUESTS && n < last =>
-            {
-                tracing::debug!(worker = %backend.name, "worker queue full; trying another");
+            // That worker's queue is full, or it drains; another may take the request. The
+            // last answer goes back.
+            Ok(response) if passes_on(response.status()) && n < last => {
+                tracing::debug!(worker = %backend.name, status = %response.status(), "worker turned the request away; trying another");
             }
             Ok(response) => return relay(response, guard),
             Err(err) if err.is_connect() => {
@@ -169,13 +170,38 @@ async fn forward(State(door): State<Arc<FrontDoor>>, request: Request) -> Respon
     ApiError::unavailable("No worker is available.", RETRY_AFTER).into_response()
 }
 
-/// The worker's answer, body streamed chunk by chunk; `guard` lives as long as the body.
+/// Whether another worker may take a request this answer turned away.
+fn passes_on(status: reqwest::StatusCode) -> bool {
+    status == reqwest::StatusCode::TOO_MANY_REQUESTS
+        || status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+}
+
+/// The worker's answer, body streamed chunk by chunk; `guard` lives as long as the body. A
+/// stream whose worker dies half-way ends with an OpenAI-style error event the client can
+/// act on (retry), rather than a cut connection.
 fn relay(response: reqwest::Response, guard: Outstanding) -> Response {
     let status = response.status();
     let headers = forwarded_headers(response.headers());
-    let body = response.bytes_stream().map(move |chunk| {
+    let sse = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let body = response.bytes_stream().scan(false, move |ended, chunk| {
         let _counted = &guard;
-        chunk
+        let item = match chunk {
+            _ if *ended => None,
+            Err(err) if sse => {
+                *ended = true;
+                tracing::warn!(error = %err, "worker failed mid-stream");
+                let error = ApiError::unavailable(
+                    format!("The worker failed while streaming ({err}); retry the request."),
+                    RETRY_AFTER,
+                );
+                Some(Ok(format!("data: {}\n\n", error.to_json()).into()))
+            }
+            chunk => Some(chunk),
+        };
+        std::future::ready(item)
     });
     let mut out = Response::new(Body::from_stream(body));
     *out.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -290,6 +316,45 @@ mod tests {
         let response = post_through(&door).await;
         assert_eq!(response.status(), 429, "the last worker's answer");
         assert_eq!(response.headers()["retry-after"], "3");
+
+        let draining = fake_worker(StatusCode::SERVICE_UNAVAILABLE).await;
+        let free = fake_worker(StatusCode::OK).await;
+        let door = FrontDoor::new(vec![draining, free]).unwrap();
+        assert_eq!(post_through(&door).await.status(), 200);
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_worker_dies_ends_with_a_retryable_error_event() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = Router::new().route(
+            "/v1/completions",
+            any(|| async {
+                // The failure comes after the first event has gone out.
+                let chunks = futures::stream::iter([true, false]).then(|first| async move {
+                    if first {
+                        Ok("data: {\"choices\": []}\n\n")
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        Err(std::io::Error::other("the worker died"))
+                    }
+                });
+                (
+                    [(header::CONTENT_TYPE, "text/event-stream")],
+                    Body::from_stream(chunks),
+                )
+            }),
+        );
+        tokio::spawn(axum::serve(listener, app).into_future());
+        let door = FrontDoor::new(vec![Backend::new("dying".into(), url)]).unwrap();
+        let response = post_through(&door).await;
+        assert_eq!(response.status(), 200);
+        let text = response.text().await.expect("the stream ends cleanly");
+        let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+        assert_eq!(events.len(), 2, "{text}");
+        let error: serde_json::Value =
+            serde_json::from_str(events[1].strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(error["error"]["code"], "service_unavailable");
     }
 
     #[test]

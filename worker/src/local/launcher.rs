@@ -165,6 +165,14 @@ impl ChildProcess {
         }
     }
 
+    /// Resolves once the child has exited, with how it ended.
+    pub async fn exited(&mut self) -> String {
+        match self.exit.wait_for(Option::is_some).await {
+            Ok(status) => status.clone().unwrap_or_default(),
+            Err(_) => "ended unobserved".to_owned(),
+        }
+    }
+
     /// Asks the child to stop, and kills it if it has not within `timeout`.
     pub async fn stop(mut self, timeout: Duration) {
         drop(self.stdin.take());

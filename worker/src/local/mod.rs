@@ -7,7 +7,10 @@
 //! ```
 //!
 //! Cluster-wide services (the gManager) are further children started the same way, before the
-//! workers, so that the workers can be pointed at them.
+//! workers, so that the workers can be pointed at them. A gManager that exits is started again
+//! on the same port with the same token; its state is soft, and the workers re-register.
+
+use std::path::Path;
 
 mod front_door;
 mod launcher;
@@ -29,6 +32,8 @@ pub use launcher::Output;
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Workers listen from the front door's port plus this.
 const WORKER_PORT_OFFSET: u16 = 10;
+/// A gManager that exited is started again after this.
+const RESTART_DELAY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, clap::Args)]
 pub struct LocalArgs {
@@ -60,12 +65,6 @@ pub struct LocalArgs {
 
 /// Starts the gManager with a fresh cluster token; returns it and the token file.
 fn start_gmanager(port: u16, output: Output) -> anyhow::Result<(ChildProcess, PathBuf)> {
-    let exe = std::env::current_exe()?.with_file_name("infinite-llm-operator");
-    anyhow::ensure!(
-        exe.exists(),
-        "local mode needs the gManager at {}: build the workspace (`make build`)",
-        exe.display()
-    );
     let dir = std::env::temp_dir().join(format!("infinite-llm-local-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let token_file = dir.join("cluster-token");
@@ -77,14 +76,56 @@ fn start_gmanager(port: u16, output: Output) -> anyhow::Result<(ChildProcess, Pa
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
     std::io::Write::write_all(&mut file.open(&token_file)?, token.as_bytes())?;
+    Ok((spawn_gmanager(port, &token_file, output)?, token_file))
+}
+
+/// Starts the operator binary next to this one in `gmanager` mode.
+fn spawn_gmanager(port: u16, token_file: &Path, output: Output) -> anyhow::Result<ChildProcess> {
+    let exe = std::env::current_exe()?.with_file_name("infinite-llm-operator");
+    anyhow::ensure!(
+        exe.exists(),
+        "local mode needs the gManager at {}: build the workspace (`make build`)",
+        exe.display()
+    );
     let args = vec![
         "gmanager".to_owned(),
         "--host=127.0.0.1".to_owned(),
         format!("--port={port}"),
         format!("--token-file={}", token_file.display()),
     ];
-    let child = ChildProcess::spawn_program(exe, "/healthz", "gmanager", args, port, output)?;
-    Ok((child, token_file))
+    Ok(ChildProcess::spawn_program(
+        exe, "/healthz", "gmanager", args, port, output,
+    )?)
+}
+
+/// Keeps the gManager running until `stop`: one that exits is started again on its port with
+/// the same token, and the workers re-register with it when their heartbeats get 404.
+async fn supervise_gmanager(
+    mut gmanager: ChildProcess,
+    token_file: PathBuf,
+    output: Output,
+    mut stop: oneshot::Receiver<()>,
+) {
+    loop {
+        tokio::select! {
+            status = gmanager.exited() => {
+                tracing::warn!(%status, "the gManager exited; starting it again");
+                tokio::time::sleep(RESTART_DELAY).await;
+                match spawn_gmanager(gmanager.port, &token_file, output) {
+                    Ok(next) => {
+                        tracing::info!(pid = next.pid, "gManager started again");
+                        gmanager = next;
+                    }
+                    // The dead one stays in place, so the next round tries again.
+                    Err(err) => tracing::error!(error = %err, "cannot start the gManager again"),
+                }
+            }
+            _ = &mut stop => {
+                gmanager.stop(STOP_TIMEOUT).await;
+                return;
+            }
+        }
+    }
 }
 
 /// Runs the pool until SIGINT/SIGTERM, then stops every process it started.
@@ -175,13 +216,21 @@ pub async fn run(args: LocalArgs, worker_flags: Vec<String>, output: Output) -> 
             })
             .into_future(),
     );
-    print_banner(&model, &served, args.port, &gmanager, &workers);
+    print_banner(&model, &served, args.port, &gmanager, &workers, &token_file);
+    let (stop_gmanager, gmanager_stopped) = oneshot::channel();
+    let supervisor = tokio::spawn(supervise_gmanager(
+        gmanager,
+        token_file.clone(),
+        output,
+        gmanager_stopped,
+    ));
 
     stop_signal().await;
     println!("Stopping the pool...");
     let _ = close.send(());
     stop_all(workers).await;
-    gmanager.stop(STOP_TIMEOUT).await;
+    let _ = stop_gmanager.send(());
+    let _ = supervisor.await;
     let _ = std::fs::remove_file(&token_file);
     let _ = tokio::time::timeout(Duration::from_secs(2), http).await;
     Ok(())
@@ -192,11 +241,12 @@ async fn stop_all(workers: Vec<ChildProcess>) {
 }
 
 fn print_banner(
-    model: &std::path::Path,
+    model: &Path,
     served: &str,
     port: u16,
     gmanager: &ChildProcess,
     workers: &[ChildProcess],
+    token_file: &Path,
 ) {
     let base = format!("http://127.0.0.1:{port}");
     println!();
@@ -209,6 +259,7 @@ fn print_banner(
     for w in std::iter::once(gmanager).chain(workers) {
         println!("  {:<10}pid {:<8} {}", w.name, w.pid, w.base_url());
     }
+    println!("  {:<10}{}", "token", token_file.display());
     println!(
         "  {:<10}{base}/v1  (requests are spread over the workers)",
         "API"

@@ -1,9 +1,15 @@
 //! Peer transport over TCP: one listener for homes that borrow from this worker, one connection
 //! per creditor this worker borrows from. Blocking sockets on plain threads: the engine thread
 //! never awaits, it reads everything from one inbox.
+//!
+//! No call waits forever on a dead peer: connects and writes time out, and a connection the
+//! engine declares lost is shut down, which also ends its reader thread. A lost connection is
+//! never reused: talking to that worker again opens a new one under a new index, so blocks
+//! held under the old index can never be mistaken for blocks of the new connection.
 
+use std::collections::HashMap;
 use std::io::BufReader;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,18 +20,25 @@ pub type Sink = Arc<dyn Fn(Incoming) + Send + Sync>;
 
 /// A silent peer is declared lost after this long on a connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A write that cannot go out for this long (the peer stopped reading) fails.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Conn {
     worker: String,
     addr: String,
     stream: Arc<Mutex<TcpStream>>,
+    alive: bool,
 }
+
+/// The way back to each home connected here, by its loan key prefix (`home#conn`).
+type Homes = Arc<Mutex<HashMap<String, Responder>>>;
 
 pub struct TcpPeers {
     me: String,
     token: String,
     conns: Vec<Conn>,
     sink: Sink,
+    homes: Homes,
 }
 
 impl TcpPeers {
@@ -38,27 +51,29 @@ impl TcpPeers {
     ) -> std::io::Result<(Self, SocketAddr)> {
         let listener = TcpListener::bind(addr)?;
         let bound = listener.local_addr()?;
-        let (tok, s) = (token.clone(), sink.clone());
+        let homes = Homes::default();
+        let (tok, s, h) = (token.clone(), sink.clone(), homes.clone());
         std::thread::Builder::new()
             .name("peer-accept".into())
-            .spawn(move || accept_loop(listener, tok, s))?;
+            .spawn(move || accept_loop(listener, tok, s, h))?;
         Ok((
             Self {
                 me,
                 token,
                 conns: Vec::new(),
                 sink,
+                homes,
             },
             bound,
         ))
     }
 
-    /// The index of a creditor, connecting to it the first time.
+    /// The index of a creditor, connecting to it when no live connection exists.
     pub fn peer(&mut self, worker: &str, addr: &str) -> Result<u16, PeerError> {
         if let Some(i) = self
             .conns
             .iter()
-            .position(|c| c.worker == worker && c.addr == addr)
+            .position(|c| c.alive && c.worker == worker && c.addr == addr)
         {
             return Ok(i as u16);
         }
@@ -72,6 +87,9 @@ impl TcpPeers {
             .map_err(|e| connect_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
         let stream = TcpStream::connect_timeout(&sock, CONNECT_TIMEOUT).map_err(connect_err)?;
         stream.set_nodelay(true).map_err(connect_err)?;
+        stream
+            .set_write_timeout(Some(WRITE_TIMEOUT))
+            .map_err(connect_err)?;
         let mut w = stream.try_clone().map_err(connect_err)?;
         PeerMsg::Hello {
             home: self.me.clone(),
@@ -104,6 +122,7 @@ impl TcpPeers {
             worker: worker.to_string(),
             addr: addr.to_string(),
             stream: Arc::new(Mutex::new(w)),
+            alive: true,
         });
         Ok(peer)
     }
@@ -112,8 +131,44 @@ impl TcpPeers {
         &self.conns[peer as usize].worker
     }
 
+    pub fn is_alive(&self, peer: u16) -> bool {
+        self.conns[peer as usize].alive
+    }
+
+    /// Declares the connection to a creditor lost and shuts it down; returns whether it was
+    /// alive until now.
+    pub fn lose(&mut self, peer: u16) -> bool {
+        let c = &mut self.conns[peer as usize];
+        let was = std::mem::replace(&mut c.alive, false);
+        if was {
+            let s = c.stream.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        was
+    }
+
+    /// Sends `msg` to a home connected here (by the key its loans are held under); a home
+    /// that went away is skipped, its loans come back when its connection closes.
+    pub fn tell_home(&self, from: &str, msg: &PeerMsg) {
+        let reply = self
+            .homes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(from)
+            .cloned();
+        if let Some(r) = reply {
+            r.send(msg);
+        }
+    }
+
     pub fn send(&self, peer: u16, msg: &PeerMsg) -> Result<(), PeerError> {
         let c = &self.conns[peer as usize];
+        if !c.alive {
+            return Err(PeerError::Send {
+                worker: c.worker.clone(),
+                source: std::io::ErrorKind::NotConnected.into(),
+            });
+        }
         let mut s = c.stream.lock().unwrap_or_else(|e| e.into_inner());
         msg.write_to(&mut *s).map_err(|source| PeerError::Send {
             worker: c.worker.clone(),
@@ -122,20 +177,21 @@ impl TcpPeers {
     }
 }
 
-fn accept_loop(listener: TcpListener, token: String, sink: Sink) {
+fn accept_loop(listener: TcpListener, token: String, sink: Sink, homes: Homes) {
     for (conn, stream) in listener.incoming().enumerate() {
         let Ok(stream) = stream else { continue };
-        let (token, sink) = (token.clone(), sink.clone());
+        let (token, sink, homes) = (token.clone(), sink.clone(), homes.clone());
         let _ = std::thread::Builder::new()
             .name("peer-home".into())
-            .spawn(move || serve_home(stream, &token, sink, conn));
+            .spawn(move || serve_home(stream, &token, sink, conn, homes));
     }
 }
 
 /// Reads one home's requests until it hangs up, then reports it gone. The first frame must
 /// carry the cluster token.
-fn serve_home(stream: TcpStream, token: &str, sink: Sink, conn: usize) {
+fn serve_home(stream: TcpStream, token: &str, sink: Sink, conn: usize, homes: Homes) {
     let _ = stream.set_nodelay(true);
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let Ok(w) = stream.try_clone() else { return };
     let mut r = BufReader::new(stream);
     let home = match PeerMsg::read_from(&mut r) {
@@ -156,6 +212,8 @@ fn serve_home(stream: TcpStream, token: &str, sink: Sink, conn: usize) {
     // Loans are held per connection: a home that reconnects (say, restarted under the same
     // name) never has its new loans taken back with the old connection's.
     let from = format!("{home}#{conn}");
+    let lock = || homes.lock().unwrap_or_else(|e| e.into_inner());
+    lock().insert(from.clone(), reply.clone());
     while let Ok(msg) = PeerMsg::read_from(&mut r) {
         sink(Incoming::Request {
             from: from.clone(),
@@ -164,6 +222,7 @@ fn serve_home(stream: TcpStream, token: &str, sink: Sink, conn: usize) {
         });
     }
     tracing::info!(home = %home, "a home disconnected");
+    lock().remove(&from);
     sink(Incoming::Gone { from });
 }
 

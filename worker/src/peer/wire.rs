@@ -45,6 +45,9 @@ pub enum PeerMsg {
         call: u64,
         message: String,
     },
+    /// From a creditor that drains: take back everything this worker holds here (the home
+    /// recomputes those requests elsewhere and releases the blocks).
+    Reclaim,
 }
 
 #[derive(Default)]
@@ -204,6 +207,7 @@ impl PeerMsg {
                 e.u64(*call);
                 e.str(message);
             }
+            PeerMsg::Reclaim => e.u8(8),
         }
         e.0
     }
@@ -286,6 +290,7 @@ impl PeerMsg {
                 call: d.u64()?,
                 message: d.str()?,
             },
+            8 => PeerMsg::Reclaim,
             t => return Err(malformed(&format!("unknown tag {t}"))),
         };
         if !d.buf.is_empty() {
@@ -380,6 +385,7 @@ mod tests {
             call: 7,
             message: "lost".into(),
         });
+        round_trip(PeerMsg::Reclaim);
     }
 
     #[test]

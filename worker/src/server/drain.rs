@@ -1,5 +1,7 @@
-//! Draining: `POST /drain` (behind the cluster token) stops new requests and answers once the
-//! running ones are done; [`request_drain`] is the client the Kubernetes preStop hook runs.
+//! Draining: `POST /drain` (behind the cluster token) stops new requests and lending, asks the
+//! homes that borrowed here to take their blocks back, and answers once nothing depends on
+//! this worker; the process then leaves the gManager and exits, as on SIGTERM.
+//! [`request_drain`] is the client the Kubernetes preStop hook runs.
 
 use std::sync::Arc;
 
@@ -11,9 +13,8 @@ use super::auth::Secret;
 use super::state::AppState;
 
 pub async fn handle(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    tracing::info!("drain requested: no new requests; waiting for running ones");
-    state.begin_drain();
-    state.wait_idle().await;
+    tracing::info!("drain requested: no new requests; waiting for running ones and loans");
+    state.drain().await;
     tracing::info!("drained");
     Json(json!({"status": "drained"}))
 }

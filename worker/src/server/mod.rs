@@ -85,10 +85,15 @@ impl Server {
         });
     }
 
-    /// Stops taking new requests and resolves once the running ones are done.
+    /// Stops taking new requests and lending, and resolves once nothing depends on this
+    /// worker: its requests are done and the blocks it lent are back.
     pub async fn drain(&self) {
-        self.state.begin_drain();
-        self.state.wait_idle().await;
+        self.state.drain().await;
+    }
+
+    /// Resolves once a drain (`POST /drain` or [`Server::drain`]) has completed.
+    pub async fn drained(&self) {
+        self.state.wait_drained().await;
     }
 
     pub fn router(&self) -> Router {

@@ -1,5 +1,6 @@
 //! `infinite-llm-worker serve`: flags, model loading, and the process lifecycle (listen at once,
-//! turn ready when the model is loaded, drain on SIGTERM/SIGINT, exit).
+//! turn ready when the model is loaded, drain on SIGTERM/SIGINT or `POST /drain`, leave the
+//! gManager, exit).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -232,6 +233,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .into_future(),
     );
 
+    let grace = Duration::from_secs(args.grace_period_secs);
     let shutdown = shutdown_requested(args.exit_on_stdin_eof);
     tokio::pin!(shutdown);
     tokio::select! {
@@ -251,22 +253,25 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tracing::info!("ready");
             let (leave, left) = oneshot::channel();
             let heartbeats = member.map(|m| tokio::spawn(m.run(engine, left)));
-            (&mut shutdown).await;
+            tokio::select! {
+                () = &mut shutdown => {}
+                () = server.drained() => tracing::info!("drained on request"),
+            }
+            // Still a member while draining: heartbeats report the loans going back, and
+            // the gManager advises no one to borrow here (nothing is lendable any more).
+            tracing::info!(
+                grace_secs = grace.as_secs(),
+                "shutting down: refusing new requests and loans, finishing running ones"
+            );
+            if tokio::time::timeout(grace, server.drain()).await.is_err() {
+                tracing::warn!("grace period over with requests or loans left; exiting anyway");
+            }
             let _ = leave.send(());
             if let Some(h) = heartbeats {
                 let _ = tokio::time::timeout(HTTP_CLOSE_TIMEOUT, h).await;
             }
         }
         () = &mut shutdown => tracing::info!("stop requested while loading the model"),
-    }
-
-    let grace = Duration::from_secs(args.grace_period_secs);
-    tracing::info!(
-        grace_secs = grace.as_secs(),
-        "shutting down: refusing new requests, finishing running ones"
-    );
-    if tokio::time::timeout(grace, server.drain()).await.is_err() {
-        tracing::warn!("grace period over with requests still running; exiting anyway");
     }
     let _ = close_http.send(());
     match tokio::time::timeout(HTTP_CLOSE_TIMEOUT, http).await {

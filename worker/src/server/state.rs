@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use tokio::sync::watch;
 use tracing::Span;
 
 use super::ServerConfig;
@@ -21,6 +22,8 @@ pub struct AppState {
     /// Set once the model has loaded; until then the API answers 503.
     model: OnceLock<LoadedModel>,
     draining: AtomicBool,
+    /// Turns true once a drain is complete: the process may leave the pool and exit.
+    drained: watch::Sender<bool>,
 }
 
 pub struct LoadedModel {
@@ -51,6 +54,7 @@ impl AppState {
             metrics: Arc::new(Metrics::new()),
             model: OnceLock::new(),
             draining: AtomicBool::new(false),
+            drained: watch::Sender::new(false),
         }
     }
 
@@ -71,19 +75,28 @@ impl AppState {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// Stops taking new requests; running ones go on.
+    /// Stops taking new requests and lending; running ones go on, and homes take back what
+    /// they borrowed here.
     pub fn begin_drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
         if let Some(model) = self.model.get() {
-            model.engine.stop_accepting();
+            model.engine.begin_drain();
         }
     }
 
-    /// Resolves when no request is running or waiting.
-    pub async fn wait_idle(&self) {
+    /// The one drain path of `POST /drain` and SIGTERM: resolves once no request runs or
+    /// waits here and no block is lent, and says so to [`AppState::wait_drained`].
+    pub async fn drain(&self) {
+        self.begin_drain();
         if let Some(model) = self.model.get() {
-            model.engine.wait_idle().await;
+            model.engine.wait_drained().await;
         }
+        self.drained.send_replace(true);
+    }
+
+    /// Resolves once a drain has completed.
+    pub async fn wait_drained(&self) {
+        let _ = self.drained.subscribe().wait_for(|done| *done).await;
     }
 
     /// The model a request names, if it is the one served here and it has loaded.
