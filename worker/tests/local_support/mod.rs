@@ -237,6 +237,18 @@ pub async fn lender(client: &reqwest::Client, pool: &Pool, candidates: &[usize])
     }
 }
 
+/// The demo model, written to a fresh temporary folder that lives as long as the guard.
+pub fn demo_model() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("demo");
+    infinite_llm_worker::demo_model::write_demo_model_if_missing(
+        &model,
+        &infinite_llm_worker::demo_model::DemoModelSpec::default(),
+    )
+    .unwrap();
+    (dir, model)
+}
+
 /// A long greedy request of the membership tests: 64 + 120 tokens, 12 blocks of 16 where a
 /// worker holds 8, so it borrows 4.
 pub const LONG_PROMPT: usize = 64;
@@ -252,13 +264,7 @@ pub struct Pools {
 }
 
 pub async fn reference_and_three_small() -> Pools {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("demo");
-    infinite_llm_worker::demo_model::write_demo_model_if_missing(
-        &model,
-        &infinite_llm_worker::demo_model::DemoModelSpec::default(),
-    )
-    .unwrap();
+    let (dir, model) = demo_model();
     let reference = start_pool(&model, 1, 256, &[]);
     let pool = start_pool(&model, 3, 8, &["--lend-fraction=0.5"]);
     // Let the workers' first heartbeats reach the gManager, so creditors are known.
