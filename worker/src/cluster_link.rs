@@ -222,13 +222,14 @@ impl ClusterLink {
     }
 
     /// Tells a creditor that a request's blocks are free again. A lost one freed them when
-    /// the connection dropped.
-    pub fn release(&self, seq: SeqId, peer: u16) {
+    /// the connection dropped; one that cannot be told is dropped (a half-written frame
+    /// would garble the connection), which frees them too.
+    pub fn release(&mut self, seq: SeqId, peer: u16) {
         if !self.peers.is_alive(peer) {
             return;
         }
         if let Err(e) = self.peers.send(peer, &PeerMsg::Release { seq }) {
-            tracing::warn!(error = %e, "release not sent; the creditor frees the blocks when the link drops");
+            self.lost(peer, &e.to_string());
         }
     }
 

@@ -620,7 +620,7 @@ impl<B: Backend> Runner<B> {
 
     fn send_releases(&mut self) {
         let released = self.scheduler.take_released();
-        if let Some(link) = &self.link {
+        if let Some(link) = &mut self.link {
             for (seq, peer) in released {
                 link.release(seq, peer);
             }
