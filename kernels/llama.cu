@@ -183,14 +183,15 @@ extern "C" __global__ void kv_write(bf16* k, bf16* v, const float* src, const u3
 
 // Paged MicroAttention, split over the KV length (flash-decoding).
 //
-// Grid: (query row, kv head, split). Each block of 4 warps serves the G query heads that share
+// Grid: (slot, kv head, split); slot i serves query row `slot_rows[2 * i]` of sequence
+// `slot_rows[2 * i + 1]` (rows of no sequence point at an empty one). Each block of 4 warps serves the G query heads that share
 // the kv head, so a KV token is read once per group. Within a warp, LPT = head_dim / 8 lanes hold
 // one token (16 bytes of K and of V each, one load apiece), so a warp covers 32 / LPT tokens per
 // pass and a dot product needs log2(LPT) shuffles. Each lane group keeps its own online softmax
 // over its tokens; groups, then warps, are merged at the end. The block writes, per query head of
 // its group, the normalised partial output and its log-sum-exp; `attn_merge` combines the splits.
 //
-// Metadata: `row_seq[row]` names the row's sequence; `seqs[4 * s ..]` is (first_row, first_row_pos,
+// Metadata: `seqs[4 * s ..]` is (first_row, first_row_pos,
 // first_segment, segments); `segs[3 * i ..]` is (block, first_pos, tokens).
 #define WARPS 4
 #define PASSES 4
@@ -222,15 +223,16 @@ __device__ __forceinline__ void fold(float* m, float* l, float (*acc)[8], const 
 
 template <int LPT, int G>
 __device__ void attn_split(const float* q, int q_width, int q_col, const bf16* kc, const bf16* vc,
-                           KvGeom geo, int layer, float scale, const u32* row_seq, const u32* seqs,
+                           KvGeom geo, int layer, float scale, const u32* slot_rows, const u32* seqs,
                            const u32* segs, int segs_per_split, float* part_o, float* part_lse,
                            int splits) {
     constexpr int HD = LPT * 8, TPP = 32 / LPT, STEP = TPP * PASSES;
-    const int row = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+    const int slot = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+    const u32 row = slot_rows[2 * slot];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int grp = lane / LPT, sub = lane % LPT;
     const int q_heads = geo.kv_heads * G;
-    const u32* sq = seqs + 4 * row_seq[row];
+    const u32* sq = seqs + 4 * slot_rows[2 * slot + 1];
     const u32 row_pos = sq[1] + (row - sq[0]);
     const int seg_lo = sq[2] + split * segs_per_split;
     const int seg_hi = min((int)(sq[2] + sq[3]), seg_lo + segs_per_split);
@@ -346,7 +348,7 @@ __device__ void attn_split(const float* q, int q_width, int q_col, const bf16* k
                 tl += sm_l[w][g] * f;
                 to += sm_acc[w][g][d] * f;
             }
-        size_t at = ((size_t)row * q_heads + kvh * G + g) * splits + split;
+        size_t at = ((size_t)slot * q_heads + kvh * G + g) * splits + split;
         part_o[at * HD + d] = tl > 0.f ? to / tl : 0.f;
         if (d == 0) part_lse[at] = tl > 0.f ? mx + __logf(tl) : NEG_INF;
     }
@@ -355,9 +357,9 @@ __device__ void attn_split(const float* q, int q_width, int q_col, const bf16* k
 #define ATTN_KERNEL(HD, G)                                                                           \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) attn_split_h##HD##_g##G(               \
         const float* q, int q_width, int q_col, const bf16* kc, const bf16* vc, KvGeom geo, int layer, \
-        float scale, const u32* row_seq, const u32* seqs, const u32* segs, int segs_per_split,      \
+        float scale, const u32* slot_rows, const u32* seqs, const u32* segs, int segs_per_split,    \
         float* part_o, float* part_lse, int splits) {                                                \
-        attn_split<HD / 8, G>(q, q_width, q_col, kc, vc, geo, layer, scale, row_seq, seqs, segs,     \
+        attn_split<HD / 8, G>(q, q_width, q_col, kc, vc, geo, layer, scale, slot_rows, seqs, segs,   \
                               segs_per_split, part_o, part_lse, splits);                             \
     }
 #define ATTN_KERNELS(HD) ATTN_KERNEL(HD, 1) ATTN_KERNEL(HD, 2) ATTN_KERNEL(HD, 4) ATTN_KERNEL(HD, 8)
@@ -366,11 +368,12 @@ ATTN_KERNELS(64)
 ATTN_KERNELS(128)
 ATTN_KERNELS(256)
 
-// Exact merge of the splits: grid (row, q head), one thread per dimension.
-extern "C" __global__ void attn_merge(const float* part_o, const float* part_lse, int splits, int head_dim,
-                                      float* out, float* lse) {
-    size_t rh = (size_t)blockIdx.x * gridDim.y + blockIdx.y;
-    const float* pl = part_lse + rh * splits;
+// Exact merge of the splits: grid (slot, q head), one thread per dimension.
+extern "C" __global__ void attn_merge(const float* part_o, const float* part_lse, const u32* slot_rows,
+                                      int splits, int head_dim, float* out, float* lse) {
+    size_t sh = (size_t)blockIdx.x * gridDim.y + blockIdx.y;
+    size_t rh = (size_t)slot_rows[2 * blockIdx.x] * gridDim.y + blockIdx.y;
+    const float* pl = part_lse + sh * splits;
     float mx = NEG_INF;
     for (int s = 0; s < splits; ++s) mx = fmaxf(mx, pl[s]);
     float total = 0.f;
@@ -379,8 +382,295 @@ extern "C" __global__ void attn_merge(const float* part_o, const float* part_lse
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float o = 0.f;
         if (total > 0.f)
-            for (int s = 0; s < splits; ++s) o += __expf(pl[s] - mx) / total * part_o[(rh * splits + s) * head_dim + d];
+            for (int s = 0; s < splits; ++s) o += __expf(pl[s] - mx) / total * part_o[(sh * splits + s) * head_dim + d];
         out[rh * head_dim + d] = o;
     }
     if (threadIdx.x == 0) lse[rh] = total > 0.f ? mx + __logf(total) : NEG_INF;
 }
+
+// Paged prefill attention on tensor cores (FlashAttention-2 style), for query rows that come
+// many to a sequence: a prompt chunk, or a creditor serving a long prefill's queries.
+//
+// Grid: (tile, kv head). A tile is up to PF_M / G consecutive query rows of one sequence; with
+// the G query heads of its kv head they make PF_M rows of the product ("m-rows": m = row * G +
+// head), so every KV tile loaded into shared memory serves the whole group. Each of the four
+// warps owns 16 m-rows and runs mma.sync m16n8k16 (bf16 in, f32 out): S = Q K^T, an online
+// softmax in registers (base 2, the scale folded into Q), then O += P V with P re-packed from
+// S's accumulators as the A operand. K and V tiles cover PF_N token slots: PF_N / block_tokens
+// whole segments, so a slot maps to (segment, token) without a search. Tiles are double-buffered
+// with cp.async: tile t + 1 loads while tile t is computed. Shared memory is dynamic
+// (PF_STAGE(HD) bf16 per stage, two stages): more than the 48 KB a static array may take.
+//
+// `tiles[3 * i ..]` is (sequence, first row in the sequence, rows); the other tables are those
+// of `attn_split`. Segments past the last one the tile's rows can see are not loaded.
+#define PF_M 64
+#define PF_N 64
+
+// Two values to bf16 (round to nearest even) in one instruction, `lo` in the low half.
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// 2^x without exp2f's range handling: inputs are <= 0 here, and -inf gives 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// Four 8x8 bf16 matrices from shared memory; lane i names row i % 8 of matrix i / 8.
+__device__ __forceinline__ void ldsm_x4(u32* r, const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+// The same, each matrix transposed: turns row-major V into mma's B operand.
+__device__ __forceinline__ void ldsm_x4_t(u32* r, const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+// 16 bytes from global to shared memory without passing through registers; `bytes` 0 writes
+// zeros (an empty slot).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+// Shared memory of the prefill kernel, in bf16 units: two stages of K and V tiles.
+#define PF_STAGE(HD) (2 * PF_N * ((HD) + 8))
+
+template <int HD, int G>
+__device__ void attn_prefill(const float* q, int q_width, int q_col, const bf16* kc, const bf16* vc,
+                             KvGeom geo, int layer, float scale, const u32* tiles, int n_tiles,
+                             const u32* seqs, const u32* segs, float* out, float* lse) {
+    constexpr int KCH = HD / 16;      // k-steps of Q K^T
+    constexpr int NT = HD / 8;        // n-tiles of O
+    constexpr int ST = HD + 8;        // padded shared row: ldmatrix rows fall in distinct banks
+    constexpr int CH = HD / 8;        // 16-byte chunks per row
+    extern __shared__ __align__(16) bf16 pf_smem[];
+    __shared__ long long slot_at[2][PF_N];  // cache offset of each slot's token, -1 when empty
+    __shared__ int slot_pos[2][PF_N];
+    __shared__ int seg_end;
+
+    // Later tiles see more KV: start them first so the grid's tail is short.
+    const int tile = n_tiles - 1 - blockIdx.x, kvh = blockIdx.y;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gq = lane >> 2, tig = lane & 3;
+    const u32* sq = seqs + 4 * tiles[3 * tile];
+    const u32 row0 = sq[0] + tiles[3 * tile + 1], pos0 = sq[1] + tiles[3 * tile + 1];
+    const int rows = tiles[3 * tile + 2];
+    const int q_heads = geo.kv_heads * G;
+    const int bt = geo.block_tokens, segs_per_tile = PF_N / bt;
+    const int seg_lo = sq[2], seg_hi = sq[2] + sq[3];
+    const u32 last_pos = pos0 + rows - 1;
+
+    // Segments past the last one that holds a token this tile's rows see are not loaded.
+    if (threadIdx.x == 0) seg_end = seg_lo;
+    __syncthreads();
+    int mine = seg_lo;
+    for (int s = seg_lo + threadIdx.x; s < seg_hi; s += blockDim.x)
+        if (segs[3 * s + 1] <= last_pos) mine = s + 1;
+    atomicMax(&seg_end, mine);
+    __syncthreads();
+    const int kv_tiles = (seg_end - seg_lo + segs_per_tile - 1) / segs_per_tile;
+
+    // Threads below PF_N describe one slot of KV tile `t` for buffer `b`; the result says
+    // whether that slot holds a token every row of the tile sees (threads past PF_N say yes),
+    // so that a barrier can tell whether the whole KV tile needs no mask.
+    auto describe = [&](int t, int b) {
+        bool seen = true;
+        if (threadIdx.x < PF_N) {
+            const int slot = threadIdx.x, s = seg_lo + t * segs_per_tile + slot / bt;
+            const u32 tok = slot % bt;
+            long long at = -1;
+            int pos = -1;
+            if (s < seg_end && tok < segs[3 * s + 2]) {
+                at = (long long)kv_offset(geo, layer, segs[3 * s], kvh, tok);
+                pos = segs[3 * s + 1] + tok;
+            }
+            slot_at[b][slot] = at;
+            slot_pos[b][slot] = pos;
+            seen = pos >= 0 && pos <= (int)pos0;
+        }
+        return seen;
+    };
+    auto load = [&](int b) {
+        bf16* ks = pf_smem + b * PF_STAGE(HD);
+        bf16* vs = ks + PF_N * ST;
+        for (int i = threadIdx.x; i < PF_N * CH; i += blockDim.x) {
+            const int slot = i / CH, c = i % CH;
+            const long long at = slot_at[b][slot];
+            const size_t from = at < 0 ? 0 : (size_t)at + c * 8;
+            cp_async16(ks + slot * ST + c * 8, kc + from, at < 0 ? 0 : 16);
+            cp_async16(vs + slot * ST + c * 8, vc + from, at < 0 ? 0 : 16);
+        }
+        cp_async_commit();
+    };
+
+    // This lane's two m-rows of its warp's 16: gq and gq + 8.
+    int r_of[2], h_of[2];
+    bool live[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        int m = warp * 16 + gq + 8 * i;
+        r_of[i] = m / G;
+        h_of[i] = kvh * G + m % G;
+        live[i] = r_of[i] < rows;
+    }
+
+    bool unmasked = false;  // the current KV tile is seen whole by every row
+    if (kv_tiles > 0) {
+        unmasked = __syncthreads_and(describe(0, 0));
+        load(0);
+    }
+
+    // Q as A fragments, scaled by scale * log2(e) for exp2; read while the first tile loads.
+    const float qs = scale * 1.4426950408889634f;
+    u32 qa[KCH][4];
+#pragma unroll
+    for (int k = 0; k < KCH; ++k)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            int i = j & 1, col = k * 16 + (j >> 1) * 8 + 2 * tig;
+            qa[k][j] = 0;
+            if (live[i]) {
+                const float2 p = *reinterpret_cast<const float2*>(
+                    q + (size_t)(row0 + r_of[i]) * q_width + q_col + h_of[i] * HD + col);
+                qa[k][j] = pack_bf16(p.x * qs, p.y * qs);
+            }
+        }
+
+    float o[NT][4], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) o[n][j] = 0.f;
+
+    for (int t = 0; t < kv_tiles; ++t) {
+        const int b = t & 1;
+        const bool next_seen = t + 1 < kv_tiles ? describe(t + 1, b ^ 1) : true;
+        cp_async_wait_all();
+        // Tile t is in shared memory, and tile t + 1's slots are described.
+        const bool next_unmasked = __syncthreads_and(next_seen);
+        if (t + 1 < kv_tiles) load(b ^ 1);  // lands while tile t is computed
+        const bf16* ks = pf_smem + b * PF_STAGE(HD);
+        const bf16* vs = ks + PF_N * ST;
+
+        float s[PF_N / 8][4];
+#pragma unroll
+        for (int n = 0; n < PF_N / 8; ++n) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) s[n][j] = 0.f;
+#pragma unroll
+            for (int k = 0; k < KCH; k += 2) {
+                u32 f[4];
+                ldsm_x4(f, ks + (n * 8 + (lane & 7)) * ST + k * 16 + (lane >> 3) * 8);
+                mma_bf16(s[n], qa[k], f[0], f[1]);
+                mma_bf16(s[n], qa[k + 1], f[2], f[3]);
+            }
+        }
+
+        // Mask (empty slots, the future), then the online softmax of each of the two m-rows.
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int rpos = live[i] ? (int)(pos0 + r_of[i]) : -1;
+            float mx = m[i];
+#pragma unroll
+            for (int n = 0; n < PF_N / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    if (!unmasked || !live[i]) {
+                        int p = slot_pos[b][n * 8 + 2 * tig + e];
+                        if (p < 0 || p > rpos) s[n][2 * i + e] = NEG_INF;
+                    }
+                    mx = fmaxf(mx, s[n][2 * i + e]);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float base = mx == NEG_INF ? 0.f : mx;
+            const float corr = fast_exp2(m[i] - base);
+            l[i] *= corr;
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                o[n][2 * i] *= corr;
+                o[n][2 * i + 1] *= corr;
+            }
+#pragma unroll
+            for (int n = 0; n < PF_N / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float p = fast_exp2(s[n][2 * i + e] - base);
+                    s[n][2 * i + e] = p;
+                    l[i] += p;
+                }
+            m[i] = mx;
+        }
+
+        // O += P V: the accumulators of two n-tiles of S are one k-step's A fragment.
+#pragma unroll
+        for (int k = 0; k < PF_N / 16; ++k) {
+            u32 pa[4] = {pack_bf16(s[2 * k][0], s[2 * k][1]), pack_bf16(s[2 * k][2], s[2 * k][3]),
+                         pack_bf16(s[2 * k + 1][0], s[2 * k + 1][1]),
+                         pack_bf16(s[2 * k + 1][2], s[2 * k + 1][3])};
+#pragma unroll
+            for (int n = 0; n < NT; n += 2) {
+                u32 f[4];
+                const int mat = lane >> 3;
+                ldsm_x4_t(f, vs + (k * 16 + (mat & 1) * 8 + (lane & 7)) * ST + n * 8 + (mat >> 1) * 8);
+                mma_bf16(o[n], pa, f[0], f[1]);
+                mma_bf16(o[n + 1], pa, f[2], f[3]);
+            }
+        }
+        __syncthreads();  // buffer b is free for tile t + 2
+        unmasked = next_unmasked;
+    }
+
+    // The four lanes of a row hold parts of its sum; then normalise and write.
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        float t = l[i];
+        t += __shfl_xor_sync(0xffffffffu, t, 1);
+        t += __shfl_xor_sync(0xffffffffu, t, 2);
+        if (!live[i]) continue;
+        const size_t rh = (size_t)(row0 + r_of[i]) * q_heads + h_of[i];
+        const float inv = t > 0.f ? 1.f / t : 0.f;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            float2 v = make_float2(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
+            *reinterpret_cast<float2*>(out + rh * HD + n * 8 + 2 * tig) = v;
+        }
+        if (tig == 0) lse[rh] = t > 0.f ? (m[i] + __log2f(t)) * 0.6931471805599453f : NEG_INF;
+    }
+}
+
+#define PREFILL_KERNEL(HD, G)                                                                       \
+    extern "C" __global__ void __launch_bounds__(128, 3) attn_prefill_h##HD##_g##G(                    \
+        const float* q, int q_width, int q_col, const bf16* kc, const bf16* vc, KvGeom geo, int layer, \
+        float scale, const u32* tiles, int n_tiles, const u32* seqs, const u32* segs, float* out,   \
+        float* lse) {                                                                                \
+        attn_prefill<HD, G>(q, q_width, q_col, kc, vc, geo, layer, scale, tiles, n_tiles, seqs, segs, \
+                            out, lse);                                                               \
+    }
+#define PREFILL_KERNELS(HD) PREFILL_KERNEL(HD, 1) PREFILL_KERNEL(HD, 2) PREFILL_KERNEL(HD, 4) PREFILL_KERNEL(HD, 8)
+PREFILL_KERNELS(64)
+PREFILL_KERNELS(128)

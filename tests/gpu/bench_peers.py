@@ -3,7 +3,8 @@
 Usage: python3 bench_peers.py MODEL_DIR OUT_JSON
 Writes: device-to-device copy bandwidth (bytes read plus written per second); PyTorch
 scaled_dot_product_attention bandwidth for one decode token over contiguous KV at each
-(batch, context) the worker's kernel is timed at; transformers' `generate` decode tokens/s at
+(batch, context) the worker's kernel is timed at, and its FLOP/s for causal attention over a whole
+8K prompt (the FLOPs of the visible query-key pairs); transformers' `generate` decode tokens/s at
 batch 1, 8 and 32 (prompt 512, 128 new tokens) and its prefill tokens/s for an 8K prompt, for the
 model in MODEL_DIR.
 """
@@ -53,6 +54,15 @@ def sdpa_bandwidth(batch, ctx):
     return 2 * k.numel() * 2 / (ms / 1e3)
 
 
+def sdpa_prefill_flops(n):
+    q = torch.randn(1, Q_HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), 20)
+    pairs = n * (n + 1) / 2
+    return 4 * pairs * Q_HEADS * HEAD_DIM / (ms / 1e3)
+
+
 def hf_figures(model_dir):
     from transformers import LlamaForCausalLM
 
@@ -85,6 +95,7 @@ def main(model_dir, out_path):
         "gpu": torch.cuda.get_device_name(),
         "copy_bytes_per_s": copy_bandwidth(),
         "sdpa_bytes_per_s": {f"{b}x{c}": sdpa_bandwidth(b, c) for b, c in ATTN_SHAPES},
+        "sdpa_prefill_flops_per_s": sdpa_prefill_flops(PREFILL),
     }
     torch.cuda.empty_cache()
     figures["transformers"] = hf_figures(model_dir)

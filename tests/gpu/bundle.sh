@@ -21,10 +21,9 @@ for line in sys.stdin:
 	done
 }
 
-cargo build --release -p infinite-llm-worker --bins
+cargo build --release -p infinite-llm-worker --bins --message-format=json | collect bin
 cargo test --release -p infinite-llm-worker --no-run --message-format=json \
 	--test gpu_kernels --test gpu_parity 2>/dev/null | collect test
 cargo bench -p infinite-llm-worker --no-run --message-format=json --bench gpu_bench 2>/dev/null |
 	collect bench
-strip -o "$out/infinite-llm-worker" target/release/infinite-llm-worker
 ls -la "$out"

@@ -8,6 +8,8 @@
 //!   the copy bandwidth;
 //! - whole-worker decode tokens/s at batch 1, 8, 32 (prompt 512, 128 new tokens) over
 //!   transformers' `generate` and over the roofline (weights plus KV bytes per step at copy speed);
+//! - prefill attention over an 8K prompt (causal, one call for all its rows), FLOP/s over
+//!   SDPA's on the same shape;
 //! - prefill tokens/s of an 8K prompt over transformers.
 
 use std::collections::HashMap;
@@ -38,6 +40,7 @@ struct Peers {
     gpu: String,
     copy_bytes_per_s: f64,
     sdpa_bytes_per_s: HashMap<String, f64>,
+    sdpa_prefill_flops_per_s: f64,
     transformers: Transformers,
 }
 
@@ -65,22 +68,8 @@ fn fill_kv(g: &Cuda, kv: &mut <Cuda as Backend>::Kv, tokens: usize) {
     g.synchronize();
 }
 
-/// KV bytes read per second by one decode token per sequence over `ctx` tokens each.
-fn attention_bandwidth(g: &Cuda, kv: &<Cuda as Backend>::Kv, batch: usize, ctx: usize) -> f64 {
-    let blocks_per_seq = ctx / BT;
-    let seqs: Vec<AttnSeq> = (0..batch)
-        .map(|b| AttnSeq {
-            rows: b..b + 1,
-            first_row_pos: (ctx - 1) as u32,
-            segments: (0..blocks_per_seq)
-                .map(|i| KvSegment {
-                    block: (b * blocks_per_seq + i) as u32,
-                    first_pos: (i * BT) as u32,
-                    tokens: BT as u32,
-                })
-                .collect(),
-        })
-        .collect();
+/// Median GPU seconds of one attention call (after a warm-up) over `seqs`, `rows` query rows.
+fn attention_secs(g: &Cuda, kv: &<Cuda as Backend>::Kv, rows: usize, seqs: &[AttnSeq]) -> f64 {
     let shape = AttnShape {
         q_heads: Q_HEADS,
         kv_heads: KV_HEADS,
@@ -88,27 +77,54 @@ fn attention_bandwidth(g: &Cuda, kv: &<Cuda as Backend>::Kv, batch: usize, ctx: 
         scale: 1.0 / (HEAD_DIM as f32).sqrt(),
     };
     let q_width = Q_HEADS * HEAD_DIM;
-    let q: Vec<f32> = (0..batch * q_width)
+    let q: Vec<f32> = (0..rows * q_width)
         .map(|i| (i % 97) as f32 / 97.0 - 0.5)
         .collect();
     let mut qd = g.alloc(q.len());
     g.upload(&q, &mut qd);
-    let mut out = g.alloc(batch * q_width);
-    let mut lse = g.alloc(batch * Q_HEADS);
-    let mut run = || g.attention(&qd, q_width, 0, kv, 0, shape, &seqs, &mut out, &mut lse);
+    let mut out = g.alloc(rows * q_width);
+    let mut lse = g.alloc(rows * Q_HEADS);
+    let mut run = || g.attention(&qd, q_width, 0, kv, 0, shape, seqs, &mut out, &mut lse);
     run();
-    g.synchronize();
-    let reps = 20;
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t = Instant::now();
-        run();
-        g.synchronize();
-        times.push(t.elapsed().as_secs_f64());
-    }
+    let mut times: Vec<f64> = (0..20).map(|_| g.device_seconds(&mut run)).collect();
     times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// The segments of `ctx` tokens in consecutive blocks from `first_block`.
+fn segments(first_block: usize, ctx: usize) -> Vec<KvSegment> {
+    (0..ctx / BT)
+        .map(|i| KvSegment {
+            block: (first_block + i) as u32,
+            first_pos: (i * BT) as u32,
+            tokens: BT as u32,
+        })
+        .collect()
+}
+
+/// KV bytes read per second by one decode token per sequence over `ctx` tokens each.
+fn attention_bandwidth(g: &Cuda, kv: &<Cuda as Backend>::Kv, batch: usize, ctx: usize) -> f64 {
+    let seqs: Vec<AttnSeq> = (0..batch)
+        .map(|b| AttnSeq {
+            rows: b..b + 1,
+            first_row_pos: (ctx - 1) as u32,
+            segments: segments(b * (ctx / BT), ctx),
+        })
+        .collect();
     let bytes = (batch * ctx * KV_HEADS * HEAD_DIM * 2 * 2) as f64;
-    bytes / times[reps / 2]
+    bytes / attention_secs(g, kv, batch, &seqs)
+}
+
+/// FLOP/s of causal attention for a whole prompt of `len` tokens in one call, counting the
+/// FLOPs of the visible (query, key) pairs as SDPA's figure does.
+fn prefill_attention_flops(g: &Cuda, kv: &<Cuda as Backend>::Kv, len: usize) -> f64 {
+    let seqs = [AttnSeq {
+        rows: 0..len,
+        first_row_pos: 0,
+        segments: segments(0, len),
+    }];
+    let pairs = (len * (len + 1) / 2) as f64;
+    4.0 * pairs * (Q_HEADS * HEAD_DIM) as f64 / attention_secs(g, kv, len, &seqs)
 }
 
 /// The projections at batch 1 (one row): weight bytes read per second by the gate/up GEMM of a
@@ -127,13 +143,12 @@ fn gemv_line(g: &Cuda, copy: f64) -> String {
     let mut out = g.alloc(n);
     let reps = 50;
     g.linear(&x, 1, &w, None, &mut out);
-    g.synchronize();
-    let t = Instant::now();
-    for _ in 0..reps {
-        g.linear(&x, 1, &w, None, &mut out);
-    }
-    g.synchronize();
-    let bw = (n * k * 2 * reps) as f64 / t.elapsed().as_secs_f64();
+    let secs = g.device_seconds(|| {
+        for _ in 0..reps {
+            g.linear(&x, 1, &w, None, &mut out);
+        }
+    });
+    let bw = (n * k * 2 * reps) as f64 / secs;
     format!(
         "cuBLAS bf16 GEMM at one row ({n}x{k}): {:.0} GB/s of weights | over copy {:.2}",
         bw / 1e9,
@@ -228,6 +243,15 @@ fn main() {
                 ours / copy
             ));
         }
+        let ours = prefill_attention_flops(&g, &kv, PREFILL);
+        let sdpa = peers.sdpa_prefill_flops_per_s;
+        attn.push(format!(
+            "prefill attention {}K causal: {:6.1} TFLOP/s | SDPA {:6.1} TFLOP/s | ours/SDPA {:.2}x",
+            PREFILL / 1024,
+            ours / 1e12,
+            sdpa / 1e12,
+            ours / sdpa
+        ));
     }
     for line in &attn {
         println!("{line}");

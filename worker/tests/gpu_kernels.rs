@@ -38,18 +38,23 @@ fn randn(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// Relative error over the finite references; where the reference is infinite (the -inf
+/// log-sum-exp of a row that sees nothing) the output must be the same infinity.
 fn rel_err(got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len());
-    assert!(
-        got.iter().all(|x| x.is_finite()),
-        "output has NaN or inf (an element left unwritten?)"
-    );
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(&g, &w)| (g as f64 - w).powi(2))
-        .sum();
-    let den: f64 = want.iter().map(|w| w * w).sum();
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if w.is_finite() {
+            assert!(
+                g.is_finite(),
+                "element {i} is {g} (left unwritten?), expected {w}"
+            );
+        } else {
+            assert_eq!(g as f64, w, "element {i}");
+        }
+    }
+    let finite = || got.iter().zip(want).filter(|(_, w)| w.is_finite());
+    let num: f64 = finite().map(|(&g, &w)| (g as f64 - w).powi(2)).sum();
+    let den: f64 = finite().map(|(_, w)| w * w).sum();
     (num / den.max(1e-300)).sqrt()
 }
 
@@ -238,15 +243,27 @@ fn embedding_and_rope_match_float64() {
     );
 }
 
-/// A request of the attention test: its query rows, their first position, and how many KV
-/// tokens it holds before and through its rows.
+/// A request of the attention test: its query rows, their first position, and, when some of
+/// its blocks are held by a creditor (left out of the call), every how many blocks one is.
 struct Req {
     first_row_pos: u32,
     rows: usize,
+    remote_every: Option<usize>,
 }
 
-/// float64 attention over the KV each row sees (positions up to its own), with the softmax's
-/// log-sum-exp; K and V are given per request as `[token][kv_head][dim]`.
+impl Req {
+    fn local(first_row_pos: u32, rows: usize) -> Self {
+        Req {
+            first_row_pos,
+            rows,
+            remote_every: None,
+        }
+    }
+}
+
+/// float64 attention over the KV each row sees (positions up to its own, among the tokens
+/// `held` here), with the softmax's log-sum-exp; K and V are given per request as
+/// `[token][kv_head][dim]`.  A row that sees nothing gets 0 and -inf.
 #[allow(clippy::too_many_arguments)]
 fn attention_f64(
     q: &[f32],
@@ -256,16 +273,24 @@ fn attention_f64(
     k: &[f32],
     v: &[f32],
     shape: AttnShape,
+    held: &dyn Fn(usize) -> bool,
     out: &mut [f64],
     lse: &mut [f64],
 ) {
     let (hq, hkv, hd) = (shape.q_heads, shape.kv_heads, shape.head_dim);
     let group = hq / hkv;
+    let seen: Vec<usize> = (0..=pos as usize).filter(|&t| held(t)).collect();
     for h in 0..hq {
         let kh = h / group;
         let qv = &q[row * q_width + h * hd..row * q_width + (h + 1) * hd];
-        let scores: Vec<f64> = (0..=pos as usize)
-            .map(|t| {
+        if seen.is_empty() {
+            out[(row * hq + h) * hd..(row * hq + h + 1) * hd].fill(0.0);
+            lse[row * hq + h] = f64::NEG_INFINITY;
+            continue;
+        }
+        let scores: Vec<f64> = seen
+            .iter()
+            .map(|&t| {
                 let kt = &k[(t * hkv + kh) * hd..(t * hkv + kh + 1) * hd];
                 qv.iter()
                     .zip(kt)
@@ -279,8 +304,8 @@ fn attention_f64(
         for d in 0..hd {
             out[(row * hq + h) * hd + d] = scores
                 .iter()
-                .enumerate()
-                .map(|(t, s)| (s - m).exp() / l * v[(t * hkv + kh) * hd + d] as f64)
+                .zip(&seen)
+                .map(|(s, &t)| (s - m).exp() / l * v[(t * hkv + kh) * hd + d] as f64)
                 .sum();
         }
         lse[row * hq + h] = m + l.ln();
@@ -345,9 +370,11 @@ fn attention_case(g: &Cuda, r: &mut StdRng, shape: AttnShape, bt: usize, reqs: &
             kv_width,
             &slots,
         );
+        let remote = |block: usize| req.remote_every.is_some_and(|n| block % n == n - 1);
         let segments = blocks
             .iter()
             .enumerate()
+            .filter(|&(i, _)| !remote(i))
             .map(|(i, &b)| KvSegment {
                 block: b,
                 first_pos: (i * bt) as u32,
@@ -368,6 +395,7 @@ fn attention_case(g: &Cuda, r: &mut StdRng, shape: AttnShape, bt: usize, reqs: &
                 &k,
                 &v,
                 shape,
+                &|t| !remote(t / bt),
                 &mut want_o,
                 &mut want_l,
             );
@@ -421,27 +449,31 @@ fn paged_attention_matches_float64() {
             head_dim: hd,
             scale: 1.0 / (hd as f32).sqrt(),
         };
-        for bt in [16, 32] {
+        // 16 and 64 tokens a block use the prefill kernel's tiles of 64 token slots; 128
+        // exceeds a tile, so prompt chunks take the split kernel too.
+        for bt in [16, 64, 128] {
             let decode_ctx = r.random_range(1..3000);
             let reqs = [
                 // Decode rows, one long enough to be split over many blocks of the grid.
+                Req::local(decode_ctx, 1),
+                Req::local(0, 1),
+                // Prompt chunks: a short one (the split kernel), one in the middle of a
+                // request, one from the start, and one part of whose blocks a creditor holds.
+                Req::local(r.random_range(0..200), r.random_range(2..8)),
+                Req::local(r.random_range(0..700), r.random_range(8..300)),
+                Req::local(0, r.random_range(100..400)),
                 Req {
-                    first_row_pos: decode_ctx,
-                    rows: 1,
+                    first_row_pos: r.random_range(100..600),
+                    rows: r.random_range(8..200),
+                    remote_every: Some(3),
                 },
+                // Every block at a creditor: its rows see nothing here.
                 Req {
                     first_row_pos: 0,
-                    rows: 1,
+                    rows: 20,
+                    remote_every: Some(1),
                 },
-                // A prefill chunk in the middle of a request: causal within the chunk.
-                Req {
-                    first_row_pos: r.random_range(0..200),
-                    rows: r.random_range(2..40),
-                },
-                Req {
-                    first_row_pos: 7,
-                    rows: 1,
-                },
+                Req::local(7, 1),
             ];
             attention_case(&g, &mut r, shape, bt, &reqs);
         }

@@ -51,8 +51,22 @@ pub fn available() -> bool {
 
 /// Threads of the attention kernel's blocks (kernels/llama.cu: WARPS * 32).
 const ATTN_THREADS: u32 = 128;
-/// Blocks per multiprocessor the attention split aims for: enough KV reads in flight.
-const ATTN_BLOCKS_PER_SM: usize = 8;
+/// Rows of the prefill kernel's product per block (kernels/llama.cu: PF_M): query rows times
+/// the query heads of one KV head.
+const PREFILL_M: usize = 64;
+/// KV token slots of the prefill kernel's tiles (PF_N): a block holds whole segments of them.
+const PREFILL_N: usize = 64;
+/// A sequence with at least this many query rows goes to the prefill kernel; fewer rows would
+/// leave most of a tile's tensor-core work empty.
+const PREFILL_MIN_ROWS: usize = 8;
+/// Head dimensions the prefill kernel is built for.
+const PREFILL_HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Dynamic shared memory of the prefill kernel: two stages of K and V tiles of PREFILL_N rows,
+/// each padded by 8 bf16 (kernels/llama.cu: PF_STAGE).
+const fn prefill_shared_bytes(head_dim: usize) -> usize {
+    2 * 2 * PREFILL_N * (head_dim + 8) * std::mem::size_of::<u16>()
+}
 
 struct Kernels {
     embed_rows: CudaFunction,
@@ -68,8 +82,11 @@ struct Kernels {
     kv_write: CudaFunction,
     attn_merge: CudaFunction,
     /// `attn_split_h{head_dim}_g{query heads per kv head}`, indexed by log2(head_dim / 32) and
-    /// log2(group).
-    attn_split: Vec<CudaFunction>,
+    /// log2(group), with how many of its blocks a multiprocessor holds at once.
+    attn_split: Vec<(CudaFunction, usize)>,
+    /// `attn_prefill_h{head_dim}_g{group}`, indexed by the head_dim's place in
+    /// PREFILL_HEAD_DIMS and log2(group).
+    attn_prefill: Vec<CudaFunction>,
 }
 
 /// A device copy of a small host table, re-uploaded only when the table changes.
@@ -125,36 +142,57 @@ struct Scratch {
 /// The attention metadata of one set of sequences, on the device. Every layer of a step attends
 /// over the same sequences, so the tables are built and uploaded once a step, not once a layer.
 ///
-/// `row_seq[row]` names the row's sequence (rows outside every sequence point at an empty one,
-/// so they come out as 0 and -inf); `meta` holds (first_row, first_row_pos, first_segment,
-/// segments) per sequence; `segs` holds (block, first_pos, tokens) per segment.
+/// Sequences with many query rows (prompt chunks) go to the tensor-core prefill kernel, in tiles
+/// of query rows; the other rows each get a slot of the split (flash-decoding) kernel.
+/// `slot_rows` holds (row, sequence) per slot (rows outside every sequence point at an empty
+/// one, so they come out as 0 and -inf); `meta` holds (first_row, first_row_pos, first_segment,
+/// segments) per sequence; `segs` holds (block, first_pos, tokens) per segment; `tiles` holds
+/// (sequence, first row in it, rows) per prefill tile.
 struct AttnTables {
     /// What the tables were built from, and the grid they were split for.
     seqs: Vec<AttnSeq>,
-    blocks: usize,
+    plan: AttnPlan,
+    slots: usize,
+    tiles: usize,
     splits: usize,
     segs_per_split: usize,
-    row_seq: Table<u32>,
+    slot_rows: Table<u32>,
     meta: Table<u32>,
     segs: Table<u32>,
+    tile_table: Table<u32>,
+}
+
+/// What decides how the rows of an attention call are split between the two kernels.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct AttnPlan {
+    kv_heads: usize,
+    /// Query rows per prefill tile; 0 when the prefill kernel does not apply to the shape.
+    tile_rows: usize,
 }
 
 impl AttnTables {
     const fn new() -> Self {
         Self {
             seqs: Vec::new(),
-            blocks: 0,
+            plan: AttnPlan {
+                kv_heads: 0,
+                tile_rows: 0,
+            },
+            slots: 0,
+            tiles: 0,
             splits: 1,
             segs_per_split: 1,
-            row_seq: Table::new(),
+            slot_rows: Table::new(),
             meta: Table::new(),
             segs: Table::new(),
+            tile_table: Table::new(),
         }
     }
 
-    /// Rebuilds the tables when `seqs` differ from the last ones; `blocks` is rows x KV heads.
-    fn update(&mut self, stream: &Arc<CudaStream>, seqs: &[AttnSeq], blocks: usize, sms: usize) {
-        if self.seqs == seqs && self.blocks == blocks {
+    /// Rebuilds the tables when the sequences or the plan differ from the last ones; `wave` is
+    /// how many blocks of the split kernel the GPU runs at once.
+    fn update(&mut self, stream: &Arc<CudaStream>, seqs: &[AttnSeq], plan: AttnPlan, wave: usize) {
+        if self.seqs == seqs && self.plan == plan {
             return;
         }
         let rows = seqs.iter().map(|s| s.rows.end).max().unwrap_or(0);
@@ -162,9 +200,9 @@ impl AttnTables {
         let mut row_seq = vec![empty; rows];
         let mut meta = Vec::with_capacity(4 * (seqs.len() + 1));
         let mut segs = Vec::new();
+        let mut tiles = Vec::new();
         let mut most_segs = 1;
         for (i, s) in seqs.iter().enumerate() {
-            row_seq[s.rows.clone()].fill(i as u32);
             meta.extend([
                 s.rows.start as u32,
                 s.first_row_pos,
@@ -174,26 +212,67 @@ impl AttnTables {
             for g in &s.segments {
                 segs.extend([g.block, g.first_pos, g.tokens]);
             }
-            most_segs = most_segs.max(s.segments.len());
+            if plan.tile_rows > 0 && s.rows.len() >= PREFILL_MIN_ROWS {
+                for first in s.rows.clone().step_by(plan.tile_rows) {
+                    let n = plan.tile_rows.min(s.rows.end - first);
+                    tiles.extend([i as u32, (first - s.rows.start) as u32, n as u32]);
+                }
+                row_seq[s.rows.clone()].fill(u32::MAX);
+            } else {
+                row_seq[s.rows.clone()].fill(i as u32);
+                most_segs = most_segs.max(s.segments.len());
+            }
         }
         meta.extend([0, 0, 0, 0]);
-        // Split the KV length until the grid fills the GPU; a long context alone still does.
-        let want_splits = (sms * ATTN_BLOCKS_PER_SM).div_ceil(blocks).max(1);
-        self.segs_per_split = most_segs.div_ceil(want_splits.min(most_segs));
+        let slot_rows: Vec<u32> = row_seq
+            .iter()
+            .enumerate()
+            .filter(|&(_, &s)| s != u32::MAX)
+            .flat_map(|(row, &s)| [row as u32, s])
+            .collect();
+        self.slots = slot_rows.len() / 2;
+        self.tiles = tiles.len() / 3;
+        let blocks = (self.slots * plan.kv_heads).max(1);
+        let want_splits = splits_for(blocks, wave, most_segs);
+        self.segs_per_split = most_segs.div_ceil(want_splits);
         self.splits = most_segs.div_ceil(self.segs_per_split);
-        self.row_seq.put(stream, &row_seq);
+        self.slot_rows.put(stream, &slot_rows);
         self.meta.put(stream, &meta);
         self.segs.put(stream, &segs);
+        self.tile_table.put(stream, &tiles);
         self.seqs = seqs.to_vec();
-        self.blocks = blocks;
+        self.plan = plan;
     }
 
-    fn device(&self) -> (&CudaSlice<u32>, &CudaSlice<u32>, &CudaSlice<u32>) {
+    /// The uploaded tables: slot rows, sequences, segments, prefill tiles.
+    fn device(&self) -> [&CudaSlice<u32>; 4] {
         fn dev(t: &Table<u32>) -> &CudaSlice<u32> {
             t.dev.as_ref().expect("uploaded by update")
         }
-        (dev(&self.row_seq), dev(&self.meta), dev(&self.segs))
+        [
+            dev(&self.slot_rows),
+            dev(&self.meta),
+            dev(&self.segs),
+            dev(&self.tile_table),
+        ]
     }
+}
+
+/// How many parts to split each row's KV into, for `blocks` (rows x KV heads) of which the GPU
+/// runs `wave` at once: the fewest that keep the last wave at least 95% full, so that a long
+/// context alone fills the GPU and a grid of many rows has no near-empty tail; never more
+/// than the longest row has segments.
+fn splits_for(blocks: usize, wave: usize, most_segs: usize) -> usize {
+    let fill = |splits: usize| {
+        let total = blocks * splits;
+        total as f64 / (total.div_ceil(wave) * wave) as f64
+    };
+    let most = most_segs.clamp(1, 4 * wave);
+    (1..=most).find(|&s| fill(s) >= 0.95).unwrap_or_else(|| {
+        (1..=most)
+            .max_by(|&a, &b| fill(a).total_cmp(&fill(b)).then(b.cmp(&a)))
+            .unwrap_or(1)
+    })
 }
 
 fn grown<'a, T: DeviceRepr>(
@@ -279,7 +358,25 @@ impl Cuda {
         let mut attn_split = Vec::new();
         for hd in [32, 64, 128, 256] {
             for g in [1, 2, 4, 8] {
-                attn_split.push(f(&format!("attn_split_h{hd}_g{g}"))?);
+                let name = format!("attn_split_h{hd}_g{g}");
+                let func = f(&name)?;
+                let resident = func
+                    .occupancy_max_active_blocks_per_multiprocessor(ATTN_THREADS, 0, None)
+                    .map_err(|source| CudaError::Kernel { name, source })?;
+                attn_split.push((func, resident.max(1) as usize));
+            }
+        }
+        let mut attn_prefill = Vec::new();
+        for hd in PREFILL_HEAD_DIMS {
+            for g in [1, 2, 4, 8] {
+                let name = format!("attn_prefill_h{hd}_g{g}");
+                let func = f(&name)?;
+                func.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    prefill_shared_bytes(hd) as i32,
+                )
+                .map_err(|source| CudaError::Kernel { name, source })?;
+                attn_prefill.push(func);
             }
         }
         let k = Kernels {
@@ -296,6 +393,7 @@ impl Cuda {
             kv_write: f("kv_write")?,
             attn_merge: f("attn_merge")?,
             attn_split,
+            attn_prefill,
         };
         let sms = ctx
             .attribute(
@@ -333,6 +431,16 @@ impl Cuda {
     /// Waits for the queued work; for timing and tests.
     pub fn synchronize(&self) {
         ok(self.stream.synchronize(), "synchronize");
+    }
+
+    /// Seconds the GPU spends on the work `queue` puts on the stream, between two events, as
+    /// PyTorch's benchmarks time it (the host's launch and wait costs stay out).
+    pub fn device_seconds(&self, queue: impl FnOnce()) -> f64 {
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = ok(self.stream.record_event(timing), "event");
+        queue();
+        let end = ok(self.stream.record_event(timing), "event");
+        f64::from(ok(start.elapsed_ms(&end), "event timing")) / 1e3
     }
 
     /// Grid for an elementwise kernel over `n` values, 256 threads a block.
@@ -662,7 +770,7 @@ impl Backend for Cuda {
             return;
         }
         let (hd, group) = (shape.head_dim, shape.q_heads / shape.kv_heads);
-        let variant = match (hd, group) {
+        let (split_kernel, resident) = &self.k.attn_split[match (hd, group) {
             (32 | 64 | 128 | 256, 1 | 2 | 4 | 8) if group * shape.kv_heads == shape.q_heads => {
                 (hd / 32).trailing_zeros() as usize * 4 + group.trailing_zeros() as usize
             }
@@ -671,70 +779,105 @@ impl Backend for Cuda {
                  heads per KV head, not head_dim {hd} with {} over {}",
                 shape.q_heads, shape.kv_heads
             ),
+        }];
+        let prefill = PREFILL_HEAD_DIMS.iter().position(|&d| d == hd);
+        let tile_rows = match prefill {
+            Some(_) if kv.shape.block_tokens <= PREFILL_N => PREFILL_M / group,
+            _ => 0,
+        };
+        let plan = AttnPlan {
+            kv_heads: shape.kv_heads,
+            tile_rows,
         };
         let mut sc = self.scratch.borrow_mut();
         let sc = &mut *sc;
         let t = &mut sc.attn;
-        t.update(&self.stream, seqs, rows * shape.kv_heads, self.sms);
-        let (splits, segs_per_split) = (t.splits, t.segs_per_split);
-        let (row_seq, meta, segs) = t.device();
-        let part_o = grown(
-            &self.stream,
-            &mut sc.part_o,
-            rows * shape.q_heads * splits * hd,
-        );
-        let part_lse = grown(
-            &self.stream,
-            &mut sc.part_lse,
-            rows * shape.q_heads * splits,
-        );
+        t.update(&self.stream, seqs, plan, self.sms * resident);
+        let (slots, tiles, splits, segs_per_split) = (t.slots, t.tiles, t.splits, t.segs_per_split);
+        let [slot_rows, meta, segs, tile_table] = t.device();
         let g = geom(&kv.shape);
-        let (qw, qc, l, sps, sp) = (
-            q_width as i32,
-            q_col as i32,
-            layer as i32,
-            segs_per_split as i32,
-            splits as i32,
-        );
-        let mut b = self.stream.launch_builder(&self.k.attn_split[variant]);
-        b.arg(q)
-            .arg(&qw)
-            .arg(&qc)
-            .arg(&kv.k)
-            .arg(&kv.v)
-            .arg(&g)
-            .arg(&l)
-            .arg(&shape.scale)
-            .arg(row_seq)
-            .arg(meta)
-            .arg(segs)
-            .arg(&sps)
-            .arg(&mut *part_o)
-            .arg(&mut *part_lse)
-            .arg(&sp);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, shape.kv_heads as u32, splits as u32),
-            block_dim: (ATTN_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: the metadata tables were built above from `seqs`, whose segments name blocks
-        // of this cache; the partial buffers hold rows * q_heads * splits entries.
-        ok(unsafe { b.launch(cfg) }, "attention");
-        let (spl, hdi) = (splits as i32, hd as i32);
-        let mut b = self.stream.launch_builder(&self.k.attn_merge);
-        b.arg(&*part_o)
-            .arg(&*part_lse)
-            .arg(&spl)
-            .arg(&hdi)
-            .arg(out)
-            .arg(lse);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, shape.q_heads as u32, 1),
-            block_dim: (hd as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: out holds rows * q_heads * hd values and lse rows * q_heads.
-        ok(unsafe { b.launch(cfg) }, "attention merge");
+        let (qw, qc, l) = (q_width as i32, q_col as i32, layer as i32);
+        if slots > 0 {
+            let part_o = grown(
+                &self.stream,
+                &mut sc.part_o,
+                slots * shape.q_heads * splits * hd,
+            );
+            let part_lse = grown(
+                &self.stream,
+                &mut sc.part_lse,
+                slots * shape.q_heads * splits,
+            );
+            let (sps, sp) = (segs_per_split as i32, splits as i32);
+            let mut b = self.stream.launch_builder(split_kernel);
+            b.arg(q)
+                .arg(&qw)
+                .arg(&qc)
+                .arg(&kv.k)
+                .arg(&kv.v)
+                .arg(&g)
+                .arg(&l)
+                .arg(&shape.scale)
+                .arg(slot_rows)
+                .arg(meta)
+                .arg(segs)
+                .arg(&sps)
+                .arg(&mut *part_o)
+                .arg(&mut *part_lse)
+                .arg(&sp);
+            let cfg = LaunchConfig {
+                grid_dim: (slots as u32, shape.kv_heads as u32, splits as u32),
+                block_dim: (ATTN_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the metadata tables were built above from `seqs`, whose segments name
+            // blocks of this cache; the partial buffers hold slots * q_heads * splits entries.
+            ok(unsafe { b.launch(cfg) }, "attention");
+            let hdi = hd as i32;
+            let mut b = self.stream.launch_builder(&self.k.attn_merge);
+            b.arg(&*part_o)
+                .arg(&*part_lse)
+                .arg(slot_rows)
+                .arg(&sp)
+                .arg(&hdi)
+                .arg(&mut *out)
+                .arg(&mut *lse);
+            let cfg = LaunchConfig {
+                grid_dim: (slots as u32, shape.q_heads as u32, 1),
+                block_dim: (hd as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: every slot names a row below `rows`; out holds rows * q_heads * hd values
+            // and lse rows * q_heads.
+            ok(unsafe { b.launch(cfg) }, "attention merge");
+        }
+        if let (Some(p), true) = (prefill, tiles > 0) {
+            let kernel = &self.k.attn_prefill[p * 4 + group.trailing_zeros() as usize];
+            let nt = tiles as i32;
+            let mut b = self.stream.launch_builder(kernel);
+            b.arg(q)
+                .arg(&qw)
+                .arg(&qc)
+                .arg(&kv.k)
+                .arg(&kv.v)
+                .arg(&g)
+                .arg(&l)
+                .arg(&shape.scale)
+                .arg(tile_table)
+                .arg(&nt)
+                .arg(meta)
+                .arg(segs)
+                .arg(out)
+                .arg(lse);
+            let cfg = LaunchConfig {
+                grid_dim: (tiles as u32, shape.kv_heads as u32, 1),
+                block_dim: (ATTN_THREADS, 1, 1),
+                shared_mem_bytes: prefill_shared_bytes(hd) as u32,
+            };
+            // SAFETY: tiles name rows of `seqs` and their segments blocks of this cache (at
+            // most PREFILL_N tokens a block, checked above); out and lse cover every row.
+            ok(unsafe { b.launch(cfg) }, "prefill attention");
+        }
     }
 
     fn argmax_rows(&self, x: &CudaSlice<f32>, rows: usize, width: usize) -> Vec<u32> {
@@ -775,5 +918,22 @@ impl Backend for Cuda {
             unsafe { b.launch(Self::per_row(rows.len(), 256)) },
             "gather_rows",
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::splits_for;
+
+    #[test]
+    fn splits_fill_the_last_wave() {
+        // One long row on 8 KV heads, 396 blocks a wave: 48 splits make 384 blocks.
+        assert_eq!(splits_for(8, 396, 8192), 48);
+        // 512 blocks are 1.3 waves unsplit; 3 splits are 3.9 waves.
+        assert_eq!(splits_for(512, 396, 256), 3);
+        // Short rows cannot be split further than their segments.
+        assert_eq!(splits_for(8, 396, 4), 4);
+        // A grid of whole waves needs no split.
+        assert_eq!(splits_for(792, 396, 100), 1);
     }
 }
