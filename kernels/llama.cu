@@ -114,11 +114,12 @@ extern "C" __global__ void silu_mul(const float* x, float* out, int rows, int wi
     }
 }
 
-// Greedy choice per row: one block per row; ties go to the lowest index, NaN never wins.
-extern "C" __global__ void argmax_rows(const float* x, u32* out, int width) {
+// Index of the largest value of a row, for every thread of the block; ties go to the lowest
+// index, NaN never wins, and a row of NaN or -inf only gives 0 (as the host's argmax).
+__device__ int block_argmax(const float* r, int width) {
     __shared__ float best_v[32];
     __shared__ int best_i[32];
-    const float* r = x + (size_t)blockIdx.x * width;
+    __shared__ int result;
     float v = NEG_INF;
     int idx = width;
     for (int i = threadIdx.x; i < width; i += blockDim.x)
@@ -147,9 +148,169 @@ extern "C" __global__ void argmax_rows(const float* x, u32* out, int width) {
                 v = best_v[w];
                 idx = best_i[w];
             }
-        // A row of NaN or -inf only: the first index, as the host's argmax.
-        out[blockIdx.x] = idx < width ? idx : 0;
+        result = idx < width ? idx : 0;
     }
+    __syncthreads();
+    return result;
+}
+
+// `RowDraw` of worker/src/sampling.rs.
+struct RowDraw {
+    float temperature;
+    u32 top_k;
+    float top_p;
+    float u;
+};
+
+// Order-preserving key of a float: a larger value has a larger key.
+__device__ __forceinline__ u32 order_key(float f) {
+    u32 b = __float_as_uint(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// Sums each of 16 per-thread values over the block into `tot`, in a fixed order, so the same
+// row always gives the same sums (no atomics).
+__device__ void block_sum16(const float* v, float (*red)[16], float* tot) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    __syncthreads();
+#pragma unroll
+    for (int b = 0; b < 16; ++b) {
+        float x = warp_sum(v[b]);
+        if (lane == 0) red[warp][b] = x;
+    }
+    __syncthreads();
+    if (threadIdx.x < 16) {
+        float t = 0.f;
+        for (int w = 0; w < warps; ++w) t += red[w][threadIdx.x];
+        tot[threadIdx.x] = t;
+    }
+    __syncthreads();
+}
+
+// Radix selection over the keys of a row, four bits a pass from the top: the largest key `t`
+// such that the keys at or above `t` (among those at or above `floor`) reach `need`, counted
+// one per key (`by_mass` false) or by weight exp((x - m) * inv_t).
+__device__ u32 radix_cut(const float* r, int width, u32 floor, bool by_mass, float need, float m,
+                         float inv_t, float (*red)[16], float* tot) {
+    __shared__ u32 prefix_s;
+    __shared__ float need_s;
+    u32 prefix = 0;
+    for (int shift = 28; shift >= 0; shift -= 4) {
+        const u32 hi = shift == 28 ? 0u : ~0u << (shift + 4);
+        float bins[16];
+#pragma unroll
+        for (int b = 0; b < 16; ++b) bins[b] = 0.f;
+        for (int i = threadIdx.x; i < width; i += blockDim.x) {
+            const u32 key = order_key(r[i]);
+            if (key < floor || (key & hi) != (prefix & hi)) continue;
+            const u32 bin = (key >> shift) & 15u;
+            const float w = by_mass ? __expf((r[i] - m) * inv_t) : 1.f;
+#pragma unroll
+            for (int b = 0; b < 16; ++b) bins[b] += bin == (u32)b ? w : 0.f;
+        }
+        block_sum16(bins, red, tot);
+        if (threadIdx.x == 0) {
+            int b = 15;
+            // The bin where the running total from the top reaches what is still needed; the
+            // lowest non-empty one if rounding leaves the total short.
+            int lowest = -1;
+            for (; b >= 0; --b) {
+                if (tot[b] > 0.f) lowest = b;
+                if (tot[b] >= need) break;
+                need -= tot[b];
+            }
+            if (b < 0) b = lowest < 0 ? 0 : lowest;
+            prefix_s = prefix | ((u32)b << shift);
+            need_s = need;
+        }
+        __syncthreads();
+        prefix = prefix_s;
+        need = need_s;
+    }
+    return prefix;
+}
+
+// The token each row gives under its draw (the rule of worker/src/sampling.rs): one block of
+// 1024 threads per row, and only the token id leaves the GPU.
+extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* x, const RowDraw* draws, u32* out,
+                                                               int width) {
+    __shared__ float red[32][16];
+    __shared__ float tot[16];
+    __shared__ float scan[32];
+    __shared__ int picked;
+    const float* r = x + (size_t)blockIdx.x * width;
+    const RowDraw d = draws[blockIdx.x];
+    if (d.temperature <= 0.f || d.top_k == 1) {
+        int i = block_argmax(r, width);
+        if (threadIdx.x == 0) out[blockIdx.x] = i;
+        return;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    float m = NEG_INF;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) m = fmaxf(m, r[i]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (lane == 0) scan[warp] = m;
+    __syncthreads();
+    m = NEG_INF;
+    for (int w = 0; w < warps; ++w) m = fmaxf(m, scan[w]);
+    const float inv_t = 1.f / d.temperature;
+
+    u32 cut = 0;
+    if (d.top_k > 0 && d.top_k < (u32)width) cut = radix_cut(r, width, 0, false, (float)d.top_k, m, inv_t, red, tot);
+    if (d.top_p < 1.f) {
+        float kept = 0.f;
+        for (int i = threadIdx.x; i < width; i += blockDim.x)
+            if (order_key(r[i]) >= cut) kept += __expf((r[i] - m) * inv_t);
+        float v[16] = {kept};
+        block_sum16(v, red, tot);
+        cut = radix_cut(r, width, cut, true, d.top_p * tot[0], m, inv_t, red, tot);
+    }
+
+    // Inverse CDF in index order: each thread sums its own run of indices, a scan over the
+    // threads finds the run holding u * total, and that thread walks it.
+    const int run = (width + blockDim.x - 1) / blockDim.x;
+    const int lo = min(width, (int)threadIdx.x * run), hi = min(width, lo + run);
+    float mine = 0.f;
+    for (int i = lo; i < hi; ++i)
+        if (order_key(r[i]) >= cut) mine += __expf((r[i] - m) * inv_t);
+    float incl = mine;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        float y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += y;
+    }
+    __syncthreads();
+    if (lane == 31) scan[warp] = incl;
+    if (threadIdx.x == 0) picked = -1;
+    __syncthreads();
+    float before = 0.f, total = 0.f;
+    for (int w = 0; w < warps; ++w) {
+        if (w < warp) before += scan[w];
+        total += scan[w];
+    }
+    const float start = before + incl - mine, target = d.u * total;
+    if (mine > 0.f && start <= target && target < start + mine) {
+        float acc = start;
+        int last = -1;
+        for (int i = lo; i < hi; ++i)
+            if (order_key(r[i]) >= cut) {
+                acc += __expf((r[i] - m) * inv_t);
+                last = i;
+                if (acc > target) break;
+            }
+        atomicMax(&picked, last);
+    }
+    __syncthreads();
+    if (picked < 0) {
+        // Rounding put the target past the last kept token: take that token.
+        int last = -1;
+        for (int i = threadIdx.x; i < width; i += blockDim.x)
+            if (order_key(r[i]) >= cut) last = i;
+        atomicMax(&picked, last);
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[blockIdx.x] = picked < 0 ? 0 : picked;
 }
 
 extern "C" __global__ void gather_rows(const float* x, const u32* rows, float* out, int width) {

@@ -23,7 +23,7 @@ for line in sys.stdin:
 
 cargo build --release -p infinite-llm-worker --bins --message-format=json | collect bin
 cargo test --release -p infinite-llm-worker --no-run --message-format=json \
-	--test gpu_kernels --test gpu_parity 2>/dev/null | collect test
-cargo bench -p infinite-llm-worker --no-run --message-format=json --bench gpu_bench 2>/dev/null |
+	--test gpu_kernels --test gpu_parity | collect test
+cargo bench -p infinite-llm-worker --no-run --message-format=json --bench gpu_bench |
 	collect bench
 ls -la "$out"

@@ -24,7 +24,7 @@ use crate::peer::tcp::TcpPeers;
 use crate::peer::{Incoming, PeerMsg};
 use crate::request::{Event, FinishReason, GenerateRequest, SubmitError};
 use crate::rmanager::RManager;
-use crate::sampling::Sampler;
+use crate::sampling::{RowDraw, Sampler};
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
 
 /// How long a stalled engine sleeps on its inbox before it looks again.
@@ -137,7 +137,7 @@ pub enum EngineError {
 
 /// What a step hands back for its sampling rows.
 enum Picked {
-    /// The greedy token of each row, chosen by the backend.
+    /// The token of each row, chosen by the backend under the row's draw.
     Tokens(Vec<u32>),
     /// `[rows, vocab]` logits, for the samplers.
     Logits(Vec<f32>),
@@ -669,12 +669,27 @@ impl<B: Backend> Runner<B> {
         if step.items.is_empty() {
             return false;
         }
-        // When no sampling row needs more than the top token, only token ids leave the device.
-        let greedy = step.items.iter().filter(|it| it.samples).all(|it| {
+        // When no sampling row needs more than its token, only token ids leave the device.
+        let token_only = step.items.iter().filter(|it| it.samples).all(|it| {
             self.active
                 .get(&it.seq)
-                .is_some_and(|a| a.sampler.is_plain_greedy())
+                .is_some_and(|a| a.sampler.wants_token_only())
         });
+        let draws: Vec<RowDraw> = if token_only {
+            step.items
+                .iter()
+                .filter(|it| it.samples)
+                .map(|it| {
+                    self.active
+                        .get_mut(&it.seq)
+                        .expect("scheduled requests are active")
+                        .sampler
+                        .next_draw()
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut local = NoExchange;
         let mut pooled;
         let exchange: &mut dyn Exchange = match self.link.as_mut() {
@@ -686,9 +701,9 @@ impl<B: Backend> Runner<B> {
             _ => &mut local,
         };
         let input = step.input();
-        let picked = if greedy {
+        let picked = if token_only {
             self.model
-                .forward_greedy(&mut self.kv, &input, exchange)
+                .forward_sampled(&mut self.kv, &input, &draws, exchange)
                 .map(Picked::Tokens)
         } else {
             self.model

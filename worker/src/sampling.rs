@@ -1,9 +1,45 @@
 //! Choosing the next token from logits: greedy, temperature, top-k, top-p, seeded.
+//!
+//! The rule, which the CUDA kernel (`sample_rows` in kernels/llama.cu) follows too, so that a
+//! seeded request gives the same tokens wherever its logits are: keep the logits at or above
+//! the k-th largest (top-k; ties at the cut stay), then, among those, the largest ones whose
+//! probability at the temperature reaches `top_p` (the cut's ties stay too), and draw by
+//! inverse CDF in token-id order with one uniform number from the request's own generator.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::request::{SamplingParams, TokenLogprob};
+
+/// What picking one row's token takes, once the sampler's random number is drawn: the backend
+/// applies it where the logits are.
+#[repr(C)] // the layout of `RowDraw` in kernels/llama.cu
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowDraw {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means no top-k cut.
+    pub top_k: u32,
+    /// 1.0 means no nucleus cut.
+    pub top_p: f32,
+    /// Uniform in [0, 1).
+    pub u: f32,
+}
+
+impl RowDraw {
+    pub fn greedy() -> Self {
+        RowDraw {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            u: 0.0,
+        }
+    }
+
+    fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0 || self.top_k == 1
+    }
+}
 
 /// One request's sampler. Its random stream depends only on the seed, so a seeded request gives
 /// the same output whatever else is in the batch.
@@ -21,67 +57,100 @@ impl Sampler {
         }
     }
 
-    /// Whether this sampler only ever takes the largest logit and reports nothing else, so the
-    /// backend can choose the token where the logits are.
-    pub fn is_plain_greedy(&self) -> bool {
-        (self.params.temperature == 0.0 || self.params.top_k == 1) && self.params.logprobs.is_none()
+    /// Whether the token alone is wanted (no log-probabilities), so the backend can pick it
+    /// where the logits are.
+    pub fn wants_token_only(&self) -> bool {
+        self.params.logprobs.is_none()
+    }
+
+    /// The next token's draw; takes one number from the generator unless greedy.
+    pub fn next_draw(&mut self) -> RowDraw {
+        let p = &self.params;
+        let mut d = RowDraw {
+            temperature: p.temperature,
+            top_k: p.top_k.min(u32::MAX as usize) as u32,
+            top_p: p.top_p,
+            u: 0.0,
+        };
+        if !d.is_greedy() {
+            d.u = self.rng.random::<f32>();
+        }
+        d
     }
 
     /// Picks a token from one row of logits and, if asked, its log-probability under the model
     /// (before temperature and cuts, as OpenAI reports it) with the top alternatives.
     pub fn sample(&mut self, logits: &[f32]) -> (u32, Option<TokenLogprob>) {
-        let greedy = self.params.temperature == 0.0 || self.params.top_k == 1;
-        let id = if greedy {
-            argmax(logits)
-        } else {
-            self.draw(logits)
-        };
+        let id = draw(logits, &self.next_draw());
         let logprob = self.params.logprobs.map(|n| token_logprob(logits, id, n));
         (id, logprob)
     }
+}
 
-    fn draw(&mut self, logits: &[f32]) -> u32 {
-        let p = &self.params;
-        let inv_t = 1.0 / p.temperature;
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, l * inv_t))
-            .collect();
-        let by_logit_desc =
-            |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if p.top_k > 0 && p.top_k < cand.len() {
-            cand.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
-            cand.truncate(p.top_k);
-        }
-        cand.sort_unstable_by(by_logit_desc);
-        let m = cand[0].1;
-        let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - m).exp()).collect();
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|x| *x /= total);
-        if p.top_p < 1.0 {
-            // Keep the smallest prefix whose mass reaches top_p (always at least one token).
-            let mut mass = 0.0;
-            let keep = probs
-                .iter()
-                .position(|&x| {
-                    mass += x;
-                    mass >= p.top_p
-                })
-                .map_or(probs.len(), |i| i + 1);
-            probs.truncate(keep);
-            cand.truncate(keep);
-        }
-        let total: f32 = probs.iter().sum();
-        let mut u = self.rng.random::<f32>() * total;
-        for (c, x) in cand.iter().zip(&probs) {
-            if u < *x {
-                return c.0;
-            }
-            u -= x;
-        }
-        cand[probs.len() - 1].0
+/// The token `d` picks from one row of logits (the rule in this module's header).
+pub fn draw(logits: &[f32], d: &RowDraw) -> u32 {
+    if d.is_greedy() {
+        return argmax(logits);
     }
+    let weight = weights(logits, d);
+    let cut = kept_cut(logits, d);
+    let total: f32 = logits
+        .iter()
+        .filter(|&&l| l >= cut)
+        .map(|&l| weight(l))
+        .sum();
+    let target = d.u * total;
+    let mut acc = 0.0;
+    let mut last = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l >= cut {
+            acc += weight(l);
+            last = i;
+            if acc > target {
+                return i as u32;
+            }
+        }
+    }
+    last as u32
+}
+
+/// exp((l - max) / temperature), the unnormalised probability of a logit.
+fn weights(logits: &[f32], d: &RowDraw) -> impl Fn(f32) -> f32 {
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let inv_t = 1.0 / d.temperature;
+    move |l: f32| ((l - m) * inv_t).exp()
+}
+
+/// The smallest logit a non-greedy draw keeps, after its top-k and top-p cuts.
+pub fn kept_cut(logits: &[f32], d: &RowDraw) -> f32 {
+    let weight = weights(logits, d);
+    let mut cut = f32::NEG_INFINITY;
+    let k = d.top_k as usize;
+    let cuts_k = k > 0 && k < logits.len();
+    if !cuts_k && d.top_p >= 1.0 {
+        return cut;
+    }
+    let mut sorted = logits.to_vec();
+    sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+    if cuts_k {
+        cut = sorted[k - 1];
+        sorted.truncate(k);
+    }
+    if d.top_p < 1.0 {
+        let kept: f32 = logits
+            .iter()
+            .filter(|&&l| l >= cut)
+            .map(|&l| weight(l))
+            .sum();
+        let mut mass = 0.0;
+        for &l in &sorted {
+            mass += weight(l);
+            if mass >= d.top_p * kept {
+                return cut.max(l);
+            }
+        }
+    }
+    cut
 }
 
 /// Index of the largest logit; the lowest index wins a tie, so greedy output is deterministic.
@@ -158,6 +227,17 @@ mod tests {
         let mut s = Sampler::new(params(1.0, 0, 0.5, 3));
         for _ in 0..200 {
             assert!([1, 4].contains(&s.sample(&LOGITS).0));
+        }
+    }
+
+    #[test]
+    fn ties_at_a_cut_stay() {
+        let logits = [2.0, 2.0, 2.0, 0.0];
+        for (top_k, top_p) in [(2, 1.0), (0, 0.1)] {
+            let mut s = Sampler::new(params(1.0, top_k, top_p, 5));
+            let seen: std::collections::BTreeSet<u32> =
+                (0..300).map(|_| s.sample(&logits).0).collect();
+            assert_eq!(seen, [0, 1, 2].into(), "top_k {top_k} top_p {top_p}");
         }
     }
 

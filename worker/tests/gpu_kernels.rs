@@ -7,7 +7,7 @@
 
 use infinite_llm_worker::backend::cuda::{self, Cuda};
 use infinite_llm_worker::backend::{AttnSeq, AttnShape, Backend, KvSegment, KvShape, NO_SLOT};
-use infinite_llm_worker::sampling::argmax;
+use infinite_llm_worker::sampling::{RowDraw, argmax, draw, kept_cut};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -481,9 +481,9 @@ fn paged_attention_matches_float64() {
 }
 
 #[test]
-fn argmax_rows_matches_the_host_argmax() {
+fn greedy_rows_take_the_host_argmax() {
     let Some(g) = gpu() else { return };
-    let mut r = rng("argmax_rows_matches_the_host_argmax");
+    let mut r = rng("greedy_rows_take_the_host_argmax");
     for (rows, width) in [(1, 128256), (5, 32000), (33, 1000)] {
         let mut x = randn(&mut r, rows * width, 10.0);
         // A tie on the maximum in row 0 (the lower index must win) and a row of -inf last.
@@ -496,10 +496,95 @@ fn argmax_rows_matches_the_host_argmax() {
         if rows > 1 {
             x[(rows - 1) * width..].fill(f32::NEG_INFINITY);
         }
-        let got = g.argmax_rows(&upload(&g, &x), rows, width);
+        let got = g.sample_rows(&upload(&g, &x), rows, width, &vec![RowDraw::greedy(); rows]);
         let want: Vec<u32> = x.chunks(width).map(argmax).collect();
         assert_eq!(got, want, "{rows} rows of {width}");
         assert_eq!(got[0], a as u32, "a tie goes to the lowest index");
+    }
+}
+
+/// Draws of every kind over `rows` rows of `width` random logits, with ties at the top (row 5
+/// cuts at 3 of 8) and a row half masked to -inf.
+fn sampling_case(r: &mut StdRng, rows: usize, width: usize) -> (Vec<f32>, Vec<RowDraw>) {
+    // (temperature, top_k, top_p); top_k past the width means no cut.
+    let configs = [
+        (1.0, 0, 1.0),
+        (0.7, 50, 1.0),
+        (1.3, 0, 0.9),
+        (0.5, 20, 0.5),
+        (1.0, 1_000_000, 0.95),
+        (2.0, 3, 0.99),
+        (1.0, 1, 1.0),
+        (0.0, 0, 1.0),
+    ];
+    let mut x = randn(r, rows * width, 3.0);
+    x[..8].fill(5.0);
+    x[5 * width..5 * width + 8].fill(5.0);
+    x[width..width + width / 2].fill(f32::NEG_INFINITY);
+    let draws = (0..rows)
+        .map(|i| {
+            let (temperature, top_k, top_p) = configs[i % configs.len()];
+            RowDraw {
+                temperature,
+                top_k,
+                top_p,
+                u: r.random::<f32>(),
+            }
+        })
+        .collect();
+    (x, draws)
+}
+
+/// Sampling on the GPU follows the host's rule (worker/src/sampling.rs): over a small
+/// vocabulary the same draw picks the same token, for temperature, top-k, top-p and their
+/// mixes. The sums run in another order there, so a draw within rounding of a boundary may
+/// pick the neighbour: at most 1% of the rows may differ.
+#[test]
+fn sampled_rows_pick_what_the_host_picks() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng("sampled_rows_pick_what_the_host_picks");
+    let (rows, width) = (1024, 256);
+    let (x, draws) = sampling_case(&mut r, rows, width);
+    let got = g.sample_rows(&upload(&g, &x), rows, width, &draws);
+    let differ: Vec<_> = x
+        .chunks(width)
+        .zip(&draws)
+        .zip(&got)
+        .filter(|((row, d), t)| draw(row, d) != **t)
+        .map(|((_, d), t)| (*d, *t))
+        .collect();
+    eprintln!(
+        "sampling over {width} tokens: {} of {rows} rows differ from the host",
+        differ.len()
+    );
+    assert!(differ.len() * 100 <= rows, "{differ:?}");
+}
+
+/// Over real vocabulary sizes every pick stays inside the top-k and top-p cuts (the cut taken
+/// a hair looser, for rounding), and greedy rows take the host's argmax.
+#[test]
+fn sampled_rows_stay_inside_the_cuts() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng("sampled_rows_stay_inside_the_cuts");
+    for (rows, width) in [(33, 32000), (16, 128256)] {
+        let (x, draws) = sampling_case(&mut r, rows, width);
+        let got = g.sample_rows(&upload(&g, &x), rows, width, &draws);
+        for (i, ((row, d), &t)) in x.chunks(width).zip(&draws).zip(&got).enumerate() {
+            let picked = row[t as usize];
+            if d.temperature == 0.0 || d.top_k == 1 {
+                assert_eq!(t, argmax(row), "row {i}: greedy");
+                continue;
+            }
+            let loose = RowDraw {
+                top_p: (d.top_p + 0.01).min(1.0),
+                ..*d
+            };
+            assert!(
+                picked.is_finite() && picked >= kept_cut(row, &loose),
+                "row {i} of {width}: {d:?} picked {t} (logit {picked}), cut {}",
+                kept_cut(row, d)
+            );
+        }
     }
 }
 

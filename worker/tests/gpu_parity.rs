@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use infinite_llm_worker::backend::cuda::{self, Cuda};
 use infinite_llm_worker::backend::{AttnSeq, Backend, KvSegment};
 use infinite_llm_worker::model::llama::{Llama, NoExchange, StepInput};
-use infinite_llm_worker::sampling::argmax;
+use infinite_llm_worker::sampling::{RowDraw, argmax};
 use serde::Deserialize;
 
 const BLOCK_TOKENS: usize = 16;
@@ -101,7 +101,7 @@ fn logits_match_transformers() {
         let ours = argmax(&logits);
         // The same step again, choosing on the GPU: it must pick what the host picks.
         let on_gpu = model
-            .forward_greedy(&mut kv, &input, &mut NoExchange)
+            .forward_sampled(&mut kv, &input, &[RowDraw::greedy()], &mut NoExchange)
             .unwrap();
         assert_eq!(on_gpu, [ours], "step {i}: greedy choice on the GPU");
         eprintln!(

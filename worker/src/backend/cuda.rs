@@ -19,6 +19,7 @@ use rayon::prelude::*;
 
 use super::kernel_build::{self, BuildError};
 use super::{AttnSeq, AttnShape, Backend, KvShape, NO_SLOT};
+use crate::sampling::RowDraw;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
@@ -78,7 +79,7 @@ struct Kernels {
     rope: CudaFunction,
     silu_mul: CudaFunction,
     gather_rows: CudaFunction,
-    argmax_rows: CudaFunction,
+    sample_rows: CudaFunction,
     kv_write: CudaFunction,
     attn_merge: CudaFunction,
     /// `attn_split_h{head_dim}_g{query heads per kv head}`, indexed by log2(head_dim / 32) and
@@ -132,6 +133,7 @@ struct Scratch {
     inv_freq: Table<f32>,
     slots: Table<u32>,
     rows: Table<u32>,
+    draws: Table<RowDraw>,
     attn: AttnTables,
     x_bf16: Option<CudaSlice<u16>>,
     picks: Option<CudaSlice<u32>>,
@@ -329,6 +331,8 @@ struct KvGeom {
 
 // SAFETY: a plain C struct of four ints, the same layout as the kernel's.
 unsafe impl DeviceRepr for KvGeom {}
+// SAFETY: repr(C), four 4-byte fields, the layout of the kernel's RowDraw.
+unsafe impl DeviceRepr for RowDraw {}
 
 impl Cuda {
     /// Opens GPU `ordinal` and compiles (or loads from the cache) the kernels for it.
@@ -389,7 +393,7 @@ impl Cuda {
             rope: f("rope")?,
             silu_mul: f("silu_mul")?,
             gather_rows: f("gather_rows")?,
-            argmax_rows: f("argmax_rows")?,
+            sample_rows: f("sample_rows")?,
             kv_write: f("kv_write")?,
             attn_merge: f("attn_merge")?,
             attn_split,
@@ -419,6 +423,7 @@ impl Cuda {
                 inv_freq: Table::new(),
                 slots: Table::new(),
                 rows: Table::new(),
+                draws: Table::new(),
                 attn: AttnTables::new(),
                 x_bf16: None,
                 picks: None,
@@ -880,19 +885,28 @@ impl Backend for Cuda {
         }
     }
 
-    fn argmax_rows(&self, x: &CudaSlice<f32>, rows: usize, width: usize) -> Vec<u32> {
+    fn sample_rows(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        width: usize,
+        draws: &[RowDraw],
+    ) -> Vec<u32> {
         if rows == 0 {
             return Vec::new();
         }
+        assert_eq!(draws.len(), rows, "one draw per row");
         let mut s = self.scratch.borrow_mut();
+        let s = &mut *s;
+        let draws_dev = s.draws.put(&self.stream, draws);
         let picks = grown(&self.stream, &mut s.picks, rows);
         let w = width as i32;
-        let mut b = self.stream.launch_builder(&self.k.argmax_rows);
-        b.arg(x).arg(&mut *picks).arg(&w);
-        // SAFETY: x holds rows rows of `width`, picks at least rows entries.
+        let mut b = self.stream.launch_builder(&self.k.sample_rows);
+        b.arg(x).arg(draws_dev).arg(&mut *picks).arg(&w);
+        // SAFETY: x holds rows rows of `width`, draws and picks at least rows entries.
         ok(
             unsafe { b.launch(Self::per_row(rows, 1024)) },
-            "argmax_rows",
+            "sample_rows",
         );
         ok(self.stream.clone_dtoh(&picks.slice(..rows)), "download")
     }

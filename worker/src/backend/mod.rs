@@ -11,6 +11,8 @@ mod vector_math;
 
 use std::ops::Range;
 
+use crate::sampling::RowDraw;
+
 /// Geometry of the paged KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvShape {
@@ -168,10 +170,13 @@ pub trait Backend: Send + 'static {
     );
     /// Gathers rows `rows` of `[_, width]` into `out`, in order.
     fn gather_rows(&self, x: &Self::Buf, width: usize, rows: &[usize], out: &mut Self::Buf);
-    /// Index of the largest value of each of `rows` rows of `width` (the lowest index wins a
-    /// tie, as `sampling::argmax`): greedy decoding without bringing the logits to the host.
-    fn argmax_rows(&self, x: &Self::Buf, rows: usize, width: usize) -> Vec<u32> {
+    /// The token each of `rows` rows of `width` logits gives under its draw (the rule of
+    /// `sampling`), chosen where the logits are: only token ids come back from a GPU.
+    fn sample_rows(&self, x: &Self::Buf, rows: usize, width: usize, draws: &[RowDraw]) -> Vec<u32> {
         let host = self.download(x, rows * width);
-        host.chunks(width).map(crate::sampling::argmax).collect()
+        host.chunks(width)
+            .zip(draws)
+            .map(|(row, d)| crate::sampling::draw(row, d))
+            .collect()
     }
 }

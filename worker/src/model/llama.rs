@@ -10,6 +10,7 @@ use crate::backend::{AttnSeq, AttnShape, Backend, KvShape};
 use crate::dist_attention::{self, AttnCall, PartOut, QkvLayout};
 use crate::model::config::ModelConfig;
 use crate::model::weights::{Weights, WeightsError};
+use crate::sampling::RowDraw;
 use crate::scheduler::RemotePart;
 
 #[derive(Debug, thiserror::Error)]
@@ -280,16 +281,17 @@ impl<B: Backend> Llama<B> {
         })
     }
 
-    /// Runs one step and returns the greedy token of each of `logit_rows`, chosen where the
-    /// logits are (on a GPU only the token ids come back).
-    pub fn forward_greedy(
+    /// Runs one step and returns the token each of `logit_rows` gives under its draw, chosen
+    /// where the logits are (on a GPU only the token ids come back).
+    pub fn forward_sampled(
         &mut self,
         kv: &mut B::Kv,
         input: &StepInput,
+        draws: &[RowDraw],
         exchange: &mut dyn Exchange,
     ) -> Result<Vec<u32>, RemoteError> {
         self.layers_and_head(kv, input, exchange, |b, logits, m, vocab| {
-            b.argmax_rows(logits, m, vocab)
+            b.sample_rows(logits, m, vocab, draws)
         })
     }
 
