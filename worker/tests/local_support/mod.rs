@@ -103,6 +103,8 @@ pub struct Pool {
     pub gmanager_url: String,
     /// The cluster token, for the gManager's API and workers' internal routes.
     pub token: String,
+    /// Where the token is, for a worker that joins later.
+    pub token_file: PathBuf,
 }
 
 /// Starts local mode over `model` with `count` workers of `kv_blocks` rBlocks each, plus
@@ -132,6 +134,7 @@ pub fn start_pool(model: &Path, count: u16, kv_blocks: usize, extra: &[&str]) ->
         gmanager_pid: started.gmanager.0,
         gmanager_url: started.gmanager.1,
         token: std::fs::read_to_string(&started.token_file).expect("the cluster token file"),
+        token_file: started.token_file,
     }
 }
 

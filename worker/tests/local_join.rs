@@ -1,0 +1,100 @@
+//! Join, with real processes in local mode: a worker started after the pool registers with the
+//! gManager, becomes a creditor, and takes blocks of a request the pool could not hold before
+//! it came. The text is a single big worker's.
+
+mod local_support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use local_support::{
+    BIN, LONG_NEW_TOKENS as NEW_TOKENS, LONG_PROMPT as PROMPT, Launcher, demo_model, free_port,
+    greedy_text, metric, post_greedy, prompt, start_pool, until_metric,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_joins_later_lends_to_the_pool() {
+    let (_dir, model) = demo_model();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let reference = start_pool(&model, 1, 256, &[]);
+    // worker-0 holds 8 blocks and worker-1 lends none: the long request (12 blocks) does not fit.
+    let pool = start_pool(&model, 2, 8, &["--lend-fractions=0.5,0"]);
+    let home = pool.workers[0].clone();
+    let long = prompt(PROMPT, 1);
+    let want = greedy_text(
+        client.clone(),
+        reference.base.clone(),
+        long.clone(),
+        NEW_TOKENS,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let refused = post_greedy(&client, &home, &long, NEW_TOKENS).await;
+    assert_eq!(refused.status(), 400, "12 blocks fit nowhere yet");
+
+    // A third worker of 8 blocks lending half joins the running pool.
+    let port = free_port();
+    let late_url = format!("http://127.0.0.1:{port}");
+    let _late = Launcher(
+        Command::new(BIN)
+            .arg("serve")
+            .arg(format!("--model={}", model.display()))
+            .arg("--served-model-name=demo")
+            .arg("--host=127.0.0.1")
+            .arg(format!("--port={port}"))
+            .arg("--worker-id=worker-late")
+            .arg(format!("--gmanager-url={}", pool.gmanager_url))
+            .arg(format!("--token-file={}", pool.token_file.display()))
+            .arg("--peer-port=0")
+            .arg("--kv-blocks=8")
+            .arg("--lend-fraction=0.5")
+            .arg("--exit-on-stdin-eof")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the late worker starts"),
+    );
+
+    // Once the home has heard of it (its heartbeat reads the pool), the request fits.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let got = loop {
+        let resp = post_greedy(&client, &home, &long, NEW_TOKENS).await;
+        let status = resp.status();
+        let v: serde_json::Value = resp.json().await.unwrap();
+        if status.is_success() {
+            break v["choices"][0]["text"].as_str().unwrap().to_owned();
+        }
+        assert_eq!(status, 400, "{v}");
+        assert!(Instant::now() < deadline, "the pool never grew: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(got, want, "the text of one big worker");
+    let home_borrowed = metric(&client, &home, "ilm_kv_borrow_total").await;
+    assert!(
+        home_borrowed >= 4.0,
+        "the home borrowed its 4 missing blocks"
+    );
+    let late_borrowed = metric(&client, &late_url, "ilm_kv_borrow_total").await;
+    assert_eq!(
+        late_borrowed, 0.0,
+        "the late worker lends, it does not borrow"
+    );
+
+    // While a second long request runs, the blocks it borrows sit on the new worker.
+    let again = tokio::spawn(greedy_text(
+        client.clone(),
+        home.clone(),
+        prompt(PROMPT, 2),
+        NEW_TOKENS,
+    ));
+    until_metric(
+        &client,
+        &late_url,
+        "ilm_kv_blocks_lent",
+        1.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    again.await.unwrap();
+}
