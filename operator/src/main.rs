@@ -54,6 +54,10 @@ struct GManagerArgs {
     /// How often workers heartbeat; a worker silent for three intervals is expired.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     heartbeat_interval_ms: u64,
+    /// Stop when stdin reaches end of file: local mode's launcher holds the other end, so the
+    /// gManager goes when the launcher does, even when it is killed.
+    #[arg(long)]
+    exit_on_stdin_eof: bool,
 }
 
 #[derive(clap::Args)]
@@ -198,16 +202,37 @@ async fn serve_gmanager(args: GManagerArgs) -> Result<(), String> {
         ..GManagerConfig::default()
     };
     tracing::info!(%addr, heartbeat_interval_ms = args.heartbeat_interval_ms, "serving the gManager");
+    let watch_stdin = args.exit_on_stdin_eof;
     gmanager::serve(
         listener,
         config,
         Tokens::single("local", token),
-        wait_for_signal(),
+        async move {
+            tokio::select! {
+                () = wait_for_signal() => {}
+                () = stdin_closed(watch_stdin) => tracing::info!("stdin closed"),
+            }
+        },
     )
     .await
     .map_err(|e| format!("serving the gManager on {addr}: {e}"))?;
     tracing::info!("gManager stopped");
     Ok(())
+}
+
+/// Resolves once stdin is at its end (never, unless `watch`). The read runs on a plain thread,
+/// which the runtime's shutdown does not wait for.
+async fn stdin_closed(watch: bool) {
+    if !watch {
+        return std::future::pending().await;
+    }
+    let (closed, on_close) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        while std::io::Read::read(&mut stdin, &mut [0; 256]).is_ok_and(|n| n > 0) {}
+        drop(closed);
+    });
+    let _ = on_close.await;
 }
 
 async fn wait_for_signal() {

@@ -92,6 +92,7 @@ fn spawn_gmanager(port: u16, token_file: &Path, output: Output) -> anyhow::Resul
         "--host=127.0.0.1".to_owned(),
         format!("--port={port}"),
         format!("--token-file={}", token_file.display()),
+        "--exit-on-stdin-eof".to_owned(),
     ];
     Ok(ChildProcess::spawn_program(
         exe, "/healthz", "gmanager", args, port, output,
