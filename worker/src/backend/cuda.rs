@@ -13,7 +13,7 @@ use std::sync::Arc;
 use cudarc::cublas::{CudaBlas, sys as blas};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
-    DriverError, LaunchConfig, PushKernelArg,
+    DriverError, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use rayon::prelude::*;
 
@@ -334,6 +334,16 @@ unsafe impl DeviceRepr for KvGeom {}
 // SAFETY: repr(C), four 4-byte fields, the layout of the kernel's RowDraw.
 unsafe impl DeviceRepr for RowDraw {}
 
+/// The scalars every attention kernel of kernels/llama.cu takes around the query and cache
+/// pointers: `(q, q_width, q_col, k, v, geo, layer, scale, ...)`.
+struct AttnCommon {
+    q_width: i32,
+    q_col: i32,
+    geo: KvGeom,
+    layer: i32,
+    scale: f32,
+}
+
 impl Cuda {
     /// Opens GPU `ordinal` and compiles (or loads from the cache) the kernels for it.
     pub fn new(ordinal: usize) -> Result<Self, CudaError> {
@@ -455,6 +465,26 @@ impl Cuda {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         }
+    }
+
+    /// A launch of an attention kernel with the arguments they all start with pushed.
+    fn attention_args<'a>(
+        &'a self,
+        kernel: &'a CudaFunction,
+        q: &'a CudaSlice<f32>,
+        kv: &'a CudaKv,
+        c: &'a AttnCommon,
+    ) -> LaunchArgs<'a> {
+        let mut b = self.stream.launch_builder(kernel);
+        b.arg(q)
+            .arg(&c.q_width)
+            .arg(&c.q_col)
+            .arg(&kv.k)
+            .arg(&kv.v)
+            .arg(&c.geo)
+            .arg(&c.layer)
+            .arg(&c.scale);
+        b
     }
 
     fn per_row(rows: usize, threads: u32) -> LaunchConfig {
@@ -800,8 +830,13 @@ impl Backend for Cuda {
         t.update(&self.stream, seqs, plan, self.sms * resident);
         let (slots, tiles, splits, segs_per_split) = (t.slots, t.tiles, t.splits, t.segs_per_split);
         let [slot_rows, meta, segs, tile_table] = t.device();
-        let g = geom(&kv.shape);
-        let (qw, qc, l) = (q_width as i32, q_col as i32, layer as i32);
+        let common = AttnCommon {
+            q_width: q_width as i32,
+            q_col: q_col as i32,
+            geo: geom(&kv.shape),
+            layer: layer as i32,
+            scale: shape.scale,
+        };
         if slots > 0 {
             let part_o = grown(
                 &self.stream,
@@ -814,16 +849,8 @@ impl Backend for Cuda {
                 slots * shape.q_heads * splits,
             );
             let (sps, sp) = (segs_per_split as i32, splits as i32);
-            let mut b = self.stream.launch_builder(split_kernel);
-            b.arg(q)
-                .arg(&qw)
-                .arg(&qc)
-                .arg(&kv.k)
-                .arg(&kv.v)
-                .arg(&g)
-                .arg(&l)
-                .arg(&shape.scale)
-                .arg(slot_rows)
+            let mut b = self.attention_args(split_kernel, q, kv, &common);
+            b.arg(slot_rows)
                 .arg(meta)
                 .arg(segs)
                 .arg(&sps)
@@ -859,16 +886,8 @@ impl Backend for Cuda {
         if let (Some(p), true) = (prefill, tiles > 0) {
             let kernel = &self.k.attn_prefill[p * 4 + group.trailing_zeros() as usize];
             let nt = tiles as i32;
-            let mut b = self.stream.launch_builder(kernel);
-            b.arg(q)
-                .arg(&qw)
-                .arg(&qc)
-                .arg(&kv.k)
-                .arg(&kv.v)
-                .arg(&g)
-                .arg(&l)
-                .arg(&shape.scale)
-                .arg(tile_table)
+            let mut b = self.attention_args(kernel, q, kv, &common);
+            b.arg(tile_table)
                 .arg(&nt)
                 .arg(meta)
                 .arg(segs)
