@@ -729,7 +729,10 @@ impl<B: Backend> Runner<B> {
                 .get_mut(&item.seq)
                 .expect("scheduled requests are active");
             let (token, logprob) = match &picked {
-                Picked::Tokens(t) => (t[row], None),
+                Picked::Tokens(t) => {
+                    a.sampler.taken();
+                    (t[row], None)
+                }
                 Picked::Logits(l) => a.sampler.sample(&l[row * vocab..(row + 1) * vocab]),
             };
             a.generated += 1;

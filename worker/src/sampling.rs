@@ -46,6 +46,8 @@ impl RowDraw {
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
+    /// The number of the draw not yet used by an emitted token.
+    pending_u: Option<f32>,
 }
 
 impl Sampler {
@@ -54,6 +56,7 @@ impl Sampler {
         Self {
             params,
             rng: ChaCha8Rng::seed_from_u64(seed),
+            pending_u: None,
         }
     }
 
@@ -63,7 +66,9 @@ impl Sampler {
         self.params.logprobs.is_none()
     }
 
-    /// The next token's draw; takes one number from the generator unless greedy.
+    /// The next token's draw; takes one number from the generator unless greedy. It stays the
+    /// same until a token is emitted with it (`taken`), so a step that runs again (a creditor
+    /// was lost) draws what it drew the first time, and a seeded stream does not shift.
     pub fn next_draw(&mut self) -> RowDraw {
         let p = &self.params;
         let mut d = RowDraw {
@@ -73,15 +78,23 @@ impl Sampler {
             u: 0.0,
         };
         if !d.is_greedy() {
-            d.u = self.rng.random::<f32>();
+            d.u = *self
+                .pending_u
+                .get_or_insert_with(|| self.rng.random::<f32>());
         }
         d
+    }
+
+    /// The token of the last `next_draw` was emitted: the next draw takes a fresh number.
+    pub fn taken(&mut self) {
+        self.pending_u = None;
     }
 
     /// Picks a token from one row of logits and, if asked, its log-probability under the model
     /// (before temperature and cuts, as OpenAI reports it) with the top alternatives.
     pub fn sample(&mut self, logits: &[f32]) -> (u32, Option<TokenLogprob>) {
         let id = draw(logits, &self.next_draw());
+        self.taken();
         let logprob = self.params.logprobs.map(|n| token_logprob(logits, id, n));
         (id, logprob)
     }
@@ -227,6 +240,24 @@ mod tests {
         let mut s = Sampler::new(params(1.0, 0, 0.5, 3));
         for _ in 0..200 {
             assert!([1, 4].contains(&s.sample(&LOGITS).0));
+        }
+    }
+
+    #[test]
+    fn a_draw_stays_until_its_token_is_taken() {
+        let mut s = Sampler::new(params(1.0, 0, 1.0, 9));
+        let first = s.next_draw();
+        assert_eq!(s.next_draw(), first, "a step run again draws the same");
+        s.taken();
+        assert_ne!(s.next_draw(), first);
+        // The device path (draw, then taken) and the host path (sample) give one stream.
+        let mut device = Sampler::new(params(1.0, 0, 1.0, 9));
+        let mut host = Sampler::new(params(1.0, 0, 1.0, 9));
+        for _ in 0..32 {
+            let d = device.next_draw();
+            device.next_draw();
+            device.taken();
+            assert_eq!(draw(&LOGITS, &d), host.sample(&LOGITS).0);
         }
     }
 
