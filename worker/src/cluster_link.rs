@@ -4,9 +4,9 @@
 //! answers homes that wait for it: two workers borrowing from each other never deadlock.
 //!
 //! A creditor that is lost (its connection broke, a send failed, or it did not answer within
-//! `PEER_TIMEOUT`) or that takes its blocks back (it drains) is noted here; the engine then
-//! sends the requests with blocks there back to its queue, to be recomputed from their token
-//! ids, so no request fails because of it.
+//! `PEER_TIMEOUT`) is noted here; the engine then sends the requests with blocks there back to
+//! its queue, to be recomputed from their token ids, so no request fails because of it. One
+//! that takes its blocks back (it drains) is noted apart: the engine migrates those blocks.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -44,8 +44,10 @@ pub struct ClusterLink {
     remote_attention: Option<Histogram>,
     /// After a round that fell short: not before this instant, unless the advice changes.
     backoff: Option<(Instant, Vec<Creditor>)>,
-    /// Creditors lost or taking their blocks back since the engine last recovered.
+    /// Creditors lost since the engine last recovered.
     troubled: BTreeSet<u16>,
+    /// Creditors that asked for their blocks back since the engine last looked.
+    reclaiming: BTreeSet<u16>,
     /// Workers not to borrow from until the instant given.
     shunned: HashMap<String, Instant>,
     /// Creditor connections lost since start (a counter for metrics).
@@ -63,11 +65,27 @@ pub struct Round {
     pub complete: bool,
 }
 
-/// What the engine must do with a request from a home after the pool-only ones are handled.
-pub struct AttnRequest {
-    pub call: u64,
-    pub attn: AttnCall,
-    pub reply: Responder,
+/// What the engine must do with a request from a home after the pool-only ones are handled:
+/// the work that needs the KV cache.
+pub enum KvWork {
+    Attn {
+        call: u64,
+        attn: AttnCall,
+        reply: Responder,
+    },
+    /// A home migrating a block away from here: read it.
+    Fetch {
+        call: u64,
+        block: u32,
+        reply: Responder,
+    },
+    /// A home migrating a block here: write it.
+    Store {
+        call: u64,
+        block: u32,
+        data: Vec<f32>,
+        reply: Responder,
+    },
 }
 
 impl ClusterLink {
@@ -85,6 +103,7 @@ impl ClusterLink {
             remote_attention,
             backoff: None,
             troubled: BTreeSet::new(),
+            reclaiming: BTreeSet::new(),
             shunned: HashMap::new(),
             losses_total: 0,
         }
@@ -111,17 +130,162 @@ impl ClusterLink {
                 peer,
                 msg: PeerMsg::Reclaim,
             }) => {
-                tracing::info!(creditor = %self.peers.worker(peer), "creditor drains; moving the blocks held there");
-                self.troubled.insert(peer);
+                let worker = self.peers.worker(peer).to_owned();
+                tracing::info!(creditor = %worker, "creditor drains; moving the blocks held there");
+                // Nothing new goes there while the old leaves.
+                self.shunned.insert(worker, Instant::now() + SHUN);
+                self.reclaiming.insert(peer);
             }
             other => return Some(other),
         }
         None
     }
 
-    /// Creditors lost or reclaiming since the last call.
+    /// Creditors lost since the last call.
     pub fn take_troubled(&mut self) -> Vec<u16> {
         std::mem::take(&mut self.troubled).into_iter().collect()
+    }
+
+    /// Creditors that asked for their blocks back since the last call.
+    pub fn take_reclaiming(&mut self) -> Vec<u16> {
+        std::mem::take(&mut self.reclaiming).into_iter().collect()
+    }
+
+    /// The advised creditors a migration may move blocks to, best first, other than `except`;
+    /// connected on the way.
+    pub fn destinations(&mut self, except: Option<u16>) -> Vec<u16> {
+        let advice = self
+            .creditors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        advice
+            .iter()
+            .filter_map(|c| self.connect(c))
+            .filter(|&p| Some(p) != except)
+            .collect()
+    }
+
+    /// The peer of an advised creditor, by worker id (a planned move's destination).
+    pub fn advised_peer(&mut self, worker: &str) -> Option<u16> {
+        let advised = self
+            .creditors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|c| c.worker_id == worker)
+            .cloned()?;
+        self.connect(&advised)
+    }
+
+    fn connect(&mut self, c: &Creditor) -> Option<u16> {
+        if self.is_shunned(&c.worker_id) {
+            return None;
+        }
+        match self.peers.peer(&c.worker_id, &c.peer_addr) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(error = %e, "creditor unreachable");
+                self.shunned
+                    .insert(c.worker_id.clone(), Instant::now() + SHUN);
+                None
+            }
+        }
+    }
+
+    /// Reserves up to `n` blocks on `peer` for request `seq` (phase one of a migration);
+    /// empty when it refuses or does not answer.
+    pub fn reserve(
+        &mut self,
+        peer: u16,
+        seq: SeqId,
+        n: usize,
+        inbox: &Receiver<Inbox>,
+        serve: &mut dyn FnMut(Inbox),
+    ) -> Vec<u32> {
+        let call = self.call_id();
+        let msg = PeerMsg::Reserve {
+            call,
+            seq,
+            blocks: n as u32,
+        };
+        match self.call(peer, call, &msg, inbox, serve) {
+            Some(PeerMsg::Reserved { blocks, .. }) => blocks,
+            _ => Vec::new(),
+        }
+    }
+
+    /// The K/V of one block a creditor holds for `seq`.
+    pub fn fetch(
+        &mut self,
+        peer: u16,
+        seq: SeqId,
+        block: u32,
+        inbox: &Receiver<Inbox>,
+        serve: &mut dyn FnMut(Inbox),
+    ) -> Option<Vec<f32>> {
+        let call = self.call_id();
+        let msg = PeerMsg::Fetch { call, seq, block };
+        match self.call(peer, call, &msg, inbox, serve)? {
+            PeerMsg::Fetched { data, .. } => Some(data),
+            other => {
+                tracing::warn!(seq, block, answer = ?std::mem::discriminant(&other), "fetch refused");
+                None
+            }
+        }
+    }
+
+    /// Writes one block's K/V into a block `peer` reserved for `seq`; true once it is stored.
+    pub fn store(
+        &mut self,
+        peer: u16,
+        seq: SeqId,
+        block: u32,
+        data: Vec<f32>,
+        inbox: &Receiver<Inbox>,
+        serve: &mut dyn FnMut(Inbox),
+    ) -> bool {
+        let call = self.call_id();
+        let msg = PeerMsg::Store {
+            call,
+            seq,
+            block,
+            data,
+        };
+        matches!(
+            self.call(peer, call, &msg, inbox, serve),
+            Some(PeerMsg::Stored { .. })
+        )
+    }
+
+    /// Tells a creditor that some blocks of `seq` are free again (moved elsewhere). Like
+    /// `release`, one that cannot be told is dropped.
+    pub fn release_blocks(&mut self, seq: SeqId, peer: u16, blocks: Vec<u32>) {
+        if !self.peers.is_alive(peer) {
+            return;
+        }
+        if let Err(e) = self
+            .peers
+            .send(peer, &PeerMsg::ReleaseBlocks { seq, blocks })
+        {
+            self.lost(peer, &e.to_string());
+        }
+    }
+
+    /// Sends `msg` and waits for its answer; `None` if the peer was lost on the way.
+    fn call(
+        &mut self,
+        peer: u16,
+        call: u64,
+        msg: &PeerMsg,
+        inbox: &Receiver<Inbox>,
+        serve: &mut dyn FnMut(Inbox),
+    ) -> Option<PeerMsg> {
+        if let Err(e) = self.peers.send(peer, msg) {
+            self.lost(peer, &e.to_string());
+            return None;
+        }
+        self.wait_for(inbox, peer, call, serve)
     }
 
     fn is_shunned(&mut self, worker: &str) -> bool {
@@ -271,7 +435,9 @@ fn reply_call(msg: &PeerMsg) -> Option<u64> {
     match msg {
         PeerMsg::Reserved { call, .. }
         | PeerMsg::AttnOut { call, .. }
-        | PeerMsg::Failure { call, .. } => Some(*call),
+        | PeerMsg::Failure { call, .. }
+        | PeerMsg::Fetched { call, .. }
+        | PeerMsg::Stored { call, .. } => Some(*call),
         _ => None,
     }
 }
@@ -284,14 +450,14 @@ pub fn take_back_loans(rm: &mut RManager, from: &str) {
     }
 }
 
-/// Answers what a creditor can answer from its pool alone; returns attention requests, which
-/// need the model.
+/// Answers what a creditor can answer from its pool alone; returns the work that needs the
+/// KV cache.
 pub fn serve_pool_request(
     rm: &mut RManager,
     from: String,
     msg: PeerMsg,
     reply: Responder,
-) -> Option<AttnRequest> {
+) -> Option<KvWork> {
     match msg {
         PeerMsg::Reserve { call, seq, blocks } => {
             let answer = match rm.lend_up_to((from.clone(), seq), blocks as usize) {
@@ -313,6 +479,30 @@ pub fn serve_pool_request(
             rm.take_back(&(from, seq));
             None
         }
+        PeerMsg::ReleaseBlocks { seq, blocks } => {
+            if let Err(e) = rm.take_back_blocks(&(from.clone(), seq), &blocks) {
+                tracing::warn!(home = %from, error = %e, "release of moved blocks refused");
+            }
+            None
+        }
+        PeerMsg::Fetch { call, seq, block } => {
+            let work = KvWork::Fetch { call, block, reply };
+            lent_for(rm, from, seq, [block], work)
+        }
+        PeerMsg::Store {
+            call,
+            seq,
+            block,
+            data,
+        } => {
+            let work = KvWork::Store {
+                call,
+                block,
+                data,
+                reply,
+            };
+            lent_for(rm, from, seq, [block], work)
+        }
         PeerMsg::Attn { call, attn } => {
             // A creditor touches only blocks it lent to this home for this request.
             for p in &attn.parts {
@@ -329,10 +519,33 @@ pub fn serve_pool_request(
                     return None;
                 }
             }
-            Some(AttnRequest { call, attn, reply })
+            Some(KvWork::Attn { call, attn, reply })
         }
         other => {
             tracing::warn!(home = %from, msg = ?std::mem::discriminant(&other), "unexpected request from a home");
+            None
+        }
+    }
+}
+
+/// `work` if every block is lent to `from` for `seq`; otherwise the home gets a `Failure`.
+fn lent_for(
+    rm: &RManager,
+    from: String,
+    seq: SeqId,
+    blocks: impl IntoIterator<Item = u32>,
+    work: KvWork,
+) -> Option<KvWork> {
+    match rm.check_lent(&(from, seq), blocks) {
+        Ok(()) => Some(work),
+        Err(e) => {
+            let (KvWork::Attn { call, reply, .. }
+            | KvWork::Fetch { call, reply, .. }
+            | KvWork::Store { call, reply, .. }) = work;
+            reply.send(&PeerMsg::Failure {
+                call,
+                message: e.to_string(),
+            });
             None
         }
     }
@@ -345,6 +558,8 @@ pub struct LayerExchange<'a> {
     pub rm: &'a mut RManager,
     /// Requests submitted while the step ran, admitted after it.
     pub stash: &'a mut Vec<Submitted>,
+    /// Block copies asked for while the step ran (the cache is the step's until it ends).
+    pub deferred: &'a mut Vec<KvWork>,
     outstanding: HashMap<u64, u16>,
     done: Vec<(u16, Vec<PartOut>)>,
     failed: Option<String>,
@@ -356,12 +571,14 @@ impl<'a> LayerExchange<'a> {
         inbox: &'a Receiver<Inbox>,
         rm: &'a mut RManager,
         stash: &'a mut Vec<Submitted>,
+        deferred: &'a mut Vec<KvWork>,
     ) -> Self {
         Self {
             link,
             inbox,
             rm,
             stash,
+            deferred,
             outstanding: HashMap::new(),
             done: Vec::new(),
             failed: None,
@@ -449,13 +666,17 @@ impl Exchange for LayerExchange<'_> {
                 Inbox::Peer(Incoming::Reply { .. } | Incoming::Lost { .. }) => {}
                 Inbox::Peer(Incoming::Gone { from }) => take_back_loans(self.rm, &from),
                 Inbox::Peer(Incoming::Request { from, msg, reply }) => {
-                    if let Some(req) = serve_pool_request(self.rm, from, msg, reply) {
-                        let call = req.call;
-                        let reply = req.reply;
-                        return Waited::Serve(
-                            req.attn,
-                            Box::new(move |parts| reply.send(&PeerMsg::AttnOut { call, parts })),
-                        );
+                    match serve_pool_request(self.rm, from, msg, reply) {
+                        Some(KvWork::Attn { call, attn, reply }) => {
+                            return Waited::Serve(
+                                attn,
+                                Box::new(move |parts| {
+                                    reply.send(&PeerMsg::AttnOut { call, parts })
+                                }),
+                            );
+                        }
+                        Some(copy) => self.deferred.push(copy),
+                        None => {}
                     }
                 }
             }

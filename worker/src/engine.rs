@@ -18,7 +18,10 @@ use tokio::sync::{mpsc, watch};
 use crate::backend::Backend;
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::Cuda;
-use crate::cluster_link::{ClusterLink, LayerExchange, serve_pool_request, take_back_loans};
+use crate::cluster_link::{
+    ClusterLink, KvWork, LayerExchange, serve_pool_request, take_back_loans,
+};
+use crate::migrator::{Ctx, Migrator};
 use crate::model::llama::{Exchange, Llama, NoExchange};
 use crate::peer::tcp::TcpPeers;
 use crate::peer::{Incoming, PeerMsg};
@@ -47,8 +50,13 @@ pub struct EngineStats {
     /// Reservations creditors refused since start.
     pub kv_borrow_refusals_total: u64,
     pub preemptions_total: u64,
-    /// Blocks recomputed from token ids because the creditor holding them was lost or drained.
+    /// Blocks recomputed from token ids because the creditor holding them was lost, or
+    /// drained while nowhere had room for them.
     pub kv_recomputed_blocks_total: u64,
+    /// Blocks of this worker's requests copied to another holder since start.
+    pub kv_migrated_blocks_total: u64,
+    /// Requests whose blocks are being moved.
+    pub migrations_in_flight: usize,
     /// Connections to creditors lost since start.
     pub peer_losses_total: u64,
     /// Takes no new requests and lends nothing more; exits once nothing depends on it.
@@ -299,6 +307,8 @@ fn start_with<B: Backend>(
         stash: Vec::new(),
         reclaimed: false,
         recomputed_blocks: 0,
+        migrator: Migrator::default(),
+        deferred: Vec::new(),
     };
     std::thread::Builder::new()
         .name("engine".into())
@@ -455,10 +465,13 @@ struct Runner<B: Backend> {
     /// Whether the homes borrowing here were told to take their blocks back (draining).
     reclaimed: bool,
     recomputed_blocks: u64,
+    migrator: Migrator,
+    /// Block copies other homes asked for during the last step, served after it.
+    deferred: Vec<KvWork>,
 }
 
 /// Answers a home that asks this worker, as a creditor.
-fn serve_home<B: Backend>(
+pub(crate) fn serve_home<B: Backend>(
     model: &Llama<B>,
     kv: &mut B::Kv,
     scheduler: &mut Scheduler,
@@ -466,12 +479,8 @@ fn serve_home<B: Backend>(
 ) {
     match m {
         Incoming::Request { from, msg, reply } => {
-            if let Some(req) = serve_pool_request(scheduler.rmanager_mut(), from, msg, reply) {
-                let parts = model.serve_attention(kv, &req.attn);
-                req.reply.send(&PeerMsg::AttnOut {
-                    call: req.call,
-                    parts,
-                });
+            if let Some(work) = serve_pool_request(scheduler.rmanager_mut(), from, msg, reply) {
+                serve_kv(model, kv, scheduler.block_tokens(), work);
             }
         }
         // What needs the link (lost creditors, reclaims) was taken out before.
@@ -479,6 +488,38 @@ fn serve_home<B: Backend>(
             tracing::debug!(peer, "late message from a creditor dropped")
         }
         Incoming::Gone { from } => take_back_loans(scheduler.rmanager_mut(), &from),
+    }
+}
+
+/// Does the work of a home's request that needs the KV cache.
+fn serve_kv<B: Backend>(model: &Llama<B>, kv: &mut B::Kv, block_tokens: usize, work: KvWork) {
+    match work {
+        KvWork::Attn { call, attn, reply } => {
+            let parts = model.serve_attention(kv, &attn);
+            reply.send(&PeerMsg::AttnOut { call, parts });
+        }
+        KvWork::Fetch { call, block, reply } => {
+            let data = model.backend().kv_read_block(kv, block);
+            reply.send(&PeerMsg::Fetched { call, data });
+        }
+        KvWork::Store {
+            call,
+            block,
+            data,
+            reply,
+        } => {
+            let shape = model.kv_shape(1, block_tokens);
+            let n = 2 * shape.layers * shape.block_floats();
+            if data.len() == n {
+                model.backend().kv_write_block(kv, block, &data);
+                reply.send(&PeerMsg::Stored { call });
+            } else {
+                reply.send(&PeerMsg::Failure {
+                    call,
+                    message: format!("a stored block has {} values, not {n}", data.len()),
+                });
+            }
+        }
     }
 }
 
@@ -502,6 +543,7 @@ impl<B: Backend> Runner<B> {
                 self.handle(m);
             }
             self.drop_cancelled();
+            self.migrate(&rx);
             self.borrow(&rx);
             let worked = self.step(&rx);
             self.send_releases();
@@ -568,6 +610,38 @@ impl<B: Backend> Runner<B> {
                 ?requests,
                 blocks,
                 "blocks on a lost or draining creditor given up; recomputing them"
+            );
+        }
+        self.send_releases();
+    }
+
+    /// Moves a few blocks before the step: those of creditors that asked for them back (to
+    /// local free blocks or other creditors; recomputed only when nowhere had room in time).
+    fn migrate(&mut self, rx: &std_mpsc::Receiver<Inbox>) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        for peer in link.take_reclaiming() {
+            let seqs = self.scheduler.running_on(peer);
+            tracing::info!(creditor = %link.peers.worker(peer), requests = ?seqs, "moving the blocks a draining creditor holds");
+            self.migrator.evacuate(peer, seqs);
+            self.scheduler.drop_reservations_on(&[peer]);
+        }
+        let recompute = self.migrator.run(&mut Ctx {
+            model: &self.model,
+            kv: &mut self.kv,
+            scheduler: &mut self.scheduler,
+            link,
+            inbox: rx,
+            stash: &mut self.stash,
+        });
+        for seq in recompute {
+            let blocks = self.scheduler.evict(seq);
+            self.recomputed_blocks += blocks as u64;
+            tracing::warn!(
+                seq,
+                blocks,
+                "no room to move blocks off a draining creditor; recomputing them"
             );
         }
         self.send_releases();
@@ -694,8 +768,13 @@ impl<B: Backend> Runner<B> {
         let mut pooled;
         let exchange: &mut dyn Exchange = match self.link.as_mut() {
             Some(link) if !step.remote.is_empty() => {
-                pooled =
-                    LayerExchange::new(link, rx, self.scheduler.rmanager_mut(), &mut self.stash);
+                pooled = LayerExchange::new(
+                    link,
+                    rx,
+                    self.scheduler.rmanager_mut(),
+                    &mut self.stash,
+                    &mut self.deferred,
+                );
                 &mut pooled
             }
             _ => &mut local,
@@ -710,6 +789,10 @@ impl<B: Backend> Runner<B> {
                 .forward(&mut self.kv, &input, exchange)
                 .map(Picked::Logits)
         };
+        let bt = self.scheduler.block_tokens();
+        for work in std::mem::take(&mut self.deferred) {
+            serve_kv(&self.model, &mut self.kv, bt, work);
+        }
         let picked = match picked {
             Ok(p) => p,
             Err(e) => {
@@ -775,6 +858,8 @@ impl<B: Backend> Runner<B> {
             kv_borrow_refusals_total: self.link.as_ref().map_or(0, |l| l.refusals_total),
             preemptions_total: s.preemptions(),
             kv_recomputed_blocks_total: self.recomputed_blocks,
+            kv_migrated_blocks_total: self.migrator.migrated_total,
+            migrations_in_flight: self.migrator.in_flight(),
             peer_losses_total: self.link.as_ref().map_or(0, |l| l.losses_total),
             draining: self.shared.draining.load(Ordering::Acquire),
         });

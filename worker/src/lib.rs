@@ -11,6 +11,8 @@ pub mod gmanager_client;
 pub mod local;
 pub mod merge;
 pub mod metrics;
+pub mod migration;
+mod migrator;
 pub mod model;
 pub mod peer;
 pub mod rblock_pool;

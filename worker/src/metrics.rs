@@ -49,6 +49,8 @@ pub struct Metrics {
     kv_borrow: EngineCounter,
     kv_borrow_refusals: EngineCounter,
     kv_recomputed_blocks: EngineCounter,
+    kv_migrated_blocks: EngineCounter,
+    kv_migrations_in_flight: Gauge,
     peer_losses: EngineCounter,
     draining: Gauge,
     generation_tokens: Counter,
@@ -81,6 +83,8 @@ impl Metrics {
             kv_borrow: EngineCounter::default(),
             kv_borrow_refusals: EngineCounter::default(),
             kv_recomputed_blocks: EngineCounter::default(),
+            kv_migrated_blocks: EngineCounter::default(),
+            kv_migrations_in_flight: Gauge::default(),
             peer_losses: EngineCounter::default(),
             draining: Gauge::default(),
             generation_tokens: Counter::default(),
@@ -140,8 +144,18 @@ impl Metrics {
         );
         registry.register(
             "kv_recomputed_blocks",
-            "rBlocks recomputed from token ids because the creditor holding them was lost or drained",
+            "rBlocks recomputed from token ids because the creditor holding them was lost, or drained with no room elsewhere",
             metrics.kv_recomputed_blocks.counter.clone(),
+        );
+        registry.register(
+            "kv_migrated_blocks",
+            "rBlocks of this worker's requests copied to another holder (drains, planned moves)",
+            metrics.kv_migrated_blocks.counter.clone(),
+        );
+        registry.register(
+            "kv_migrations_in_flight",
+            "Requests of this worker whose rBlocks are being moved",
+            metrics.kv_migrations_in_flight.clone(),
         );
         registry.register(
             "peer_losses",
@@ -252,6 +266,10 @@ impl Metrics {
             .catch_up(stats.kv_borrow_refusals_total);
         self.kv_recomputed_blocks
             .catch_up(stats.kv_recomputed_blocks_total);
+        self.kv_migrated_blocks
+            .catch_up(stats.kv_migrated_blocks_total);
+        self.kv_migrations_in_flight
+            .set(gauge_value(stats.migrations_in_flight));
         self.peer_losses.catch_up(stats.peer_losses_total);
         self.draining.set(i64::from(stats.draining));
         let mut out = String::new();
@@ -304,6 +322,8 @@ mod tests {
             preemptions_total: 3,
             kv_recomputed_blocks_total: 5,
             peer_losses_total: 1,
+            kv_migrated_blocks_total: 7,
+            migrations_in_flight: 2,
             draining: true,
             ..EngineStats::default()
         };
@@ -321,6 +341,8 @@ mod tests {
             "ilm_kv_borrow_refusals_total 2",
             "ilm_kv_recomputed_blocks_total 5",
             "ilm_peer_losses_total 1",
+            "ilm_kv_migrated_blocks_total 7",
+            "ilm_kv_migrations_in_flight 2",
             "ilm_draining 1",
             "ilm_generation_tokens_total 2",
             "ilm_prompt_tokens_total 12",

@@ -105,6 +105,11 @@ impl BlockTable {
             .extend(blocks.iter().map(|&block| BlockRef { holder, block }));
     }
 
+    /// Points entry `index` at another block (a migration's commit); the tokens stay.
+    pub fn replace_block(&mut self, index: usize, block: BlockRef) {
+        self.blocks[index] = block;
+    }
+
     /// Claims the next `n` token slots (block, offset within block), in order.
     pub fn push_tokens(&mut self, n: usize, block_tokens: usize) -> Vec<(BlockRef, u32)> {
         assert!(n <= self.slack(block_tokens), "block table overflow");

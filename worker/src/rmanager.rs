@@ -139,6 +139,20 @@ impl RManager {
         blocks.len()
     }
 
+    /// Takes back some of the blocks lent for one request (their content moved elsewhere).
+    /// Refused, freeing nothing, unless every block is lent to `key`.
+    pub fn take_back_blocks(&mut self, key: &LoanKey, blocks: &[u32]) -> Result<(), LendError> {
+        self.check_lent(key, blocks.iter().copied())?;
+        let held = self.lent.get_mut(key).expect("checked above");
+        held.retain(|b| !blocks.contains(b));
+        if held.is_empty() {
+            self.lent.remove(key);
+        }
+        self.pool.release(blocks);
+        self.lent_count -= blocks.len();
+        Ok(())
+    }
+
     /// Lends nothing more from now on (the worker drains); loans made stay until returned.
     pub fn stop_lending(&mut self) {
         self.lend_cap = 0;
@@ -241,6 +255,24 @@ mod tests {
         assert_eq!(m.take_back_all("w1"), 3);
         assert_eq!(m.take_back(&key("w2", 1)), 2);
         assert_eq!((m.lent(), m.free()), (0, 8));
+    }
+
+    #[test]
+    fn blocks_moved_away_come_back_one_by_one_and_only_to_their_borrower() {
+        let mut m = RManager::new(8, 1.0);
+        let a = m.lend(key("w1", 1), 3).unwrap();
+        assert!(m.take_back_blocks(&key("w2", 1), &a[..1]).is_err());
+        assert_eq!(m.lent(), 3, "a wrong borrower frees nothing");
+        m.take_back_blocks(&key("w1", 1), &a[..2]).unwrap();
+        assert_eq!((m.lent(), m.free()), (1, 7));
+        assert!(m.check_lent(&key("w1", 1), a[2..].to_vec()).is_ok());
+        assert!(
+            m.take_back_blocks(&key("w1", 1), &a[..1]).is_err(),
+            "already back"
+        );
+        m.take_back_blocks(&key("w1", 1), &a[2..]).unwrap();
+        assert!(m.borrowers().is_empty());
+        assert_eq!(m.free(), 8);
     }
 
     #[test]

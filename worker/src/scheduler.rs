@@ -114,6 +114,10 @@ impl Scheduler {
         }
     }
 
+    pub fn block_tokens(&self) -> usize {
+        self.cfg.block_tokens
+    }
+
     pub fn rmanager(&self) -> &RManager {
         &self.rm
     }
@@ -371,17 +375,63 @@ impl Scheduler {
                 evicted.push(id);
             }
         }
-        for &id in &self.waiting {
-            let seq = self.seqs.get_mut(&id).expect("waiting requests are known");
-            if seq.reserved.iter().any(|(p, _)| peers.contains(p)) {
-                let dropped = seq.reserved.drain(..).map(|(p, _)| (id, p));
-                self.released.extend(dropped);
-                if !evicted.contains(&id) {
-                    evicted.push(id);
-                }
+        for id in self.drop_reservations_on(peers) {
+            if !evicted.contains(&id) {
+                evicted.push(id);
             }
         }
         (evicted, blocks)
+    }
+
+    /// Waiting requests with blocks reserved on `peers` drop all their reservations (all or
+    /// nothing) and borrow again; returns them.
+    pub fn drop_reservations_on(&mut self, peers: &[u16]) -> Vec<SeqId> {
+        let mut dropped = Vec::new();
+        for &id in &self.waiting {
+            let seq = self.seqs.get_mut(&id).expect("waiting requests are known");
+            if seq.reserved.iter().any(|(p, _)| peers.contains(p)) {
+                self.released
+                    .extend(seq.reserved.drain(..).map(|(p, _)| (id, p)));
+                dropped.push(id);
+            }
+        }
+        dropped
+    }
+
+    /// The block table of a running request.
+    pub fn running_table(&self, id: SeqId) -> Option<&BlockTable> {
+        self.running.contains(&id).then(|| &self.seqs[&id].table)
+    }
+
+    /// The block table of a running request, for a migration's commit.
+    pub fn running_table_mut(&mut self, id: SeqId) -> Option<&mut BlockTable> {
+        if !self.running.contains(&id) {
+            return None;
+        }
+        self.seqs.get_mut(&id).map(|s| &mut s.table)
+    }
+
+    /// Running requests with blocks on `peer`, oldest first.
+    pub fn running_on(&self, peer: u16) -> Vec<SeqId> {
+        self.running
+            .iter()
+            .copied()
+            .filter(|id| self.seqs[id].table.peers().contains(&peer))
+            .collect()
+    }
+
+    /// Sends one running request back to the queue, to be recomputed from its token ids;
+    /// returns its filled blocks.
+    pub fn evict(&mut self, id: SeqId) -> usize {
+        if !self.running.contains(&id) {
+            return 0;
+        }
+        let blocks = self.seqs[&id]
+            .table
+            .tokens()
+            .div_ceil(self.cfg.block_tokens);
+        self.requeue(id);
+        blocks
     }
 
     fn plan_item(&mut self, step: &mut Step, id: SeqId, n: usize) {

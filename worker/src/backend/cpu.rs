@@ -214,6 +214,31 @@ impl Backend for Cpu {
         }
     }
 
+    fn kv_read_block(&self, kv: &CpuKv, block: u32) -> Vec<f32> {
+        let n = kv.shape.block_floats();
+        let mut out = Vec::with_capacity(2 * kv.shape.layers * n);
+        for layer in 0..kv.shape.layers {
+            let at = kv.offset(layer, block as usize, 0, 0);
+            out.extend_from_slice(&kv.k[at..at + n]);
+            out.extend_from_slice(&kv.v[at..at + n]);
+        }
+        out
+    }
+
+    fn kv_write_block(&self, kv: &mut CpuKv, block: u32, data: &[f32]) {
+        let n = kv.shape.block_floats();
+        assert_eq!(
+            data.len(),
+            2 * kv.shape.layers * n,
+            "one rBlock of every layer"
+        );
+        for (layer, kv_pair) in data.chunks_exact(2 * n).enumerate() {
+            let at = kv.offset(layer, block as usize, 0, 0);
+            kv.k[at..at + n].copy_from_slice(&kv_pair[..n]);
+            kv.v[at..at + n].copy_from_slice(&kv_pair[n..]);
+        }
+    }
+
     fn attention(
         &self,
         q: &Vec<f32>,

@@ -788,6 +788,44 @@ impl Backend for Cuda {
         );
     }
 
+    fn kv_read_block(&self, kv: &CudaKv, block: u32) -> Vec<f32> {
+        let n = kv.shape.block_floats();
+        let mut out = Vec::with_capacity(2 * kv.shape.layers * n);
+        for layer in 0..kv.shape.layers {
+            let at = (layer * kv.shape.blocks + block as usize) * n;
+            for side in [&kv.k, &kv.v] {
+                let bits = ok(
+                    self.stream.clone_dtoh(&side.slice(at..at + n)),
+                    "KV block read",
+                );
+                out.extend(bits.into_iter().map(|b| half::bf16::from_bits(b).to_f32()));
+            }
+        }
+        out
+    }
+
+    fn kv_write_block(&self, kv: &mut CudaKv, block: u32, data: &[f32]) {
+        let n = kv.shape.block_floats();
+        assert_eq!(
+            data.len(),
+            2 * kv.shape.layers * n,
+            "one rBlock of every layer"
+        );
+        for (layer, pair) in data.chunks_exact(2 * n).enumerate() {
+            let at = (layer * kv.shape.blocks + block as usize) * n;
+            // Values read from a bf16 cache convert back exactly.
+            let (k, v) = (to_bf16_bits(&pair[..n]), to_bf16_bits(&pair[n..]));
+            ok(
+                self.stream.memcpy_htod(&k, &mut kv.k.slice_mut(at..at + n)),
+                "KV block write",
+            );
+            ok(
+                self.stream.memcpy_htod(&v, &mut kv.v.slice_mut(at..at + n)),
+                "KV block write",
+            );
+        }
+    }
+
     fn attention(
         &self,
         q: &CudaSlice<f32>,

@@ -151,6 +151,11 @@ pub trait Backend: Send + 'static {
         v_col: usize,
         slots: &[(u32, u32)],
     );
+    /// The K and V of rBlock `block` in every layer, laid out `[layer][K, V][block_floats]`,
+    /// as f32: what a migration carries to the block's new holder.
+    fn kv_read_block(&self, kv: &Self::Kv, block: u32) -> Vec<f32>;
+    /// Writes what `kv_read_block` read (on any backend) into rBlock `block`.
+    fn kv_write_block(&self, kv: &mut Self::Kv, block: u32, data: &[f32]);
     /// MicroAttention: for each query row and head, the softmax-weighted sum of V over the
     /// sequence's KV segments (`out`, `[rows, q_heads * head_dim]`) and its log-sum-exp
     /// (`lse`, `[rows, q_heads]`). Queries are read from `q` at column `q_col` of rows of

@@ -48,6 +48,33 @@ pub enum PeerMsg {
     /// From a creditor that drains: take back everything this worker holds here (the home
     /// recomputes those requests elsewhere and releases the blocks).
     Reclaim,
+    /// Migration: the K and V of every layer of one block lent for the home's request `seq`.
+    Fetch {
+        call: u64,
+        seq: u64,
+        block: u32,
+    },
+    /// The fetched block, as `Backend::kv_read_block` lays it out.
+    Fetched {
+        call: u64,
+        data: Vec<f32>,
+    },
+    /// Migration: write a block's K and V (all layers) into block `block` reserved for `seq`.
+    Store {
+        call: u64,
+        seq: u64,
+        block: u32,
+        data: Vec<f32>,
+    },
+    /// The store landed; the home may now point its block table at it.
+    Stored {
+        call: u64,
+    },
+    /// Some of the blocks lent for `seq` are free again (their content moved elsewhere).
+    ReleaseBlocks {
+        seq: u64,
+        blocks: Vec<u32>,
+    },
 }
 
 #[derive(Default)]
@@ -208,6 +235,38 @@ impl PeerMsg {
                 e.str(message);
             }
             PeerMsg::Reclaim => e.u8(8),
+            PeerMsg::Fetch { call, seq, block } => {
+                e.u8(9);
+                e.u64(*call);
+                e.u64(*seq);
+                e.u32(*block);
+            }
+            PeerMsg::Fetched { call, data } => {
+                e.u8(10);
+                e.u64(*call);
+                e.f32s(data);
+            }
+            PeerMsg::Store {
+                call,
+                seq,
+                block,
+                data,
+            } => {
+                e.u8(11);
+                e.u64(*call);
+                e.u64(*seq);
+                e.u32(*block);
+                e.f32s(data);
+            }
+            PeerMsg::Stored { call } => {
+                e.u8(12);
+                e.u64(*call);
+            }
+            PeerMsg::ReleaseBlocks { seq, blocks } => {
+                e.u8(13);
+                e.u64(*seq);
+                e.u32s(blocks);
+            }
         }
         e.0
     }
@@ -291,6 +350,26 @@ impl PeerMsg {
                 message: d.str()?,
             },
             8 => PeerMsg::Reclaim,
+            9 => PeerMsg::Fetch {
+                call: d.u64()?,
+                seq: d.u64()?,
+                block: d.u32()?,
+            },
+            10 => PeerMsg::Fetched {
+                call: d.u64()?,
+                data: d.f32s()?,
+            },
+            11 => PeerMsg::Store {
+                call: d.u64()?,
+                seq: d.u64()?,
+                block: d.u32()?,
+                data: d.f32s()?,
+            },
+            12 => PeerMsg::Stored { call: d.u64()? },
+            13 => PeerMsg::ReleaseBlocks {
+                seq: d.u64()?,
+                blocks: d.u32s()?,
+            },
             t => return Err(malformed(&format!("unknown tag {t}"))),
         };
         if !d.buf.is_empty() {
@@ -386,6 +465,26 @@ mod tests {
             message: "lost".into(),
         });
         round_trip(PeerMsg::Reclaim);
+        round_trip(PeerMsg::Fetch {
+            call: 8,
+            seq: 2,
+            block: 5,
+        });
+        round_trip(PeerMsg::Fetched {
+            call: 8,
+            data: vec![0.25, -3.0],
+        });
+        round_trip(PeerMsg::Store {
+            call: 9,
+            seq: 2,
+            block: 6,
+            data: vec![1.5],
+        });
+        round_trip(PeerMsg::Stored { call: 9 });
+        round_trip(PeerMsg::ReleaseBlocks {
+            seq: 2,
+            blocks: vec![5, 7],
+        });
     }
 
     #[test]
