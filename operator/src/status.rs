@@ -344,6 +344,7 @@ mod tests {
                     pool: figures(p),
                     free_blocks: 0,
                     last_seen_ms: 0,
+                    migrated_blocks: 0,
                 })
                 .collect(),
             totals,
@@ -351,6 +352,8 @@ mod tests {
             creditors: Vec::new(),
             debts: Vec::new(),
             planned_moves: Vec::new(),
+            moves_in_flight: Vec::new(),
+            epoch_history: Vec::new(),
         }
     }
 

@@ -1,9 +1,11 @@
 //! The gManager's HTTP API.
 //!
 //! - `POST /v1/workers` (`Register`) → `Registered`: a worker joins; the membership epoch moves.
-//! - `POST /v1/workers/{id}/heartbeat` (`Heartbeat`) → `HeartbeatAck`: pool figures, every
-//!   `heartbeat_interval_ms`; a worker unknown to the gManager (after a gManager restart) gets
-//!   404 and registers again, so the ledger rebuilds from what workers report.
+//! - `POST /v1/workers/{id}/heartbeat` (`HeartbeatBody`) → `HeartbeatAck`: pool figures and
+//!   placement changes, every `heartbeat_interval_ms`; the answer hands the worker the moves
+//!   the last placement round planned for its requests, once. A worker unknown to the gManager
+//!   (after a gManager restart) gets 404 and registers again, so the ledger rebuilds from what
+//!   workers report.
 //! - `POST /v1/borrow` (`BorrowRequest`) → `BorrowAdvice`: where a full home should try to
 //!   reserve blocks, best creditor first. Advice only: the creditor's own reservation is what
 //!   holds, so a stale view never double-books a block.
@@ -78,9 +80,24 @@ pub struct PlacementDelta {
     pub blocks: i64,
 }
 
+/// A heartbeat as sent: the figures, the placement changes of the worker's requests since its
+/// last accepted heartbeat, and the blocks its requests migrated since it started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatBody {
+    #[serde(flatten)]
+    pub beat: Heartbeat,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placements: Vec<PlacementDelta>,
+    #[serde(default)]
+    pub migrated_blocks: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeartbeatAck {
     pub epoch: u64,
+    /// Moves of this worker's requests to carry out (by migration), each handed out once.
+    #[serde(default)]
+    pub moves: Vec<PlannedMove>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,6 +129,9 @@ pub struct WorkerView {
     pub free_blocks: u64,
     /// Milliseconds since the last heartbeat.
     pub last_seen_ms: u64,
+    /// Blocks this worker's requests migrated since it started, as last reported.
+    #[serde(default)]
+    pub migrated_blocks: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +152,21 @@ pub struct PoolView {
     /// What the last placement round would move to raise throughput.
     #[serde(default)]
     pub planned_moves: Vec<PlannedMove>,
+    /// Planned moves handed to their homes and not yet seen done in their placements.
+    #[serde(default)]
+    pub moves_in_flight: Vec<PlannedMove>,
+    /// The latest membership changes, oldest first.
+    #[serde(default)]
+    pub epoch_history: Vec<EpochChange>,
+}
+
+/// One membership change: the epoch it started and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochChange {
+    pub epoch: u64,
+    pub worker: String,
+    /// `joined`, `left` or `expired`.
+    pub change: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

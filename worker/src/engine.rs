@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 use std::time::Duration;
 
-use infinite_llm_protocol::gmanager::Creditor;
+use infinite_llm_protocol::gmanager::{Creditor, PlannedMove};
 
 use tokio::sync::{mpsc, watch};
 
@@ -25,6 +25,7 @@ use crate::migrator::{Ctx, Migrator};
 use crate::model::llama::{Exchange, Llama, NoExchange};
 use crate::peer::tcp::TcpPeers;
 use crate::peer::{Incoming, PeerMsg};
+use crate::rblock_pool::Holder;
 use crate::request::{Event, FinishReason, GenerateRequest, SubmitError};
 use crate::rmanager::RManager;
 use crate::sampling::{RowDraw, Sampler};
@@ -181,7 +182,14 @@ struct Shared {
     peer_addr: Option<SocketAddr>,
     max_waiting: usize,
     max_num_seqs: usize,
+    /// Blocks each request holds, by (request, holder's worker id), as of the last step.
+    placements: Mutex<Placements>,
+    /// Moves the gManager planned for this worker's requests, not yet taken by the engine.
+    moves: Mutex<Vec<PlannedMove>>,
 }
+
+/// Blocks by (request, holder's worker id), this worker included.
+pub type Placements = std::collections::BTreeMap<(SeqId, String), u64>;
 
 /// Cheap to clone; every clone talks to the same engine thread.
 #[derive(Clone)]
@@ -291,6 +299,8 @@ fn start_with<B: Backend>(
         peer_addr,
         max_waiting: opts.max_waiting,
         max_num_seqs: opts.max_num_seqs,
+        placements: Mutex::default(),
+        moves: Mutex::default(),
     });
     let (stats_tx, stats_rx) = watch::channel(EngineStats {
         kv_blocks_total: blocks,
@@ -308,6 +318,7 @@ fn start_with<B: Backend>(
         reclaimed: false,
         recomputed_blocks: 0,
         migrator: Migrator::default(),
+        me: opts.cluster.as_ref().map(|c| c.worker_id.clone()),
         deferred: Vec::new(),
     };
     std::thread::Builder::new()
@@ -403,6 +414,24 @@ impl EngineHandle {
             .unwrap_or_else(|e| e.into_inner()) = creditors;
     }
 
+    /// Where this worker's requests keep their blocks, as of the last step.
+    pub fn placements(&self) -> Placements {
+        self.shared
+            .placements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Moves the gManager planned for this worker's requests; the engine migrates them.
+    pub fn hand_moves(&self, moves: Vec<PlannedMove>) {
+        self.shared
+            .moves
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(moves);
+    }
+
     /// What the other workers could lend at most, together, as the gManager last reported.
     pub fn set_pool_lend_caps(&self, blocks: usize) {
         self.shared.pool_lend_caps.store(blocks, Ordering::Release);
@@ -466,6 +495,8 @@ struct Runner<B: Backend> {
     reclaimed: bool,
     recomputed_blocks: u64,
     migrator: Migrator,
+    /// This worker's id in the pool, naming its own blocks in the placements.
+    me: Option<String>,
     /// Block copies other homes asked for during the last step, served after it.
     deferred: Vec<KvWork>,
 }
@@ -616,11 +647,17 @@ impl<B: Backend> Runner<B> {
     }
 
     /// Moves a few blocks before the step: those of creditors that asked for them back (to
-    /// local free blocks or other creditors; recomputed only when nowhere had room in time).
+    /// local free blocks or other creditors; recomputed only when nowhere had room in time),
+    /// and those the gManager planned (local blocks to a creditor, before the home overflows).
     fn migrate(&mut self, rx: &std_mpsc::Receiver<Inbox>) {
         let Some(link) = self.link.as_mut() else {
             return;
         };
+        let planned =
+            std::mem::take(&mut *self.shared.moves.lock().unwrap_or_else(|e| e.into_inner()));
+        for m in planned {
+            self.migrator.offload(m.request, m.to, m.blocks as usize);
+        }
         for peer in link.take_reclaiming() {
             let seqs = self.scheduler.running_on(peer);
             tracing::info!(creditor = %link.peers.worker(peer), requests = ?seqs, "moving the blocks a draining creditor holds");
@@ -846,6 +883,24 @@ impl<B: Backend> Runner<B> {
 
     fn publish(&self) {
         let s = &self.scheduler;
+        if let (Some(link), Some(me)) = (&self.link, &self.me) {
+            let placements = s
+                .placements()
+                .into_iter()
+                .map(|(seq, holder, n)| {
+                    let worker = match holder {
+                        Holder::Local => me.clone(),
+                        Holder::Peer(p) => link.peers.worker(p).to_owned(),
+                    };
+                    ((seq, worker), n as u64)
+                })
+                .collect();
+            *self
+                .shared
+                .placements
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = placements;
+        }
         self.stats.send_replace(EngineStats {
             running: s.running(),
             waiting: s.waiting(),

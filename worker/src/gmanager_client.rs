@@ -3,13 +3,15 @@
 //! heartbeat and the worker registers again, re-reporting what it holds; serving goes on
 //! meanwhile with the placements already made.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use infinite_llm_protocol::gmanager::{
-    BorrowAdvice, BorrowRequest, Heartbeat, PoolFigures, PoolView, Register, Registered,
+    BorrowAdvice, BorrowRequest, Heartbeat, HeartbeatAck, HeartbeatBody, PlacementDelta,
+    PoolFigures, PoolView, Register, Registered,
 };
 
-use crate::engine::{EngineHandle, EngineStats};
+use crate::engine::{EngineHandle, EngineStats, Placements};
 
 pub struct GManagerClient {
     http: reqwest::Client,
@@ -37,6 +39,38 @@ fn figures(s: &EngineStats) -> PoolFigures {
         running_requests: s.running as u64,
         waiting_requests: s.waiting as u64,
     }
+}
+
+/// The placement changes from `reported` to `now`, over holders the gManager knows (it wrote
+/// off the blocks of those it does not, and refuses placing blocks on them), and what the
+/// ledger holds once it accepts them.
+fn placement_deltas(
+    now: &Placements,
+    reported: &Placements,
+    known: &BTreeSet<String>,
+) -> (Vec<PlacementDelta>, Placements) {
+    let next: Placements = now
+        .iter()
+        .filter(|((_, holder), _)| known.contains(holder))
+        .map(|(k, &v)| (k.clone(), v))
+        .collect();
+    let keys: BTreeSet<&(u64, String)> = next
+        .keys()
+        .chain(reported.keys().filter(|(_, h)| known.contains(h)))
+        .collect();
+    let deltas = keys
+        .into_iter()
+        .filter_map(|k| {
+            let d = next.get(k).copied().unwrap_or(0) as i64
+                - reported.get(k).copied().unwrap_or(0) as i64;
+            (d != 0).then(|| PlacementDelta {
+                request: k.0,
+                holder: k.1.clone(),
+                blocks: d,
+            })
+        })
+        .collect();
+    (deltas, next)
 }
 
 /// The most blocks the other workers could ever lend at once: what a request here may count on
@@ -132,6 +166,9 @@ impl GManagerClient {
             _ = &mut stop => return,
         };
         let id = self.register.worker_id.clone();
+        // What the ledger holds of this worker's placements, and the holders it knows.
+        let mut reported = Placements::new();
+        let mut known = BTreeSet::new();
         loop {
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}
@@ -140,16 +177,30 @@ impl GManagerClient {
                     return;
                 }
             }
-            let beat = Heartbeat {
-                epoch: 0,
-                pool: figures(&engine.stats()),
+            let stats = engine.stats();
+            let (placements, next) = placement_deltas(&engine.placements(), &reported, &known);
+            let beat = HeartbeatBody {
+                beat: Heartbeat {
+                    epoch: 0,
+                    pool: figures(&stats),
+                },
+                placements,
+                migrated_blocks: stats.kv_migrated_blocks_total,
             };
             match self
-                .post::<_, serde_json::Value>(&format!("/v1/workers/{id}/heartbeat"), &beat)
+                .post::<_, HeartbeatAck>(&format!("/v1/workers/{id}/heartbeat"), &beat)
                 .await
             {
-                Ok(_) => {}
+                Ok(ack) => {
+                    reported = next;
+                    if !ack.moves.is_empty() {
+                        tracing::info!(moves = ?ack.moves, "the gManager planned moves of this worker's blocks");
+                        engine.hand_moves(ack.moves);
+                    }
+                }
                 Err(CallError::Unknown) => {
+                    // A new ledger knows nothing of this worker's placements.
+                    reported.clear();
                     interval = self.register(&engine).await;
                     continue;
                 }
@@ -167,7 +218,10 @@ impl GManagerClient {
                 Err(e) => tracing::debug!(error = %e, "no creditor advice this round"),
             }
             match self.pool().await {
-                Ok(view) => engine.set_pool_lend_caps(others_lend_caps(&view, &id)),
+                Ok(view) => {
+                    engine.set_pool_lend_caps(others_lend_caps(&view, &id));
+                    known = view.workers.into_iter().map(|w| w.worker_id).collect();
+                }
                 Err(e) => tracing::debug!(error = %e, "no pool view this round"),
             }
         }
@@ -178,5 +232,37 @@ impl GManagerClient {
         if let Err(e) = self.http.delete(url).bearer_auth(&self.token).send().await {
             tracing::warn!(error = %e, "could not tell the gManager this worker leaves");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn placed(entries: &[(u64, &str, u64)]) -> Placements {
+        entries
+            .iter()
+            .map(|&(r, h, n)| ((r, h.to_owned()), n))
+            .collect()
+    }
+
+    #[test]
+    fn deltas_carry_changes_for_known_holders_only() {
+        let known: BTreeSet<String> = ["w0".to_owned(), "w1".to_owned()].into();
+        let reported = placed(&[(1, "w0", 8), (2, "w0", 3), (3, "gone", 4)]);
+        let now = placed(&[(1, "w0", 5), (1, "w1", 3), (4, "w0", 2), (5, "new", 1)]);
+        let (deltas, next) = placement_deltas(&now, &reported, &known);
+        let got: Vec<(u64, &str, i64)> = deltas
+            .iter()
+            .map(|d| (d.request, d.holder.as_str(), d.blocks))
+            .collect();
+        assert_eq!(
+            got,
+            [(1, "w0", -3), (1, "w1", 3), (2, "w0", -3), (4, "w0", 2)],
+            "an unknown holder is neither placed on nor taken from"
+        );
+        assert_eq!(next, placed(&[(1, "w0", 5), (1, "w1", 3), (4, "w0", 2)]));
+        let (again, _) = placement_deltas(&now, &next, &known);
+        assert!(again.is_empty(), "nothing changed since");
     }
 }

@@ -86,6 +86,19 @@ impl Migrator {
         }
     }
 
+    /// Moves up to `blocks` full local blocks of `seq` to the creditor `to` (a planned move);
+    /// a request already moving gets no second job.
+    pub fn offload(&mut self, seq: SeqId, to: String, blocks: usize) {
+        let busy = self.jobs.iter().any(|j| j.seq() == seq);
+        if !busy && blocks > 0 {
+            self.jobs.push(Job::Offload {
+                seq,
+                to,
+                left: blocks,
+            });
+        }
+    }
+
     /// Runs one step's moves. Returns the requests whose evacuation found no room in time:
     /// the engine recomputes them.
     pub fn run<B: Backend>(&mut self, cx: &mut Ctx<'_, B>) -> Vec<SeqId> {

@@ -131,6 +131,22 @@ impl Scheduler {
         std::mem::take(&mut self.released)
     }
 
+    /// Blocks each request holds, by holder, for the gManager's ledger.
+    pub fn placements(&self) -> Vec<(SeqId, Holder, usize)> {
+        let mut out = Vec::new();
+        for (&id, s) in &self.seqs {
+            let mut by: Vec<(Holder, usize)> = Vec::new();
+            for b in s.table.blocks() {
+                match by.iter_mut().find(|(h, _)| *h == b.holder) {
+                    Some((_, n)) => *n += 1,
+                    None => by.push((b.holder, 1)),
+                }
+            }
+            out.extend(by.into_iter().map(|(h, n)| (id, h, n)));
+        }
+        out
+    }
+
     /// Blocks this worker's requests hold on peers.
     pub fn borrowed_blocks(&self) -> usize {
         self.seqs

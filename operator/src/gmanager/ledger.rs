@@ -6,12 +6,12 @@
 //! The ledger is soft state rebuilt from what workers report: nothing here is authoritative
 //! about a block, it only steers homes towards creditors likely to say yes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use infinite_llm_protocol::gmanager::{
-    BorrowAdvice, BorrowRequest, Creditor, Debt, PlacementDelta, PlannedMove, PoolFigures,
-    PoolView, Register, WorkerView,
+    BorrowAdvice, BorrowRequest, Creditor, Debt, EpochChange, PlacementDelta, PlannedMove,
+    PoolFigures, PoolView, Register, WorkerView,
 };
 
 use super::placement::{self, Instance, PlacementConfig, Role};
@@ -37,7 +37,22 @@ struct Member {
     block_tokens: u32,
     pool: PoolFigures,
     last_seen: Instant,
+    /// Blocks its requests migrated since it started, as last reported.
+    migrated_blocks: u64,
 }
+
+/// A planned move handed to its home, until the home's placements show it done.
+#[derive(Debug, Clone)]
+struct InFlight {
+    planned: PlannedMove,
+    since: Instant,
+}
+
+/// A handed move whose placements never showed it done is forgotten after this long (the
+/// home found no room, or the request ended), so a later round may plan it again.
+const IN_FLIGHT_FOR: Duration = Duration::from_secs(10);
+/// Membership changes kept for the view.
+const EPOCH_HISTORY: usize = 16;
 
 /// Blocks of one request by holder, the home included.
 type Holders = BTreeMap<String, u64>;
@@ -53,6 +68,10 @@ pub struct Ledger {
     placement: PlacementConfig,
     /// Moves of the last placement round.
     planned: Vec<PlannedMove>,
+    /// Moves of the last round not handed to their homes yet.
+    to_hand: Vec<PlannedMove>,
+    in_flight: Vec<InFlight>,
+    history: VecDeque<EpochChange>,
 }
 
 impl Ledger {
@@ -64,7 +83,23 @@ impl Ledger {
             placements: BTreeMap::new(),
             placement,
             planned: Vec::new(),
+            to_hand: Vec::new(),
+            in_flight: Vec::new(),
+            history: VecDeque::new(),
         }
+    }
+
+    /// Moves the epoch on for a membership change, and remembers why.
+    fn bump(&mut self, worker: &str, change: &str) {
+        self.epoch += 1;
+        if self.history.len() == EPOCH_HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(EpochChange {
+            epoch: self.epoch,
+            worker: worker.to_owned(),
+            change: change.to_owned(),
+        });
     }
 
     pub fn epoch(&self) -> u64 {
@@ -90,6 +125,7 @@ impl Ledger {
             });
         }
         self.forget(&r.worker_id);
+        let id = r.worker_id.clone();
         self.members.insert(
             r.worker_id,
             Member {
@@ -98,9 +134,10 @@ impl Ledger {
                 block_tokens: r.block_tokens,
                 pool: r.pool,
                 last_seen: now,
+                migrated_blocks: 0,
             },
         );
-        self.epoch += 1;
+        self.bump(&id, "joined");
         Ok(self.epoch)
     }
 
@@ -140,6 +177,15 @@ impl Ledger {
                 })?;
             changed.push(((request, holder), next));
         }
+        for &((request, holder), next) in &changed {
+            // Blocks arriving where a handed move sends them: that move is done.
+            if next > self.held(id, request, holder) {
+                self.in_flight.retain(|f| {
+                    let m = &f.planned;
+                    !(m.from == id && m.request == request && m.to == holder)
+                });
+            }
+        }
         for ((request, holder), blocks) in changed {
             let key = (id.to_owned(), request);
             let holders = self.placements.entry(key.clone()).or_default();
@@ -163,8 +209,30 @@ impl Ledger {
             .remove(id)
             .ok_or_else(|| LedgerError::UnknownWorker(id.to_owned()))?;
         self.forget(id);
-        self.epoch += 1;
+        self.bump(id, "left");
         Ok(self.epoch)
+    }
+
+    /// Records the blocks a worker's requests migrated since it started.
+    pub fn report_migrated(&mut self, id: &str, blocks: u64) {
+        if let Some(m) = self.members.get_mut(id) {
+            m.migrated_blocks = blocks;
+        }
+    }
+
+    /// The moves of the last round for `home`'s requests, each handed out once; they stay in
+    /// flight until the home's placements show them done.
+    pub fn take_moves(&mut self, home: &str, now: Instant) -> Vec<PlannedMove> {
+        let (mine, rest) = std::mem::take(&mut self.to_hand)
+            .into_iter()
+            .partition(|m| m.from == home);
+        self.to_hand = rest;
+        self.in_flight
+            .extend(mine.iter().cloned().map(|planned| InFlight {
+                planned,
+                since: now,
+            }));
+        mine
     }
 
     /// Blocks of the home's request on `holder`, as reported.
@@ -183,6 +251,9 @@ impl Ledger {
             holders.remove(id);
             home != id && !holders.is_empty()
         });
+        self.to_hand.retain(|m| m.from != id && m.to != id);
+        self.in_flight
+            .retain(|f| f.planned.from != id && f.planned.to != id);
     }
 
     #[cfg(test)]
@@ -242,15 +313,25 @@ impl Ledger {
     pub fn place(&mut self, now: Instant) -> &[PlannedMove] {
         let (ids, instances) = self.instances(now);
         let block_tokens = u64::from(ids.first().map_or(0, |id| self.members[*id].block_tokens));
-        let planned = placement::plan_moves(&instances, block_tokens, &self.placement)
-            .into_iter()
-            .map(|m| PlannedMove {
-                request: m.request,
-                from: ids[m.from].clone(),
-                to: ids[m.to].clone(),
-                blocks: m.blocks,
-            })
-            .collect();
+        let planned: Vec<PlannedMove> =
+            placement::plan_moves(&instances, block_tokens, &self.placement)
+                .into_iter()
+                .map(|m| PlannedMove {
+                    request: m.request,
+                    from: ids[m.from].clone(),
+                    to: ids[m.to].clone(),
+                    blocks: m.blocks,
+                })
+                .collect();
+        self.in_flight
+            .retain(|f| now.saturating_duration_since(f.since) < IN_FLIGHT_FOR);
+        let busy = |m: &PlannedMove| {
+            self.in_flight
+                .iter()
+                .any(|f| f.planned.from == m.from && f.planned.request == m.request)
+        };
+        // A request whose move is still under way is not handed another.
+        self.to_hand = planned.iter().filter(|m| !busy(m)).cloned().collect();
         self.planned = planned;
         &self.planned
     }
@@ -268,7 +349,7 @@ impl Ledger {
         for id in &gone {
             self.members.remove(id);
             self.forget(id);
-            self.epoch += 1;
+            self.bump(id, "expired");
         }
         gone
     }
@@ -331,6 +412,7 @@ impl Ledger {
                     pool: m.pool,
                     free_blocks: m.pool.free_blocks(),
                     last_seen_ms: millis(now.saturating_duration_since(m.last_seen)),
+                    migrated_blocks: m.migrated_blocks,
                 }
             })
             .collect();
@@ -343,6 +425,8 @@ impl Ledger {
             creditors,
             debts,
             planned_moves: self.planned.clone(),
+            moves_in_flight: self.in_flight.iter().map(|f| f.planned.clone()).collect(),
+            epoch_history: self.history.iter().cloned().collect(),
         }
     }
 
@@ -761,5 +845,53 @@ mod tests {
             "the longest request, to the freest creditor, what the next request needs"
         );
         assert_eq!(l.view(t).planned_moves, moves);
+    }
+
+    #[test]
+    fn planned_moves_are_handed_once_and_stay_in_flight_until_placements_show_them() {
+        let t = Instant::now();
+        let mut l = ledger();
+        let mut full = pool(1000, 1000, 0, 500);
+        full.running_requests = 2;
+        full.waiting_requests = 3;
+        l.register(reg("full", full), t).unwrap();
+        l.register(reg("idle", pool(1000, 0, 0, 500)), t).unwrap();
+        l.heartbeat("full", full, &[delta(1, "full", 1000)], t)
+            .unwrap();
+        let planned = l.place(t).to_vec();
+        assert_eq!(planned.len(), 1);
+        assert!(
+            l.take_moves("idle", t).is_empty(),
+            "only the home gets them"
+        );
+        assert_eq!(l.take_moves("full", t), planned);
+        assert!(l.take_moves("full", t).is_empty(), "handed once");
+        assert_eq!(l.view(t).moves_in_flight, planned);
+        l.place(t);
+        assert!(
+            l.take_moves("full", t).is_empty(),
+            "a request with a move under way gets no second one"
+        );
+        // The home reports the blocks on the creditor: the move is done.
+        l.heartbeat(
+            "full",
+            full,
+            &[delta(1, "full", -3), delta(1, "idle", 3)],
+            t,
+        )
+        .unwrap();
+        assert!(l.view(t).moves_in_flight.is_empty());
+        l.report_migrated("full", 3);
+        let v = l.view(t);
+        let w = v.workers.iter().find(|w| w.worker_id == "full").unwrap();
+        assert_eq!(w.migrated_blocks, 3);
+        let changes: Vec<(u64, &str, &str)> = v
+            .epoch_history
+            .iter()
+            .map(|c| (c.epoch, c.worker.as_str(), c.change.as_str()))
+            .collect();
+        assert_eq!(changes, [(1, "full", "joined"), (2, "idle", "joined")]);
+        l.leave("idle").unwrap();
+        assert_eq!(l.view(t).epoch_history.last().unwrap().change, "left");
     }
 }

@@ -1,6 +1,6 @@
 //! The gManager's Prometheus metrics, labelled by cluster: members, epoch, pooled blocks by
-//! state, debtors and creditors, blocks the last placement round would move, and borrow
-//! advice given.
+//! state, debtors and creditors, blocks the last placement round would move, blocks the live
+//! workers migrated, and borrow advice given.
 
 use infinite_llm_protocol::gmanager::PoolView;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -28,6 +28,7 @@ pub struct Metrics {
     blocks: Family<PoolLabel, Gauge>,
     roles: Family<RoleLabel, Gauge>,
     planned: Family<ClusterLabel, Gauge>,
+    migrated: Family<ClusterLabel, Gauge>,
     advice: Family<ClusterLabel, Counter>,
 }
 
@@ -46,6 +47,12 @@ impl Default for Metrics {
         let advice = Family::<ClusterLabel, Counter>::default();
         let roles = Family::<RoleLabel, Gauge>::default();
         let planned = Family::<ClusterLabel, Gauge>::default();
+        let migrated = Family::<ClusterLabel, Gauge>::default();
+        registry.register(
+            "migrated_blocks",
+            "Blocks the live workers' requests migrated since they started, as heartbeats report",
+            migrated.clone(),
+        );
         registry.register(
             "placement_workers",
             "Live workers by placement role (debtor or creditor)",
@@ -75,6 +82,7 @@ impl Default for Metrics {
             blocks,
             roles,
             planned,
+            migrated,
             advice,
         }
     }
@@ -118,6 +126,8 @@ impl Metrics {
         }
         let planned: u64 = view.planned_moves.iter().map(|m| m.blocks).sum();
         self.planned.get_or_create(&label).set(saturate(planned));
+        let migrated: u64 = view.workers.iter().map(|w| w.migrated_blocks).sum();
+        self.migrated.get_or_create(&label).set(saturate(migrated));
     }
 
     pub fn advised(&self, cluster: &str) {
@@ -144,7 +154,7 @@ fn saturate(v: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use infinite_llm_protocol::gmanager::{PlannedMove, PoolFigures};
+    use infinite_llm_protocol::gmanager::{PlannedMove, PoolFigures, WorkerView};
 
     #[test]
     fn renders_the_view_and_advice() {
@@ -152,7 +162,15 @@ mod tests {
         let view = PoolView {
             epoch: 3,
             block_tokens: 16,
-            workers: Vec::new(),
+            workers: vec![WorkerView {
+                worker_id: "w0".into(),
+                api_url: String::new(),
+                peer_addr: String::new(),
+                pool: PoolFigures::default(),
+                free_blocks: 0,
+                last_seen_ms: 0,
+                migrated_blocks: 5,
+            }],
             totals: PoolFigures {
                 total_blocks: 24,
                 used_blocks: 10,
@@ -169,12 +187,14 @@ mod tests {
                 to: "w1".into(),
                 blocks: 6,
             }],
+            moves_in_flight: Vec::new(),
+            epoch_history: Vec::new(),
         };
         m.observe("local", &view);
         m.advised("local");
         let text = m.render();
         for line in [
-            r#"ilm_gmanager_workers{cluster="local"} 0"#,
+            r#"ilm_gmanager_workers{cluster="local"} 1"#,
             r#"ilm_gmanager_epoch{cluster="local"} 3"#,
             r#"ilm_gmanager_pool_blocks{cluster="local",state="total"} 24"#,
             r#"ilm_gmanager_pool_blocks{cluster="local",state="used"} 10"#,
@@ -185,6 +205,7 @@ mod tests {
             r#"ilm_gmanager_placement_workers{cluster="local",role="debtor"} 1"#,
             r#"ilm_gmanager_placement_workers{cluster="local",role="creditor"} 2"#,
             r#"ilm_gmanager_planned_move_blocks{cluster="local"} 6"#,
+            r#"ilm_gmanager_migrated_blocks{cluster="local"} 5"#,
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

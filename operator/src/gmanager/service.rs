@@ -13,10 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use infinite_llm_protocol::gmanager::{
-    AUTHORIZATION, BorrowAdvice, BorrowRequest, Heartbeat, HeartbeatAck, PlacementDelta, PoolView,
-    Register, Registered,
+    AUTHORIZATION, BorrowAdvice, BorrowRequest, HeartbeatAck, HeartbeatBody, PoolView, Register,
+    Registered,
 };
-use serde::Deserialize;
 use serde_json::json;
 use tracing::{debug, info, warn};
 
@@ -178,15 +177,6 @@ async fn register(
     }))
 }
 
-/// A heartbeat, with the placement changes of the worker's requests when it reports them.
-#[derive(Deserialize)]
-struct HeartbeatBody {
-    #[serde(flatten)]
-    beat: Heartbeat,
-    #[serde(default)]
-    placements: Vec<PlacementDelta>,
-}
-
 async fn heartbeat(
     State(s): State<Service>,
     Cluster(cluster): Cluster,
@@ -194,11 +184,19 @@ async fn heartbeat(
     body: Result<Json<HeartbeatBody>, JsonRejection>,
 ) -> Result<Json<HeartbeatAck>, ApiError> {
     let Json(hb) = body?;
-    let epoch = s.with_ledger(&cluster, |l, now| {
-        l.heartbeat(&id, hb.beat.pool, &hb.placements, now)
+    let (epoch, moves) = s.with_ledger(&cluster, |l, now| {
+        let epoch = l.heartbeat(&id, hb.beat.pool, &hb.placements, now)?;
+        l.report_migrated(&id, hb.migrated_blocks);
+        Ok::<_, LedgerError>((epoch, l.take_moves(&id, now)))
     })?;
-    debug!(cluster, worker = id, epoch, "heartbeat");
-    Ok(Json(HeartbeatAck { epoch }))
+    debug!(
+        cluster,
+        worker = id,
+        epoch,
+        moves = moves.len(),
+        "heartbeat"
+    );
+    Ok(Json(HeartbeatAck { epoch, moves }))
 }
 
 async fn leave(
