@@ -603,7 +603,7 @@ impl<B: Backend> Runner<B> {
     }
 
     /// Once draining: lend nothing more and ask every home holding blocks here to take them
-    /// back (each recomputes those requests elsewhere and releases the blocks).
+    /// back (each migrates those blocks elsewhere and releases them).
     fn reclaim_if_draining(&mut self) {
         if self.reclaimed || !self.shared.draining.load(Ordering::Acquire) {
             return;

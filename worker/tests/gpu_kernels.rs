@@ -5,6 +5,7 @@
 //! the operation reads bf16 (weights, the KV cache). Needs a GPU: without one every test says so
 //! and passes; `make test-gpu` runs them on the GPU machine.
 
+use infinite_llm_worker::backend::cpu::Cpu;
 use infinite_llm_worker::backend::cuda::{self, Cuda};
 use infinite_llm_worker::backend::{AttnSeq, AttnShape, Backend, KvSegment, KvShape, NO_SLOT};
 use infinite_llm_worker::sampling::{RowDraw, argmax, draw, kept_cut};
@@ -619,4 +620,54 @@ fn attention_rows_outside_every_sequence_are_empty() {
             .iter()
             .all(|&x| x == f32::NEG_INFINITY)
     );
+}
+
+#[test]
+fn a_kv_block_read_back_is_what_was_written_in_the_cpu_layout() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng("kv_block");
+    let shape = KvShape {
+        layers: 3,
+        blocks: 5,
+        block_tokens: 16,
+        kv_heads: 2,
+        head_dim: 64,
+    };
+    let cpu = Cpu::new();
+    let (mut gk, mut ck) = (g.alloc_kv(shape), cpu.alloc_kv(shape));
+    // Values a bf16 cache holds exactly: a migrated block arrives bit for bit.
+    let n = 2 * shape.layers * shape.block_floats();
+    let data: Vec<f32> = randn(&mut r, n, 2.0)
+        .into_iter()
+        .map(|x| half::bf16::from_f32(x).to_f32())
+        .collect();
+    g.kv_write_block(&mut gk, 3, &data);
+    assert_eq!(g.kv_read_block(&gk, 3), data);
+    assert!(
+        g.kv_read_block(&gk, 2).iter().all(|&x| x == 0.0),
+        "the neighbouring block is untouched"
+    );
+    // Rows written through `kv_write` read back as the CPU backend lays them out.
+    let width = 2 * shape.kv_heads * shape.head_dim;
+    let rows = randn(&mut r, shape.block_tokens * width, 1.0);
+    let slots: Vec<(u32, u32)> = (0..shape.block_tokens as u32).map(|t| (4, t)).collect();
+    let half_width = shape.kv_heads * shape.head_dim;
+    for layer in 0..shape.layers {
+        g.kv_write(
+            &mut gk,
+            layer,
+            &upload(&g, &rows),
+            width,
+            0,
+            half_width,
+            &slots,
+        );
+        cpu.kv_write(&mut ck, layer, &rows, width, 0, half_width, &slots);
+    }
+    let want: Vec<f64> = cpu
+        .kv_read_block(&ck, 4)
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    check("kv_read_block", &g.kv_read_block(&gk, 4), &want, BF16_TOL);
 }

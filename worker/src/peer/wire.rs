@@ -46,7 +46,7 @@ pub enum PeerMsg {
         message: String,
     },
     /// From a creditor that drains: take back everything this worker holds here (the home
-    /// recomputes those requests elsewhere and releases the blocks).
+    /// migrates those blocks elsewhere, recomputing only what finds no room, and releases them).
     Reclaim,
     /// Migration: the K and V of every layer of one block lent for the home's request `seq`.
     Fetch {
