@@ -732,6 +732,44 @@ mod tests {
     }
 
     #[test]
+    fn a_reclaiming_peer_leaves_running_requests_in_place_for_migration() {
+        let mut s = sched(2, 64);
+        let mut lender = RManager::new(8, 1.0);
+        // Request 1 runs on 2 local blocks and 3 on peer 3; request 2 waits with a reservation.
+        s.add(1, (0..16).collect(), 4);
+        schedule_borrowing(&mut s, 3, &mut lender);
+        s.add(2, (0..16).collect(), 4);
+        s.add_borrowed(2, 3, &[7]);
+        assert_eq!(s.running_on(3), [1]);
+        assert!(s.running_on(4).is_empty());
+        let mut placed = s.placements();
+        placed.sort_by_key(|&(id, h, _)| (id, h == Holder::Local));
+        assert_eq!(
+            placed,
+            [(1, Holder::Peer(3), 3), (1, Holder::Local, 2)],
+            "a waiting request's reservation is not a placement yet"
+        );
+        assert_eq!(s.drop_reservations_on(&[3]), [2]);
+        assert_eq!(s.take_released(), [(2, 3)]);
+        assert_eq!(
+            s.running(),
+            1,
+            "the running request keeps its blocks while they move"
+        );
+        let table = s.running_table(1).unwrap().clone();
+        assert_eq!(table.blocks().len(), 5);
+        assert!(
+            s.running_table(2).is_none(),
+            "only running requests migrate"
+        );
+        // The fallback when nowhere has room: recompute from the token ids.
+        assert_eq!(s.evict(1), 4, "16 tokens in blocks of 4");
+        assert_eq!(s.take_released(), [(1, 3)]);
+        assert_eq!(s.evict(1), 0, "no longer running");
+        assert_eq!((s.running(), s.waiting()), (0, 2));
+    }
+
+    #[test]
     fn a_rolled_back_step_runs_the_same_positions_again() {
         let mut s = sched(8, 64);
         s.add(1, (0..6).collect(), 4);
