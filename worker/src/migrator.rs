@@ -211,7 +211,14 @@ fn reserve<B: Backend>(
     let seq = job.seq();
     let candidates = match job {
         Job::Evacuate { from, .. } => {
-            let local = cx.scheduler.rmanager_mut().alloc_local(n);
+            // Local blocks beyond one per running request only: a move must not make a
+            // request that grows next step preempt another.
+            let spare = cx
+                .scheduler
+                .rmanager()
+                .free()
+                .saturating_sub(cx.scheduler.running());
+            let local = cx.scheduler.rmanager_mut().alloc_local(n.min(spare));
             if !local.is_empty() {
                 return Ok((Holder::Local, local));
             }
