@@ -549,6 +549,25 @@ extern "C" __global__ void attn_merge(const float* part_o, const float* part_lse
     if (threadIdx.x == 0) lse[rh] = total > 0.f ? mx + __logf(total) : NEG_INF;
 }
 
+// Folds a creditor's partial results into the home's: grid (part row, q head), one thread per
+// dimension. `rows[i]` is the home row of part row i; out and lse hold the local partials.
+extern "C" __global__ void attn_merge_rows(const float* part_o, const float* part_lse, const u32* rows,
+                                           int head_dim, float* out, float* lse) {
+    size_t ph = (size_t)blockIdx.x * gridDim.y + blockIdx.y;
+    size_t rh = (size_t)rows[blockIdx.x] * gridDim.y + blockIdx.y;
+    float a = lse[rh], b = part_lse[ph];
+    float mx = fmaxf(a, b);
+    float wa = a == NEG_INF ? 0.f : __expf(a - mx);
+    float wb = b == NEG_INF ? 0.f : __expf(b - mx);
+    float total = wa + wb;
+    __syncthreads();
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float o = total > 0.f ? (wa * out[rh * head_dim + d] + wb * part_o[ph * head_dim + d]) / total : 0.f;
+        out[rh * head_dim + d] = o;
+    }
+    if (threadIdx.x == 0) lse[rh] = total > 0.f ? mx + __logf(total) : NEG_INF;
+}
+
 // Paged prefill attention on tensor cores (FlashAttention-2 style), for query rows that come
 // many to a sequence: a prompt chunk, or a creditor serving a long prefill's queries.
 //

@@ -21,9 +21,10 @@ for line in sys.stdin:
 	done
 }
 
-cargo build --release -p infinite-llm-worker --bins --message-format=json | collect bin
+cargo build --release -p infinite-llm-worker -p infinite-llm-operator --bins --message-format=json |
+	collect bin
 cargo test --release -p infinite-llm-worker --no-run --message-format=json \
-	--test gpu_kernels --test gpu_parity | collect test
+	--test gpu_kernels --test gpu_parity --test gpu_pool | collect test
 cargo bench -p infinite-llm-worker --no-run --message-format=json --bench gpu_bench |
 	collect bench
 ls -la "$out"

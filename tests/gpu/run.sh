@@ -7,17 +7,28 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 bundle=target/gpu-bundle
 work="${ILM_GPU_WORK:-/tmp/ilm-gpu}"
+mkdir -p "$work"
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+# cudarc opens libnccl.so; NCCL ships as libnccl.so.2 (the system's, or PyTorch's wheel).
+nccl_dir="$work/nccl-lib"
+if [[ ! -e "$nccl_dir/libnccl.so" ]]; then
+	mkdir -p "$nccl_dir"
+	nccl=$(ldconfig -p | awk '/libnccl\.so\.2 /{print $NF; exit}')
+	[[ -n "$nccl" ]] || nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(nvidia.nccl.__path__[0], "lib", "libnccl.so.2"))' 2>/dev/null || true)
+	[[ -n "$nccl" ]] && ln -sf "$nccl" "$nccl_dir/libnccl.so"
+fi
+export LD_LIBRARY_PATH="$nccl_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export ILM_WORKER_BIN="$PWD/$bundle/infinite-llm-worker"
 if [[ ! -x "$bundle/gpu_kernels" ]]; then
 	echo "no GPU bundle in $bundle: run tests/gpu/bundle.sh (make gpu-bundle) on a machine with cargo first" >&2
 	exit 2
 fi
-mkdir -p "$work"
 case "${1:-test}" in
 test)
 	"$bundle/gpu_kernels" --nocapture --test-threads=1
 	[[ -f "$work/parity/reference.json" ]] || python3 tests/gpu/hf_reference.py "$work/parity"
 	ILM_HF_REFERENCE="$work/parity" "$bundle/gpu_parity" --nocapture
+	"$bundle/gpu_pool" --nocapture
 	;;
 bench)
 	[[ -f "$work/llama8b/config.json" ]] || python3 tests/gpu/llama8b_random.py "$work/llama8b"

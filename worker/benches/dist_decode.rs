@@ -21,6 +21,7 @@ fn member(id: &str, kv_blocks: usize) -> EngineOptions {
             worker_id: id.into(),
             peer_listen: "127.0.0.1:0".parse().unwrap(),
             token: "bench".into(),
+            transport: Default::default(),
         }),
         ..EngineOptions::default()
     }

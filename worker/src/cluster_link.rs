@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use infinite_llm_protocol::gmanager::Creditor;
 use prometheus_client::metrics::histogram::Histogram;
 
+use crate::backend::nccl;
+use crate::backend::{DeviceLink, LinkError};
 use crate::dist_attention::{AttnCall, PartOut};
 use crate::engine::{Inbox, Submitted};
 use crate::model::llama::{Exchange, Waited};
@@ -52,6 +54,20 @@ pub struct ClusterLink {
     shunned: HashMap<String, Instant>,
     /// Creditor connections lost since start (a counter for metrics).
     pub losses_total: u64,
+    /// Direct device links to creditors, by connection.
+    links: HashMap<u16, LinkState>,
+    /// Links homes offered, for the engine to join (it has the device).
+    pub offers: Vec<(Vec<u8>, Responder)>,
+}
+
+/// A direct device link to a creditor, from the home's side.
+enum LinkState {
+    /// Offered at the instant given; not used until the creditor accepts and it is up.
+    Offered(DeviceLink, Instant),
+    Accepted(DeviceLink, Instant),
+    Up(DeviceLink),
+    /// Refused or broken: this connection keeps to TCP.
+    None,
 }
 
 /// What one borrowing round gathered.
@@ -106,12 +122,102 @@ impl ClusterLink {
             reclaiming: BTreeSet::new(),
             shunned: HashMap::new(),
             losses_total: 0,
+            links: HashMap::new(),
+            offers: Vec::new(),
+        }
+    }
+
+    /// Offers a direct device link to every creditor connection that has not had one offered,
+    /// and moves those offered along (up, or given up);
+    /// `offer` makes a link and its id (`None`: this device has no links).
+    pub fn offer_links(
+        &mut self,
+        mut offer: impl FnMut() -> Option<Result<(DeviceLink, Vec<u8>), LinkError>>,
+    ) {
+        if !self.peers.direct_links {
+            return;
+        }
+        let new: Vec<u16> = self
+            .peers
+            .live()
+            .filter(|p| !self.links.contains_key(p))
+            .collect();
+        for peer in new {
+            let state = match offer() {
+                Some(Ok((link, id))) => match self.peers.send(peer, &PeerMsg::LinkOffer { id }) {
+                    Ok(()) => {
+                        tracing::info!(creditor = %self.peers.worker(peer), "offered a direct link (NCCL)");
+                        LinkState::Offered(link, Instant::now())
+                    }
+                    Err(e) => {
+                        self.lost(peer, &e.to_string());
+                        LinkState::None
+                    }
+                },
+                Some(Err(e)) => {
+                    tracing::warn!(creditor = %self.peers.worker(peer), error = %e, "no direct link; attention goes over TCP");
+                    LinkState::None
+                }
+                None => LinkState::None,
+            };
+            self.links.insert(peer, state);
+        }
+        let peers: Vec<u16> = self.links.keys().copied().collect();
+        for peer in peers {
+            self.direct_link(peer);
+        }
+    }
+
+    /// Whether a direct link is offered or accepted but not up yet.
+    pub fn links_pending(&self) -> bool {
+        let pending = |s: &LinkState| matches!(s, LinkState::Offered(..) | LinkState::Accepted(..));
+        self.links.values().any(pending)
+    }
+
+    /// Creditor connections whose direct link is up.
+    pub fn direct_links_up(&self) -> usize {
+        let up = |s: &&LinkState| matches!(s, LinkState::Up(_));
+        self.links.values().filter(up).count()
+    }
+
+    /// The direct link to a creditor, once it is up; one that does not come up in time is
+    /// given up (TCP then serves that creditor).
+    pub fn direct_link(&mut self, peer: u16) -> Option<DeviceLink> {
+        let state = self.links.get_mut(&peer)?;
+        let (up, accepted, late) = match state {
+            LinkState::Offered(link, since) => (link.comm.ready(), false, since.elapsed()),
+            LinkState::Accepted(link, since) => (link.comm.ready(), true, since.elapsed()),
+            LinkState::Up(_) | LinkState::None => (Ok(false), false, Duration::ZERO),
+        };
+        let worker = self.peers.worker(peer);
+        if accepted && matches!(up, Ok(true)) {
+            if let LinkState::Accepted(link, _) = std::mem::replace(state, LinkState::None) {
+                tracing::info!(creditor = %worker, "direct link up (NCCL)");
+                *state = LinkState::Up(link);
+            }
+        } else if up.is_err() || late > nccl::CONNECT_TIMEOUT {
+            tracing::warn!(creditor = %worker, error = ?up.err(), "direct link did not come up; attention goes over TCP");
+            if let LinkState::Offered(link, _) | LinkState::Accepted(link, _) =
+                std::mem::replace(state, LinkState::None)
+            {
+                link.comm.abort();
+            }
+        }
+        match state {
+            LinkState::Up(link) => Some(link.clone()),
+            _ => None,
         }
     }
 
     /// Declares a creditor lost: its connection is shut, its worker shunned for a while, and
     /// the requests with blocks there are the engine's to recover.
     pub fn lost(&mut self, peer: u16, why: &str) {
+        if let Some(
+            LinkState::Offered(link, _) | LinkState::Accepted(link, _) | LinkState::Up(link),
+        ) = self.links.insert(peer, LinkState::None)
+        {
+            link.comm.abort();
+        }
         if self.peers.lose(peer) {
             let worker = self.peers.worker(peer).to_owned();
             tracing::warn!(creditor = %worker, error = why, "creditor lost; the blocks held there will be recomputed");
@@ -126,6 +232,29 @@ impl ClusterLink {
     pub fn intercept(&mut self, m: Inbox) -> Option<Inbox> {
         match m {
             Inbox::Peer(Incoming::Lost { peer, error }) => self.lost(peer, &error),
+            Inbox::Peer(Incoming::Request {
+                msg: PeerMsg::LinkOffer { id },
+                reply,
+                ..
+            }) => self.offers.push((id, reply)),
+            Inbox::Peer(Incoming::Reply {
+                peer,
+                msg: PeerMsg::LinkAnswer { accepted, reason },
+            }) => {
+                let state = self.links.get_mut(&peer);
+                if let Some(s @ LinkState::Offered(..)) = state {
+                    let LinkState::Offered(link, since) = std::mem::replace(s, LinkState::None)
+                    else {
+                        unreachable!("matched above")
+                    };
+                    if accepted {
+                        *s = LinkState::Accepted(link, since);
+                    } else {
+                        tracing::info!(creditor = %self.peers.worker(peer), %reason, "direct link refused; attention goes over TCP");
+                        link.comm.abort();
+                    }
+                }
+            }
             Inbox::Peer(Incoming::Reply {
                 peer,
                 msg: PeerMsg::Reclaim,
@@ -528,6 +657,15 @@ pub fn serve_pool_request(
     }
 }
 
+/// A creditor's answer to an attention call: its partials (none when they went over the
+/// direct link), or why it has none.
+pub fn attn_answer(call: u64, answer: Result<Vec<PartOut>, String>) -> PeerMsg {
+    match answer {
+        Ok(parts) => PeerMsg::AttnOut { call, parts },
+        Err(message) => PeerMsg::Failure { call, message },
+    }
+}
+
 /// `work` if every block is lent to `from` for `seq`; otherwise the home gets a `Failure`.
 fn lent_for(
     rm: &RManager,
@@ -587,6 +725,14 @@ impl<'a> LayerExchange<'a> {
 }
 
 impl Exchange for LayerExchange<'_> {
+    fn link(&mut self, peer: u16) -> Option<DeviceLink> {
+        self.link.direct_link(peer)
+    }
+
+    fn link_failed(&mut self, peer: u16, why: &str) {
+        self.link.lost(peer, why);
+    }
+
     fn send(&mut self, calls: Vec<(u16, AttnCall)>) {
         for (peer, attn) in calls {
             let call = self.link.call_id();
@@ -668,11 +814,11 @@ impl Exchange for LayerExchange<'_> {
                 Inbox::Peer(Incoming::Request { from, msg, reply }) => {
                     match serve_pool_request(self.rm, from, msg, reply) {
                         Some(KvWork::Attn { call, attn, reply }) => {
+                            let link = reply.link();
                             return Waited::Serve(
                                 attn,
-                                Box::new(move |parts| {
-                                    reply.send(&PeerMsg::AttnOut { call, parts })
-                                }),
+                                link,
+                                Box::new(move |answer| reply.send(&attn_answer(call, answer))),
                             );
                         }
                         Some(copy) => self.deferred.push(copy),

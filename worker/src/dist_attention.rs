@@ -1,12 +1,19 @@
 //! DistAttention's data path: the queries a home sends to each creditor for one layer, the
 //! MicroAttention a creditor runs over the blocks it lent, and the exact merge of the partial
 //! outputs back at the home. KV never moves; only queries, new K/V rows and partials do.
+//!
+//! Between GPUs with a direct link (NCCL), the call that crosses the peer connection carries
+//! only the metadata; the rows and the partials travel over the link, device to device.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
-use crate::backend::{AttnSeq, AttnShape, Backend, KvSegment, NO_SLOT};
+use crate::backend::{AttnSeq, AttnShape, Backend, DeviceLink, KvSegment, LinkError, NO_SLOT};
 use crate::merge::merge_into;
 use crate::scheduler::RemotePart;
+
+/// How long either end waits for a link's transfers: the bound a peer's answer has.
+pub const LINK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A new token's K and V that the creditor stores in a block it lent.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +42,9 @@ pub struct PartIn {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttnCall {
     pub layer: u32,
+    /// The rows come over the direct link, whole (`[rows, q|k|v]`), and the partials go back
+    /// the same way; `q` and the appends' `k`/`v` are then empty.
+    pub linked: bool,
     pub parts: Vec<PartIn>,
 }
 
@@ -53,42 +63,42 @@ pub struct QkvLayout {
     pub kv: usize,
 }
 
-/// Builds one call per creditor from this layer's stacked q/k/v rows (on the host).
-pub fn build_calls(
+/// Builds one call per creditor from this layer's stacked q/k/v rows: with their values from
+/// `qkv` (on the host), or, for linked creditors (`qkv` is `None`), without them.
+pub fn build_calls<'a>(
     layer: usize,
-    qkv: &[f32],
+    qkv: Option<&[f32]>,
     layout: QkvLayout,
     seqs: &[AttnSeq],
-    remote: &[RemotePart],
+    remote: impl IntoIterator<Item = &'a RemotePart>,
 ) -> BTreeMap<u16, AttnCall> {
     let mut calls: BTreeMap<u16, AttnCall> = BTreeMap::new();
     for part in remote {
         let seq = &seqs[part.attn];
-        let row_of = |r: usize| &qkv[r * layout.width..(r + 1) * layout.width];
+        let row_of =
+            |r: usize| qkv.map_or(&[][..], |x| &x[r * layout.width..(r + 1) * layout.width]);
+        let cols = |r: usize, c: std::ops::Range<usize>| row_of(r).get(c).unwrap_or(&[]).to_vec();
         let q = seq
             .rows
             .clone()
-            .flat_map(|r| &row_of(r)[..layout.q])
-            .copied()
+            .flat_map(|r| cols(r, 0..layout.q))
             .collect();
         let appends = part
             .appends
             .iter()
-            .map(|&(row, block, offset)| {
-                let x = row_of(row);
-                Append {
-                    row: (row - seq.rows.start) as u32,
-                    block,
-                    offset,
-                    k: x[layout.q..layout.q + layout.kv].to_vec(),
-                    v: x[layout.q + layout.kv..layout.q + 2 * layout.kv].to_vec(),
-                }
+            .map(|&(row, block, offset)| Append {
+                row: (row - seq.rows.start) as u32,
+                block,
+                offset,
+                k: cols(row, layout.q..layout.q + layout.kv),
+                v: cols(row, layout.q + layout.kv..layout.q + 2 * layout.kv),
             })
             .collect();
         calls
             .entry(part.peer)
             .or_insert_with(|| AttnCall {
                 layer: layer as u32,
+                linked: qkv.is_none(),
                 parts: Vec::new(),
             })
             .parts
@@ -102,6 +112,79 @@ pub fn build_calls(
             });
     }
     calls
+}
+
+/// The rows each linked creditor gets, in the order of its call's parts: what the home sends
+/// over the link.
+pub fn linked_rows<'a>(
+    seqs: &[AttnSeq],
+    remote: impl IntoIterator<Item = &'a RemotePart>,
+) -> BTreeMap<u16, Vec<usize>> {
+    let mut rows: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+    for part in remote {
+        rows.entry(part.peer)
+            .or_default()
+            .extend(seqs[part.attn].rows.clone());
+    }
+    rows
+}
+
+/// The creditor's answer to a call: inline partials, or none when they went over the link
+/// (which a linked call needs).
+pub fn answer<B: Backend>(
+    backend: &B,
+    kv: &mut B::Kv,
+    shape: AttnShape,
+    call: &AttnCall,
+    link: Option<&DeviceLink>,
+) -> Result<Vec<PartOut>, String> {
+    if !call.linked {
+        return Ok(serve_call(backend, kv, shape, call));
+    }
+    let link = link.ok_or("a linked call without a link to its home")?;
+    serve_linked(backend, kv, shape, call, link)
+        .map(|()| Vec::new())
+        .map_err(|e| e.to_string())
+}
+
+/// The creditor's side of a linked call: receives the rows over the link, stores the new K/V
+/// rows, runs MicroAttention for every part and sends the partials back over the link.
+pub fn serve_linked<B: Backend>(
+    backend: &B,
+    kv: &mut B::Kv,
+    shape: AttnShape,
+    call: &AttnCall,
+    link: &DeviceLink,
+) -> Result<(), LinkError> {
+    let (qw, kvw) = (
+        shape.q_heads * shape.head_dim,
+        shape.kv_heads * shape.head_dim,
+    );
+    let width = qw + 2 * kvw;
+    let layer = call.layer as usize;
+    let rows: usize = call.parts.iter().map(|p| p.rows as usize).sum();
+    let x = backend.link_recv(link, rows * width, LINK_TIMEOUT)?;
+    let mut slots = vec![NO_SLOT; rows];
+    let mut seqs = Vec::with_capacity(call.parts.len());
+    let mut start = 0;
+    for p in &call.parts {
+        for a in &p.appends {
+            slots[start + a.row as usize] = (a.block, a.offset);
+        }
+        seqs.push(AttnSeq {
+            rows: start..start + p.rows as usize,
+            first_row_pos: p.first_row_pos,
+            segments: p.segments.clone(),
+        });
+        start += p.rows as usize;
+    }
+    if slots.iter().any(|&s| s != NO_SLOT) {
+        backend.kv_write(kv, layer, &x, width, qw, qw + kvw, &slots);
+    }
+    let mut out = backend.alloc((rows * qw).max(1));
+    let mut lse = backend.alloc((rows * shape.q_heads).max(1));
+    backend.attention(&x, width, 0, kv, layer, shape, &seqs, &mut out, &mut lse);
+    backend.link_send(link, vec![(out, rows * qw), (lse, rows * shape.q_heads)])
 }
 
 /// The creditor's side: stores the new K/V rows, then runs MicroAttention for every part.

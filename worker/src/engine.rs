@@ -19,12 +19,12 @@ use crate::backend::Backend;
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::Cuda;
 use crate::cluster_link::{
-    ClusterLink, KvWork, LayerExchange, serve_pool_request, take_back_loans,
+    ClusterLink, KvWork, LayerExchange, attn_answer, serve_pool_request, take_back_loans,
 };
 use crate::migrator::{Ctx, Migrator};
 use crate::model::llama::{Exchange, Llama, NoExchange};
 use crate::peer::tcp::TcpPeers;
-use crate::peer::{Incoming, PeerMsg};
+use crate::peer::{Incoming, PeerMsg, Transport};
 use crate::rblock_pool::Holder;
 use crate::request::{Event, FinishReason, GenerateRequest, SubmitError};
 use crate::rmanager::RManager;
@@ -33,6 +33,8 @@ use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
 
 /// How long a stalled engine sleeps on its inbox before it looks again.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
+/// How often an idle engine looks at direct links that are coming up.
+const LINK_POLL: Duration = Duration::from_millis(20);
 
 /// A snapshot of what the engine is doing, read by `/metrics` and `/ready`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -60,6 +62,8 @@ pub struct EngineStats {
     pub migrations_in_flight: usize,
     /// Connections to creditors lost since start.
     pub peer_losses_total: u64,
+    /// Creditor connections with a direct device link up.
+    pub peer_direct_links: usize,
     /// Takes no new requests and lends nothing more; exits once nothing depends on it.
     pub draining: bool,
 }
@@ -100,6 +104,8 @@ pub struct ClusterOptions {
     pub peer_listen: SocketAddr,
     /// The cluster token peers must present.
     pub token: String,
+    /// How attention's rows and partials travel to and from peers.
+    pub transport: Transport,
 }
 
 impl Default for EngineOptions {
@@ -264,9 +270,25 @@ fn start_with<B: Backend>(
                     .unwrap_or_else(|e| e.into_inner())
                     .send(Inbox::Peer(m));
             });
-            let (peers, bound) =
-                TcpPeers::listen(c.peer_listen, c.worker_id.clone(), c.token.clone(), sink)
-                    .map_err(EngineError::Thread)?;
+            let direct_links = match c.transport {
+                Transport::Tcp => false,
+                Transport::Auto => model.backend().has_links(),
+                Transport::Nccl if model.backend().has_links() => true,
+                Transport::Nccl => {
+                    return Err(EngineError::Options(
+                        "transport nccl needs a GPU (--device cuda) and libnccl.so on the library path"
+                            .into(),
+                    ));
+                }
+            };
+            let (peers, bound) = TcpPeers::listen(
+                c.peer_listen,
+                c.worker_id.clone(),
+                c.token.clone(),
+                sink,
+                direct_links,
+            )
+            .map_err(EngineError::Thread)?;
             (
                 Some(ClusterLink::new(
                     peers,
@@ -526,8 +548,8 @@ pub(crate) fn serve_home<B: Backend>(
 fn serve_kv<B: Backend>(model: &Llama<B>, kv: &mut B::Kv, block_tokens: usize, work: KvWork) {
     match work {
         KvWork::Attn { call, attn, reply } => {
-            let parts = model.serve_attention(kv, &attn);
-            reply.send(&PeerMsg::AttnOut { call, parts });
+            let answer = model.serve_attention(kv, &attn, reply.link().as_ref());
+            reply.send(&attn_answer(call, answer));
         }
         KvWork::Fetch { call, block, reply } => {
             let data = model.backend().kv_read_block(kv, block);
@@ -562,11 +584,20 @@ impl<B: Backend> Runner<B> {
             }
             self.reclaim_if_draining();
             self.recover();
+            self.link_devices();
             if self.scheduler.is_idle() {
                 self.publish();
-                match rx.recv() {
+                // A link coming up needs looking at even when nothing arrives.
+                let linking = self.link.as_ref().is_some_and(|l| l.links_pending());
+                match if linking {
+                    rx.recv_timeout(LINK_POLL)
+                } else {
+                    rx.recv()
+                        .map_err(|_| std_mpsc::RecvTimeoutError::Disconnected)
+                } {
                     Ok(m) => self.handle(m),
-                    Err(_) => return,
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
                 }
                 continue;
             }
@@ -599,6 +630,33 @@ impl<B: Backend> Runner<B> {
             Some(Inbox::Peer(m)) => serve_home(&self.model, &mut self.kv, &mut self.scheduler, m),
             // Looked at at the top of the loop.
             Some(Inbox::Drain) | None => {}
+        }
+    }
+
+    /// Offers a direct device link to each new creditor connection, and joins those homes
+    /// offered; attention uses a link once both ends have it up.
+    fn link_devices(&mut self) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let backend = self.model.backend();
+        link.offer_links(|| backend.link_offer());
+        for (id, reply) in std::mem::take(&mut link.offers) {
+            let answer = match backend.link_accept(&id) {
+                Ok(l) => {
+                    tracing::info!("joined a home's direct link (NCCL)");
+                    reply.set_link(l);
+                    PeerMsg::LinkAnswer {
+                        accepted: true,
+                        reason: String::new(),
+                    }
+                }
+                Err(e) => PeerMsg::LinkAnswer {
+                    accepted: false,
+                    reason: e.to_string(),
+                },
+            };
+            reply.send(&answer);
         }
     }
 
@@ -916,6 +974,7 @@ impl<B: Backend> Runner<B> {
             kv_migrated_blocks_total: self.migrator.migrated_total,
             migrations_in_flight: self.migrator.in_flight(),
             peer_losses_total: self.link.as_ref().map_or(0, |l| l.losses_total),
+            peer_direct_links: self.link.as_ref().map_or(0, |l| l.direct_links_up()),
             draining: self.shared.draining.load(Ordering::Acquire),
         });
     }

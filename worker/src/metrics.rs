@@ -52,6 +52,7 @@ pub struct Metrics {
     kv_migrated_blocks: EngineCounter,
     kv_migrations_in_flight: Gauge,
     peer_losses: EngineCounter,
+    peer_direct_links: Gauge,
     draining: Gauge,
     generation_tokens: Counter,
     prompt_tokens: Counter,
@@ -86,6 +87,7 @@ impl Metrics {
             kv_migrated_blocks: EngineCounter::default(),
             kv_migrations_in_flight: Gauge::default(),
             peer_losses: EngineCounter::default(),
+            peer_direct_links: Gauge::default(),
             draining: Gauge::default(),
             generation_tokens: Counter::default(),
             prompt_tokens: Counter::default(),
@@ -161,6 +163,11 @@ impl Metrics {
             "peer_losses",
             "Connections to creditors lost (closed, failed, or silent past the peer timeout)",
             metrics.peer_losses.counter.clone(),
+        );
+        registry.register(
+            "peer_direct_links",
+            "Creditor connections whose attention rows and partials travel over a direct device link (NCCL)",
+            metrics.peer_direct_links.clone(),
         );
         registry.register(
             "draining",
@@ -271,6 +278,7 @@ impl Metrics {
         self.kv_migrations_in_flight
             .set(gauge_value(stats.migrations_in_flight));
         self.peer_losses.catch_up(stats.peer_losses_total);
+        self.peer_direct_links.set(stats.peer_direct_links as i64);
         self.draining.set(i64::from(stats.draining));
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");

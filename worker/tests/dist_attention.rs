@@ -31,7 +31,7 @@ impl Exchange for Creditors {
                 rm.check_lent(&key, p.segments.iter().map(|s| s.block))
                     .unwrap();
             }
-            let out = self.model.serve_attention(kv, &call);
+            let out = self.model.serve_attention(kv, &call, None).unwrap();
             self.replies.push((peer, out));
         }
     }

@@ -23,6 +23,7 @@ fn options(id: &str, kv_blocks: usize, lend_fraction: f64) -> EngineOptions {
             worker_id: id.into(),
             peer_listen: "127.0.0.1:0".parse().unwrap(),
             token: "test".into(),
+            transport: Default::default(),
         }),
         ..EngineOptions::default()
     }

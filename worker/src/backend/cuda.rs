@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 use std::ffi::c_void;
 use std::sync::Arc;
+use std::time::Duration;
 
 use cudarc::cublas::{CudaBlas, sys as blas};
 use cudarc::driver::{
@@ -18,7 +19,9 @@ use cudarc::driver::{
 use rayon::prelude::*;
 
 use super::kernel_build::{self, BuildError};
-use super::{AttnSeq, AttnShape, Backend, KvShape, NO_SLOT};
+mod link;
+
+use super::{AttnSeq, AttnShape, Backend, DeviceLink, KvShape, LinkError, NO_SLOT};
 use crate::sampling::RowDraw;
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +85,7 @@ struct Kernels {
     sample_rows: CudaFunction,
     kv_write: CudaFunction,
     attn_merge: CudaFunction,
+    attn_merge_rows: CudaFunction,
     /// `attn_split_h{head_dim}_g{query heads per kv head}`, indexed by log2(head_dim / 32) and
     /// log2(group), with how many of its blocks a multiprocessor holds at once.
     attn_split: Vec<(CudaFunction, usize)>,
@@ -304,6 +308,7 @@ pub struct Cuda {
     k: Kernels,
     sms: usize,
     scratch: RefCell<Scratch>,
+    links: RefCell<link::Links>,
 }
 
 pub struct CudaWeight {
@@ -406,6 +411,7 @@ impl Cuda {
             sample_rows: f("sample_rows")?,
             kv_write: f("kv_write")?,
             attn_merge: f("attn_merge")?,
+            attn_merge_rows: f("attn_merge_rows")?,
             attn_split,
             attn_prefill,
         };
@@ -440,6 +446,7 @@ impl Cuda {
                 part_o: None,
                 part_lse: None,
             }),
+            links: RefCell::default(),
         })
     }
 
@@ -966,6 +973,58 @@ impl Backend for Cuda {
             "sample_rows",
         );
         ok(self.stream.clone_dtoh(&picks.slice(..rows)), "download")
+    }
+
+    fn has_links(&self) -> bool {
+        super::nccl::available()
+    }
+
+    fn link_offer(&self) -> Option<Result<(DeviceLink, Vec<u8>), LinkError>> {
+        Some(self.offer_link())
+    }
+
+    fn link_accept(&self, id: &[u8]) -> Result<DeviceLink, LinkError> {
+        self.accept_link(id)
+    }
+
+    fn link_call(
+        &self,
+        x: &CudaSlice<f32>,
+        width: usize,
+        calls: &[(&DeviceLink, &[usize])],
+        out_width: usize,
+        heads: usize,
+    ) -> Result<(), LinkError> {
+        self.call_links(x, width, calls, out_width, heads)
+    }
+
+    fn link_merge(
+        &self,
+        calls: &[(&DeviceLink, &[usize])],
+        timeout: Duration,
+        out: &mut CudaSlice<f32>,
+        lse: &mut CudaSlice<f32>,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<(), LinkError> {
+        self.merge_links(calls, timeout, out, lse, heads, head_dim)
+    }
+
+    fn link_recv(
+        &self,
+        link: &DeviceLink,
+        len: usize,
+        timeout: Duration,
+    ) -> Result<CudaSlice<f32>, LinkError> {
+        self.recv_link(link, len, timeout)
+    }
+
+    fn link_send(
+        &self,
+        link: &DeviceLink,
+        bufs: Vec<(CudaSlice<f32>, usize)>,
+    ) -> Result<(), LinkError> {
+        self.send_link(link, bufs)
     }
 
     fn gather_rows(

@@ -7,11 +7,15 @@ pub mod cpu;
 mod cpu_attention;
 pub mod cuda;
 mod kernel_build;
+pub mod nccl;
 mod vector_math;
 
 use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::sampling::RowDraw;
+pub use nccl::LinkError;
 
 /// Geometry of the paged KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +70,20 @@ pub struct AttnShape {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub scale: f32,
+}
+
+/// A direct link from this device to one peer's (NCCL between GPUs), as the backend made it.
+/// Cloning shares it; aborting the communicator (from any thread) ends it for every holder.
+#[derive(Clone)]
+pub struct DeviceLink {
+    key: usize,
+    pub comm: Arc<nccl::Comm>,
+}
+
+impl std::fmt::Debug for DeviceLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceLink({})", self.key)
+    }
 }
 
 pub trait Backend: Send + 'static {
@@ -183,5 +201,63 @@ pub trait Backend: Send + 'static {
             .zip(draws)
             .map(|(row, d)| crate::sampling::draw(row, d))
             .collect()
+    }
+
+    /// Whether this backend can make direct device links (a GPU with NCCL).
+    fn has_links(&self) -> bool {
+        false
+    }
+    /// Starts a direct link to a peer's device as the home (NCCL rank 0): the link and the id
+    /// the peer joins with. `None` where the backend has no direct links (the CPU).
+    fn link_offer(&self) -> Option<Result<(DeviceLink, Vec<u8>), LinkError>> {
+        None
+    }
+    /// Joins the link a home offered, as its creditor.
+    fn link_accept(&self, _id: &[u8]) -> Result<DeviceLink, LinkError> {
+        Err(LinkError::Unsupported(self.name()))
+    }
+    /// Home: sends each call's `rows` of `x` (rows of `width`) over its link, and posts the
+    /// receives of `[rows, out_width]` outputs and `[rows, heads]` log-sum-exps, all links in
+    /// one group; the device goes on computing meanwhile.
+    fn link_call(
+        &self,
+        _x: &Self::Buf,
+        _width: usize,
+        _calls: &[(&DeviceLink, &[usize])],
+        _out_width: usize,
+        _heads: usize,
+    ) -> Result<(), LinkError> {
+        Err(LinkError::Unsupported(self.name()))
+    }
+    /// Home: waits (at most `timeout`) for `link_call`'s partials and merges each exactly into
+    /// `out` and `lse` at the call's rows.
+    #[allow(clippy::too_many_arguments)]
+    fn link_merge(
+        &self,
+        _calls: &[(&DeviceLink, &[usize])],
+        _timeout: Duration,
+        _out: &mut Self::Buf,
+        _lse: &mut Self::Buf,
+        _heads: usize,
+        _head_dim: usize,
+    ) -> Result<(), LinkError> {
+        Err(LinkError::Unsupported(self.name()))
+    }
+    /// Creditor: receives `len` values from the home (waits at most `timeout`).
+    fn link_recv(
+        &self,
+        _link: &DeviceLink,
+        _len: usize,
+        _timeout: Duration,
+    ) -> Result<Self::Buf, LinkError> {
+        Err(LinkError::Unsupported(self.name()))
+    }
+    /// Creditor: sends the first `len` values of each buffer back to the home, in order.
+    fn link_send(
+        &self,
+        _link: &DeviceLink,
+        _bufs: Vec<(Self::Buf, usize)>,
+    ) -> Result<(), LinkError> {
+        Err(LinkError::Unsupported(self.name()))
     }
 }

@@ -22,7 +22,9 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+use crate::peer::Transport;
 use crate::server::{EngineArgs, folder_name, model_dir_or_demo, stop_signal};
+use clap::ValueEnum;
 use front_door::{Backend, FrontDoor};
 use launcher::{ChildProcess, free_port};
 
@@ -58,6 +60,14 @@ pub struct LocalArgs {
     /// How long each worker may take to load the model.
     #[arg(long, env = "ILM_READY_TIMEOUT_SECS", default_value_t = 300)]
     pub ready_timeout_secs: u64,
+    /// Devices of the workers, comma-separated (such as `cuda:0,cuda:1`): worker i takes the
+    /// i-th, round robin [default: cpu for all].
+    #[arg(long, env = "ILM_DEVICES", value_delimiter = ',')]
+    pub devices: Vec<String>,
+    /// How workers exchange attention's queries and partial outputs: auto (NCCL between GPU
+    /// workers), tcp or nccl.
+    #[arg(long, env = "ILM_TRANSPORT", value_enum, default_value_t = Transport::Auto)]
+    pub transport: Transport,
     /// Port of the gManager (the operator binary's `gmanager` mode, next to this one).
     #[arg(long, env = "ILM_GMANAGER_PORT", default_value_t = 8001)]
     pub gmanager_port: u16,
@@ -177,7 +187,18 @@ pub async fn run(args: LocalArgs, worker_flags: Vec<String>, output: Output) -> 
             // The worker binds any free port and reports the one it got to the gManager.
             "--peer-port=0".to_owned(),
             "--exit-on-stdin-eof".to_owned(),
+            format!(
+                "--transport={}",
+                args.transport
+                    .to_possible_value()
+                    .expect("no variant is skipped")
+                    .get_name()
+            ),
         ];
+        if !args.devices.is_empty() {
+            let device = &args.devices[usize::from(i) % args.devices.len()];
+            flags.push(format!("--device={device}"));
+        }
         let mut engine = args.engine.clone();
         if let Some(&f) = args.lend_fractions.get(usize::from(i)) {
             engine.lend_fraction = f;

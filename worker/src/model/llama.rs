@@ -6,8 +6,8 @@
 
 use std::path::Path;
 
-use crate::backend::{AttnSeq, AttnShape, Backend, KvShape};
-use crate::dist_attention::{self, AttnCall, PartOut, QkvLayout};
+use crate::backend::{AttnSeq, AttnShape, Backend, DeviceLink, KvShape};
+use crate::dist_attention::{self, AttnCall, LINK_TIMEOUT, PartOut, QkvLayout};
 use crate::model::config::ModelConfig;
 use crate::model::weights::{Weights, WeightsError};
 use crate::sampling::RowDraw;
@@ -68,16 +68,18 @@ pub struct StepInput<'a> {
     pub remote: &'a [RemotePart],
 }
 
-/// Answers a creditor's partial results with.
-pub type Reply = Box<dyn FnOnce(Vec<PartOut>) + Send>;
+/// Answers a home with a creditor's partial results (none when they went over the link), or
+/// with why there are none.
+pub type Reply = Box<dyn FnOnce(Result<Vec<PartOut>, String>) + Send>;
 
 /// What happened while a home waited for its creditors.
 pub enum Waited {
     /// Every creditor answered: per peer, one result per part, in the order sent.
     Done(Vec<(u16, Vec<PartOut>)>),
-    /// Another home asks this worker, as a creditor, for MicroAttention meanwhile; serving it
-    /// while waiting is what keeps two homes that borrow from each other from deadlocking.
-    Serve(AttnCall, Reply),
+    /// Another home asks this worker, as a creditor, for MicroAttention meanwhile (over the
+    /// direct link given, if the call is linked); serving it while waiting is what keeps two
+    /// homes that borrow from each other from deadlocking.
+    Serve(AttnCall, Option<DeviceLink>, Reply),
     Failed(String),
 }
 
@@ -85,6 +87,12 @@ pub enum Waited {
 pub trait Exchange {
     fn send(&mut self, calls: Vec<(u16, AttnCall)>);
     fn wait(&mut self) -> Waited;
+    /// The direct device link to a creditor, when one is up.
+    fn link(&mut self, _peer: u16) -> Option<DeviceLink> {
+        None
+    }
+    /// A creditor's link failed: it is as good as lost.
+    fn link_failed(&mut self, _peer: u16, _why: &str) {}
 }
 
 /// For steps without remote blocks, and for workers on their own.
@@ -265,8 +273,14 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Serves another home's MicroAttention over blocks this worker lent.
-    pub fn serve_attention(&self, kv: &mut B::Kv, call: &AttnCall) -> Vec<PartOut> {
-        dist_attention::serve_call(&self.backend, kv, self.attn_shape(), call)
+    /// A linked call needs the link to its home; without one it is refused.
+    pub fn serve_attention(
+        &self,
+        kv: &mut B::Kv,
+        call: &AttnCall,
+        link: Option<&DeviceLink>,
+    ) -> Result<Vec<PartOut>, String> {
+        dist_attention::answer(&self.backend, kv, self.attn_shape(), call, link)
     }
 
     /// Runs one step and returns `[logit_rows.len(), vocab]` logits.
@@ -342,16 +356,52 @@ impl<B: Backend> Llama<B> {
             );
             b.kv_write(kv, li, &s.qkv, qkv_w, qd, qd + kvd, input.slots);
             let remote = !input.remote.is_empty();
+            // Creditors with a direct link get their rows device to device; the others over
+            // the peer connection, from the host.
+            let (linked, inline): (Vec<&RemotePart>, Vec<&RemotePart>) = input
+                .remote
+                .iter()
+                .partition(|p| exchange.link(p.peer).is_some());
+            let links: Vec<(u16, DeviceLink, Vec<usize>)> =
+                dist_attention::linked_rows(input.seqs, linked.iter().copied())
+                    .into_iter()
+                    .filter_map(|(peer, rows)| Some((peer, exchange.link(peer)?, rows)))
+                    .collect();
             if remote {
-                let host = b.download(&s.qkv, rows * qkv_w);
                 let layout = QkvLayout {
                     width: qkv_w,
                     q: qd,
                     kv: kvd,
                 };
-                let calls =
-                    dist_attention::build_calls(li, &host, layout, input.seqs, input.remote);
-                exchange.send(calls.into_iter().collect());
+                let mut calls = Vec::new();
+                if !inline.is_empty() {
+                    let host = b.download(&s.qkv, rows * qkv_w);
+                    calls.extend(dist_attention::build_calls(
+                        li,
+                        Some(&host),
+                        layout,
+                        input.seqs,
+                        inline.iter().copied(),
+                    ));
+                }
+                if !links.is_empty() {
+                    let refs: Vec<(&DeviceLink, &[usize])> =
+                        links.iter().map(|(_, l, r)| (l, &r[..])).collect();
+                    if let Err(e) = b.link_call(&s.qkv, qkv_w, &refs, qd, c.num_attention_heads) {
+                        for (peer, ..) in &links {
+                            exchange.link_failed(*peer, &e.to_string());
+                        }
+                        return Err(RemoteError(e.to_string()));
+                    }
+                    calls.extend(dist_attention::build_calls(
+                        li,
+                        None,
+                        layout,
+                        input.seqs,
+                        linked.iter().copied(),
+                    ));
+                }
+                exchange.send(calls);
             }
             // Local MicroAttention runs while the creditors work on theirs.
             b.attention(
@@ -369,20 +419,35 @@ impl<B: Backend> Llama<B> {
                 let replies = loop {
                     match exchange.wait() {
                         Waited::Done(r) => break r,
-                        Waited::Serve(call, reply) => {
-                            reply(dist_attention::serve_call(b, kv, shape, &call))
+                        Waited::Serve(call, link, reply) => {
+                            reply(dist_attention::answer(b, kv, shape, &call, link.as_ref()))
                         }
                         Waited::Failed(e) => return Err(RemoteError(e)),
                     }
                 };
-                let mut o = b.download(&s.attn, rows * qd);
-                let mut l = b.download(&s.lse, rows * c.num_attention_heads);
-                for (peer, results) in replies {
-                    let parts: Vec<&RemotePart> =
-                        input.remote.iter().filter(|p| p.peer == peer).collect();
-                    dist_attention::merge_call(&mut o, &mut l, shape, input.seqs, &parts, &results);
+                for (peer, link, rows) in &links {
+                    let (h, hd) = (c.num_attention_heads, shape.head_dim);
+                    let one = [(link, &rows[..])];
+                    let merged = b.link_merge(&one, LINK_TIMEOUT, &mut s.attn, &mut s.lse, h, hd);
+                    if let Err(e) = merged {
+                        exchange.link_failed(*peer, &e.to_string());
+                        return Err(RemoteError(e.to_string()));
+                    }
                 }
-                b.upload(&o, &mut s.attn);
+                if !inline.is_empty() {
+                    let mut o = b.download(&s.attn, rows * qd);
+                    let mut l = b.download(&s.lse, rows * c.num_attention_heads);
+                    for (peer, results) in replies {
+                        let parts: Vec<&RemotePart> =
+                            inline.iter().copied().filter(|p| p.peer == peer).collect();
+                        if !parts.is_empty() {
+                            dist_attention::merge_call(
+                                &mut o, &mut l, shape, input.seqs, &parts, &results,
+                            );
+                        }
+                    }
+                    b.upload(&o, &mut s.attn);
+                }
             }
             b.linear(&s.attn, rows, &l.o, None, &mut s.proj);
             b.add_rms_norm(&mut s.x, &s.proj, rows, &l.post_norm, eps, &mut s.h);

@@ -1,5 +1,6 @@
-//! The peer transport between workers: what travels (`wire`) and how (`tcp`; NCCL between GPUs
-//! comes later behind the same `Incoming`/`send` shape).
+//! The peer transport between workers: what travels (`wire`) and how (`tcp`). Between GPUs the
+//! connection also sets up a direct device link (NCCL, `backend::nccl`), which then carries
+//! attention's rows and partials while the connection carries the calls.
 
 pub mod tcp;
 pub mod wire;
@@ -8,6 +9,20 @@ use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 
 pub use wire::PeerMsg;
+
+use crate::backend::DeviceLink;
+
+/// How attention's rows and partials travel between workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Transport {
+    /// Over direct device links (NCCL) where both workers have a GPU, TCP otherwise.
+    #[default]
+    Auto,
+    /// Always over the peer connection (TCP).
+    Tcp,
+    /// Over NCCL; a worker that cannot (no GPU, no libnccl) refuses to start.
+    Nccl,
+}
 
 /// Something that arrived from another worker, for the engine thread to act on.
 #[derive(Debug)]
@@ -26,13 +41,37 @@ pub enum Incoming {
     Gone { from: String },
 }
 
-/// The way back to the home that sent a request.
+/// The way back to the home that sent a request, and the direct device link to it, if any.
 #[derive(Debug, Clone)]
 pub struct Responder {
     stream: Arc<Mutex<TcpStream>>,
+    link: Arc<Mutex<Option<DeviceLink>>>,
 }
 
 impl Responder {
+    fn new(stream: TcpStream) -> Self {
+        Self {
+            stream: Arc::new(Mutex::new(stream)),
+            link: Arc::default(),
+        }
+    }
+
+    /// The direct device link to this home, once one was accepted.
+    pub fn link(&self) -> Option<DeviceLink> {
+        self.link.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_link(&self, link: DeviceLink) {
+        *self.link.lock().unwrap_or_else(|e| e.into_inner()) = Some(link);
+    }
+
+    /// Ends the direct link (the home went away): transfers stuck on it return.
+    fn abort_link(&self) {
+        if let Some(l) = self.link.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            l.comm.abort();
+        }
+    }
+
     /// Sends the answer; a home that went away is not this worker's problem, so errors are
     /// logged and dropped.
     pub fn send(&self, msg: &PeerMsg) {

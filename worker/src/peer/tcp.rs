@@ -34,6 +34,8 @@ struct Conn {
 type Homes = Arc<Mutex<HashMap<String, Responder>>>;
 
 pub struct TcpPeers {
+    /// Whether attention may move over direct device links (NCCL) with peers that can.
+    pub direct_links: bool,
     me: String,
     token: String,
     conns: Vec<Conn>,
@@ -48,6 +50,7 @@ impl TcpPeers {
         me: String,
         token: String,
         sink: Sink,
+        direct_links: bool,
     ) -> std::io::Result<(Self, SocketAddr)> {
         let listener = TcpListener::bind(addr)?;
         let bound = listener.local_addr()?;
@@ -55,9 +58,10 @@ impl TcpPeers {
         let (tok, s, h) = (token.clone(), sink.clone(), homes.clone());
         std::thread::Builder::new()
             .name("peer-accept".into())
-            .spawn(move || accept_loop(listener, tok, s, h))?;
+            .spawn(move || accept_loop(listener, tok, s, h, direct_links))?;
         Ok((
             Self {
+                direct_links,
                 me,
                 token,
                 conns: Vec::new(),
@@ -127,6 +131,11 @@ impl TcpPeers {
         Ok(peer)
     }
 
+    /// Indices of the live connections to creditors.
+    pub fn live(&self) -> impl Iterator<Item = u16> + '_ {
+        (0..self.conns.len() as u16).filter(|&p| self.is_alive(p))
+    }
+
     pub fn worker(&self, peer: u16) -> &str {
         &self.conns[peer as usize].worker
     }
@@ -177,19 +186,26 @@ impl TcpPeers {
     }
 }
 
-fn accept_loop(listener: TcpListener, token: String, sink: Sink, homes: Homes) {
+fn accept_loop(listener: TcpListener, token: String, sink: Sink, homes: Homes, direct_links: bool) {
     for (conn, stream) in listener.incoming().enumerate() {
         let Ok(stream) = stream else { continue };
         let (token, sink, homes) = (token.clone(), sink.clone(), homes.clone());
         let _ = std::thread::Builder::new()
             .name("peer-home".into())
-            .spawn(move || serve_home(stream, &token, sink, conn, homes));
+            .spawn(move || serve_home(stream, &token, sink, conn, homes, direct_links));
     }
 }
 
 /// Reads one home's requests until it hangs up, then reports it gone. The first frame must
 /// carry the cluster token.
-fn serve_home(stream: TcpStream, token: &str, sink: Sink, conn: usize, homes: Homes) {
+fn serve_home(
+    stream: TcpStream,
+    token: &str,
+    sink: Sink,
+    conn: usize,
+    homes: Homes,
+    direct_links: bool,
+) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let Ok(w) = stream.try_clone() else { return };
@@ -205,9 +221,7 @@ fn serve_home(stream: TcpStream, token: &str, sink: Sink, conn: usize, homes: Ho
             return;
         }
     };
-    let reply = Responder {
-        stream: Arc::new(Mutex::new(w)),
-    };
+    let reply = Responder::new(w);
     tracing::info!(home = %home, "a home connected");
     // Loans are held per connection: a home that reconnects (say, restarted under the same
     // name) never has its new loans taken back with the old connection's.
@@ -215,6 +229,13 @@ fn serve_home(stream: TcpStream, token: &str, sink: Sink, conn: usize, homes: Ho
     let lock = || homes.lock().unwrap_or_else(|e| e.into_inner());
     lock().insert(from.clone(), reply.clone());
     while let Ok(msg) = PeerMsg::read_from(&mut r) {
+        if matches!(msg, PeerMsg::LinkOffer { .. }) && !direct_links {
+            reply.send(&PeerMsg::LinkAnswer {
+                accepted: false,
+                reason: "this worker uses TCP only".into(),
+            });
+            continue;
+        }
         sink(Incoming::Request {
             from: from.clone(),
             msg,
@@ -222,6 +243,8 @@ fn serve_home(stream: TcpStream, token: &str, sink: Sink, conn: usize, homes: Ho
         });
     }
     tracing::info!(home = %home, "a home disconnected");
+    // Before the engine hears of it: a transfer it waits on must not wait for a dead home.
+    reply.abort_link();
     lock().remove(&from);
     sink(Incoming::Gone { from });
 }

@@ -48,6 +48,16 @@ pub enum PeerMsg {
     /// From a creditor that drains: take back everything this worker holds here (the home
     /// migrates those blocks elsewhere, recomputing only what finds no room, and releases them).
     Reclaim,
+    /// From a home with a GPU, right after `Hello`: join a direct link (NCCL) as rank 1 with
+    /// this unique id; attention calls may then move their rows over it.
+    LinkOffer {
+        id: Vec<u8>,
+    },
+    /// The creditor's answer to `LinkOffer` (refused: no GPU, no NCCL, or TCP forced).
+    LinkAnswer {
+        accepted: bool,
+        reason: String,
+    },
     /// Migration: the K and V of every layer of one block lent for the home's request `seq`.
     Fetch {
         call: u64,
@@ -198,6 +208,7 @@ impl PeerMsg {
                 e.u8(5);
                 e.u64(*call);
                 e.u32(attn.layer);
+                e.u8(u8::from(attn.linked));
                 e.len(attn.parts.len());
                 for p in &attn.parts {
                     e.u64(p.seq);
@@ -235,6 +246,15 @@ impl PeerMsg {
                 e.str(message);
             }
             PeerMsg::Reclaim => e.u8(8),
+            PeerMsg::LinkOffer { id } => {
+                e.u8(20);
+                e.u32s(&id.iter().map(|&b| u32::from(b)).collect::<Vec<_>>());
+            }
+            PeerMsg::LinkAnswer { accepted, reason } => {
+                e.u8(21);
+                e.u8(u8::from(*accepted));
+                e.str(reason);
+            }
             PeerMsg::Fetch { call, seq, block } => {
                 e.u8(9);
                 e.u64(*call);
@@ -292,6 +312,7 @@ impl PeerMsg {
             5 => {
                 let call = d.u64()?;
                 let layer = d.u32()?;
+                let linked = d.u8()? != 0;
                 let n = d.len(1)?;
                 let mut parts = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -329,7 +350,11 @@ impl PeerMsg {
                 }
                 PeerMsg::Attn {
                     call,
-                    attn: AttnCall { layer, parts },
+                    attn: AttnCall {
+                        layer,
+                        linked,
+                        parts,
+                    },
                 }
             }
             6 => {
@@ -350,6 +375,13 @@ impl PeerMsg {
                 message: d.str()?,
             },
             8 => PeerMsg::Reclaim,
+            20 => PeerMsg::LinkOffer {
+                id: d.u32s()?.into_iter().map(|b| b as u8).collect(),
+            },
+            21 => PeerMsg::LinkAnswer {
+                accepted: d.u8()? != 0,
+                reason: d.str()?,
+            },
             9 => PeerMsg::Fetch {
                 call: d.u64()?,
                 seq: d.u64()?,
@@ -433,6 +465,7 @@ mod tests {
             call: 7,
             attn: AttnCall {
                 layer: 3,
+                linked: false,
                 parts: vec![PartIn {
                     seq: 1,
                     first_row_pos: 40,
@@ -465,6 +498,13 @@ mod tests {
             message: "lost".into(),
         });
         round_trip(PeerMsg::Reclaim);
+        round_trip(PeerMsg::LinkOffer {
+            id: (0..128).map(|i| (i * 7) as u8).collect(),
+        });
+        round_trip(PeerMsg::LinkAnswer {
+            accepted: false,
+            reason: "no GPU".into(),
+        });
         round_trip(PeerMsg::Fetch {
             call: 8,
             seq: 2,

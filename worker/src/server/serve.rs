@@ -13,6 +13,7 @@ use super::{DEFAULT_MAX_BODY_BYTES, Secret, Server, ServerConfig};
 use crate::demo_model::{DemoModelSpec, write_demo_model_if_missing};
 use crate::engine::{self, Device, EngineHandle, EngineOptions};
 use crate::gmanager_client::GManagerClient;
+use crate::peer::Transport;
 use crate::tokenizer::TextTokenizer;
 
 /// Where the demo model goes when no model folder is given (relative to the working directory).
@@ -116,6 +117,10 @@ pub struct ServeArgs {
     /// `cpu`, or a GPU: `cuda` (the first) or `cuda:N`.
     #[arg(long, env = "ILM_DEVICE", default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
+    /// How attention's queries and partial outputs travel between workers: `auto` (NCCL
+    /// between GPU workers, TCP otherwise), `tcp`, or `nccl` (refuse to start without it).
+    #[arg(long, env = "ILM_TRANSPORT", value_enum, default_value_t = Transport::Auto)]
+    pub transport: Transport,
     #[command(flatten)]
     pub engine: EngineArgs,
     /// File holding the cluster token that guards internal routes such as /drain.
@@ -197,6 +202,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .parse()
                 .with_context(|| format!("peer address {listen}"))?,
             token: token.expose().to_string(),
+            transport: args.transport,
         });
     }
     let served_model_name = args

@@ -7,6 +7,12 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_infinite-llm-worker");
 
+/// The worker binary: `ILM_WORKER_BIN` where the tests run away from their build (the GPU
+/// machine runs a bundle), else the one cargo built.
+pub fn bin() -> String {
+    std::env::var("ILM_WORKER_BIN").unwrap_or_else(|_| BIN.to_owned())
+}
+
 /// Kills the launcher if a check fails half-way (its workers follow it through stdin EOF).
 pub struct Launcher(pub Child);
 
@@ -112,7 +118,7 @@ pub struct Pool {
 pub fn start_pool(model: &Path, count: u16, kv_blocks: usize, extra: &[&str]) -> Pool {
     let port = free_port();
     let mut launcher = Launcher(
-        Command::new(BIN)
+        Command::new(bin())
             .arg("local")
             .arg(format!("--workers={count}"))
             .arg(format!("--kv-blocks={kv_blocks}"))
@@ -121,7 +127,11 @@ pub fn start_pool(model: &Path, count: u16, kv_blocks: usize, extra: &[&str]) ->
             .arg(format!("--model={}", model.display()))
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            // ILM_TEST_LOGS=1 shows the pool's logs, for a failure on a machine far away.
+            .stderr(match std::env::var_os("ILM_TEST_LOGS") {
+                Some(_) => Stdio::inherit(),
+                None => Stdio::null(),
+            })
             .spawn()
             .expect("launcher starts"),
     );
