@@ -26,6 +26,8 @@ enum CallError {
     Http(#[from] reqwest::Error),
     #[error("the gManager does not know this worker")]
     Unknown,
+    #[error("the gManager answered 409 Conflict (a block size or placements it disagrees with)")]
+    Conflict,
 }
 
 /// The pool figures the gManager keeps for this worker.
@@ -121,8 +123,10 @@ impl GManagerClient {
             .json(body)
             .send()
             .await?;
-        if resp.status() == reqwest::StatusCode::NOT_FOUND {
-            return Err(CallError::Unknown);
+        match resp.status() {
+            reqwest::StatusCode::NOT_FOUND => return Err(CallError::Unknown),
+            reqwest::StatusCode::CONFLICT => return Err(CallError::Conflict),
+            _ => {}
         }
         Ok(resp.error_for_status()?.json().await?)
     }
@@ -198,8 +202,10 @@ impl GManagerClient {
                         engine.hand_moves(ack.moves);
                     }
                 }
-                Err(CallError::Unknown) => {
-                    // A new ledger knows nothing of this worker's placements.
+                // Registering again starts this worker's placements afresh in the ledger: the
+                // way back when they disagree (a holder it forgot came back under the same id).
+                Err(e @ (CallError::Unknown | CallError::Conflict)) => {
+                    tracing::info!(reason = %e, "registering with the gManager again");
                     reported.clear();
                     interval = self.register(&engine).await;
                     continue;
