@@ -1,13 +1,17 @@
 //! Rebalancing, with real processes in local mode: a home whose two long requests fill its pool
 //! while a third waits becomes a debtor; the gManager's placement round plans moves of its
-//! blocks to an idle worker and hands them to the home in a heartbeat answer; the home migrates
-//! those blocks while the requests decode. Every text is a single big worker's.
+//! blocks to an idle worker (one there from the start, or one started while the requests run)
+//! and hands them to the home in a heartbeat answer; the home migrates those blocks while the
+//! requests decode. Every text is a single big worker's.
 
 mod local_support;
 
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use local_support::{demo_model, greedy_text, metric, pool_view, prompt, start_pool};
+use local_support::{
+    BIN, Launcher, demo_model, free_port, greedy_text, metric, pool_view, prompt, start_pool,
+};
 
 /// 49 blocks of prompt each: two of them leave 30 of the home's 128 blocks free.
 const LONG_PROMPT: usize = 780;
@@ -17,6 +21,31 @@ const LONG_NEW_TOKENS: usize = 500;
 const WAITING_PROMPT: usize = 520;
 const WAITING_NEW_TOKENS: usize = 16;
 
+/// The two long requests and the waiting one, sent in order to `base`; their texts.
+async fn run_all(client: &reqwest::Client, base: &str, long_new_tokens: usize) -> Vec<String> {
+    let jobs = [
+        (prompt(LONG_PROMPT, 1), long_new_tokens),
+        (prompt(LONG_PROMPT, 2), long_new_tokens),
+        (prompt(WAITING_PROMPT, 3), WAITING_NEW_TOKENS),
+    ];
+    let mut tasks = Vec::new();
+    for (p, n) in jobs {
+        tasks.push(tokio::spawn(greedy_text(
+            client.clone(),
+            base.to_owned(),
+            p,
+            n,
+        )));
+        // In order, so the short one arrives last and waits.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut texts = Vec::new();
+    for t in tasks {
+        texts.push(t.await.unwrap());
+    }
+    texts
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planned_moves_put_a_debtors_blocks_on_an_idle_worker() {
     let (_dir, model) = demo_model();
@@ -25,38 +54,11 @@ async fn planned_moves_put_a_debtors_blocks_on_an_idle_worker() {
     // worker-0 lends nothing; worker-1 idles and may lend half of its 128 blocks.
     let pool = start_pool(&model, 2, 128, &["--lend-fractions=0,0.5"]);
     let (home, idle) = (pool.workers[0].clone(), pool.workers[1].clone());
-    let jobs = [
-        (prompt(LONG_PROMPT, 1), LONG_NEW_TOKENS),
-        (prompt(LONG_PROMPT, 2), LONG_NEW_TOKENS),
-        (prompt(WAITING_PROMPT, 3), WAITING_NEW_TOKENS),
-    ];
-    let run_all = |base: String| {
-        let client = client.clone();
-        let jobs = jobs.clone();
-        async move {
-            let mut tasks = Vec::new();
-            for (p, n) in jobs {
-                tasks.push(tokio::spawn(greedy_text(
-                    client.clone(),
-                    base.clone(),
-                    p,
-                    n,
-                )));
-                // In order, so the short one arrives last and waits.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            let mut texts = Vec::new();
-            for t in tasks {
-                texts.push(t.await.unwrap());
-            }
-            texts
-        }
-    };
-    let want = run_all(reference.base.clone()).await;
+    let want = run_all(&client, &reference.base, LONG_NEW_TOKENS).await;
     // Let the workers' heartbeats make them known to each other.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let started = Instant::now();
-    let got = run_all(home.clone()).await;
+    let got = run_all(&client, &home, LONG_NEW_TOKENS).await;
     let took = started.elapsed();
     assert_eq!(got, want, "the texts of one big worker");
 
@@ -94,4 +96,84 @@ async fn planned_moves_put_a_debtors_blocks_on_an_idle_worker() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     eprintln!("rebalanced run took {took:?}; {migrated} blocks migrated by planned moves");
+}
+
+/// Long enough that the requests still run once a worker started after them has joined; each
+/// ends at 93 blocks, so the two fit in the home's 128 and the newcomer's 64 lendable.
+const LATE_LONG_NEW_TOKENS: usize = 700;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_later_takes_the_debtors_moved_blocks() {
+    let (_dir, model) = demo_model();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let reference = start_pool(&model, 1, 512, &[]);
+    let want = run_all(&client, &reference.base, LATE_LONG_NEW_TOKENS).await;
+    // One worker that lends nothing: a debtor with nowhere to move blocks, until one joins.
+    let pool = start_pool(&model, 1, 128, &["--lend-fractions=0"]);
+    let home = pool.workers[0].clone();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = Instant::now();
+    let requests = tokio::spawn({
+        let (client, home) = (client.clone(), home.clone());
+        async move { run_all(&client, &home, LATE_LONG_NEW_TOKENS).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        metric(&client, &home, "ilm_kv_migrated_blocks_total").await,
+        0.0,
+        "nowhere to move blocks yet"
+    );
+    let port = free_port();
+    let late_url = format!("http://127.0.0.1:{port}");
+    let _late = Launcher(
+        Command::new(BIN)
+            .arg("serve")
+            .arg(format!("--model={}", model.display()))
+            .arg("--served-model-name=demo")
+            .arg("--host=127.0.0.1")
+            .arg(format!("--port={port}"))
+            .arg("--worker-id=worker-late")
+            .arg(format!("--gmanager-url={}", pool.gmanager_url))
+            .arg(format!("--token-file={}", pool.token_file.display()))
+            .arg("--peer-port=0")
+            .arg("--kv-blocks=128")
+            .arg("--lend-fraction=0.5")
+            .arg("--exit-on-stdin-eof")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the late worker starts"),
+    );
+    // The moved blocks sit on the newcomer while the requests run.
+    let mut held = 0.0;
+    while !requests.is_finished() && held == 0.0 {
+        held = lent_now(&client, &late_url).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = requests.await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(got, want, "the texts of one big worker");
+    assert!(held > 0.0, "the worker started later held moved blocks");
+    let migrated = metric(&client, &home, "ilm_kv_migrated_blocks_total").await;
+    assert!(migrated > 0.0, "the home carried out the planned moves");
+    assert_eq!(
+        metric(&client, &home, "ilm_kv_borrow_total").await,
+        0.0,
+        "the requests fit at home: the blocks moved, none was borrowed"
+    );
+    eprintln!(
+        "with a worker started later: {took:?}; {migrated} blocks migrated, {held} seen on it"
+    );
+}
+
+/// `ilm_kv_blocks_lent` of a worker, 0 while it does not answer yet.
+async fn lent_now(client: &reqwest::Client, base: &str) -> f64 {
+    let Ok(resp) = client.get(format!("{base}/metrics")).send().await else {
+        return 0.0;
+    };
+    let text = resp.text().await.unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("ilm_kv_blocks_lent ")?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
