@@ -14,7 +14,7 @@ VENV    := .venv
 
 WORKER_BIN := target/release/infinite-llm-worker
 
-.PHONY: help build run test lint lint-docker unit test-python bench bench-pool venv tools crds simulate gpu-bundle test-gpu bench-gpu
+.PHONY: help build run test lint lint-docker unit test-python bench bench-pool venv tools crds simulate gpu-bundle test-gpu bench-gpu bench-dist
 
 help:
 	@echo "make run        local pool: gManager + WORKERS=$(WORKERS) workers behind http://127.0.0.1:$(PORT) (MODEL=, KV_BLOCKS=, LEND_FRACTION=)"
@@ -24,6 +24,7 @@ help:
 	@echo "make gpu-bundle build the GPU tests and benches here, into target/gpu-bundle, for a GPU machine"
 	@echo "make test-gpu   on a GPU machine: CUDA kernels against float64, the model against transformers"
 	@echo "make bench-gpu  on a GPU machine: attention, decode, prefill against PyTorch, transformers, roofline"
+	@echo "make bench-dist on a machine with 2+ GPUs: NCCL DistAttention overhead, capacity, pooled vs static"
 	@echo "make simulate   static vs pooled clusters of 4 to 1024 simulated instances, same traces and cost model"
 	@echo "make tools      build etcd, kube-apiserver, kube-controller-manager and helm from their Go modules into bin/"
 	@echo "make crds       regenerate crds/ and the chart's CRD template from the Rust types"
@@ -90,3 +91,6 @@ test-gpu:
 
 bench-gpu:
 	bash tests/gpu/run.sh bench
+
+bench-dist:
+	bash tests/gpu/run.sh dist

@@ -21,7 +21,8 @@ for line in sys.stdin:
 	done
 }
 
-cargo build --release -p infinite-llm-worker -p infinite-llm-operator --bins --message-format=json |
+cargo build --release -p infinite-llm-worker -p infinite-llm-operator -p infinite-llm-workload --bins \
+	--message-format=json |
 	collect bin
 cargo test --release -p infinite-llm-worker --no-run --message-format=json \
 	--test gpu_kernels --test gpu_parity --test gpu_pool | collect test

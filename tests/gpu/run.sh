@@ -2,6 +2,8 @@
 # Runs on the GPU machine, from the bundle tests/gpu/bundle.sh built (no Rust toolchain there).
 #   tests/gpu/run.sh test    kernel tests against float64, whole-model logits against transformers
 #   tests/gpu/run.sh bench   attention, decode and prefill against PyTorch/transformers and the roofline
+#   tests/gpu/run.sh dist    DistAttention over NCCL between this machine's GPUs (two or more):
+#                            split-KV decode overhead, single-request capacity, pooled vs static
 # Work files go to ${ILM_GPU_WORK:-/tmp/ilm-gpu}.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -35,8 +37,15 @@ bench)
 	python3 tests/gpu/bench_peers.py "$work/llama8b" "$work/peers.json" >"$work/peers.log"
 	ILM_PEER_FIGURES="$work/peers.json" ILM_BENCH_MODEL="$work/llama8b" "$bundle/gpu_bench"
 	;;
+dist)
+	[[ -f "$work/demo/config.json" ]] || "$bundle/infinite-llm-worker" demo-model --out "$work/demo"
+	[[ -f "$work/llama8b-served/config.json" ]] ||
+		python3 tests/gpu/llama8b_random.py "$work/llama8b-served" "$work/demo"
+	python3 tests/gpu/bench_dist.py "$bundle/infinite-llm-worker" "$work/llama8b-served" \
+		"$bundle/infinite-llm-loadgen" "${@:2}"
+	;;
 *)
-	echo "usage: $0 test|bench" >&2
+	echo "usage: $0 test|bench|dist" >&2
 	exit 2
 	;;
 esac

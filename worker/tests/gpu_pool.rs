@@ -99,21 +99,24 @@ async fn a_request_spanning_gpus_over_nccl_gives_one_gpus_text_and_survives_a_cr
     let (_dir, model) = demo_model();
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let reference = start_pool(&model, 1, 256, &["--devices=cuda:0"]);
-    // The home on GPU 0 holds 8 blocks of the 12 the request needs; its creditors sit on other
-    // GPUs (with two GPUs, two creditors share GPU 1: each link is home-to-creditor).
-    let gpus_used: Vec<usize> = if n == 2 {
-        vec![0, 1, 1]
+    // The request needs 12 blocks. With two GPUs the home on GPU 0 holds 8 and borrows 4 on
+    // GPU 1, where two creditors sit (each link is home to creditor); with four, every worker
+    // holds 3 and lends them all, so the request spans the four GPUs, and a fifth worker (on
+    // GPU 1) leaves room to recompute after the crash.
+    let (gpus_used, kv_blocks, lend): (Vec<usize>, usize, &str) = if n < 4 {
+        (vec![0, 1, 1], 8, "0.5")
     } else {
-        (0..n.min(4)).collect()
+        (vec![0, 1, 2, 3, 1], 3, "1.0")
     };
     let devices: Vec<String> = gpus_used.iter().map(|g| format!("cuda:{g}")).collect();
     let workers = devices.len() as u16;
     let devices_flag = format!("--devices={}", devices.join(","));
+    let lend_flag = format!("--lend-fraction={lend}");
     let pool = start_pool(
         &model,
         workers,
-        8,
-        &[&devices_flag, "--transport=nccl", "--lend-fraction=0.5"],
+        kv_blocks,
+        &[&devices_flag, "--transport=nccl", &lend_flag],
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let home = pool.workers[0].clone();
@@ -143,6 +146,13 @@ async fn a_request_spanning_gpus_over_nccl_gives_one_gpus_text_and_survives_a_cr
         metric(&client, &home, "ilm_kv_borrow_total").await >= 4.0,
         "the request borrowed"
     );
+    if n >= 4 {
+        let links = metric(&client, &home, "ilm_peer_direct_links").await;
+        assert!(
+            links >= 3.0,
+            "the request borrows from three creditors over NCCL ({links} links up)"
+        );
+    }
 
     // kill -9 of the creditor mid-generation: the home notices, recomputes the blocks held
     // there on another creditor, and the text is unchanged.

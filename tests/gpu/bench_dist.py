@@ -1,0 +1,212 @@
+"""make bench-dist: DistAttention over NCCL between the GPUs of this machine, through the worker's
+HTTP API in local mode (one worker process per GPU), on a Llama-3-8B-shaped random model.
+
+Usage: python3 bench_dist.py WORKER_BIN MODEL_DIR LOADGEN_BIN WHAT...  (WHAT: overhead, capacity,
+trace). Prints one line per figure; each comparison is measured in the same run.
+
+- overhead: time per output token of one request whose KV is split half and half over two GPUs
+  (the home holds half its blocks, the other GPU lends the rest, attention over them runs there
+  and only queries and partials cross NVLink) against the same request all on one GPU.
+- capacity: the longest single request each pool of 1, 2 and 4 GPUs admits: the home reserves
+  every block of prompt + max_tokens before it starts (its own, then borrowed), so a request
+  that starts streaming holds that much KV. Blocks are reserved, not filled: decode at that
+  context is not measured here.
+- trace: one seeded long-context trace replayed by infinite-llm-loadgen against pooled and
+  static (each worker alone) placement on the same GPUs.
+"""
+
+import json
+import math
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+BIN, MODEL, LOADGEN = sys.argv[1], sys.argv[2], sys.argv[3]
+WHAT = sys.argv[4:] or ["overhead", "capacity", "trace"]
+BLOCK = 16
+NEW = 64
+LOGS = tempfile.mkdtemp(prefix="ilm-bench-dist-")
+
+
+def gpus() -> int:
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Pool:
+    """Local mode with one worker per device given; stopped on exit from the `with` block."""
+
+    def __init__(self, name, devices, kv_blocks=None, lend=None, transport="nccl"):
+        port = free_port()
+        args = [BIN, "local", f"--workers={len(devices)}", f"--devices={','.join(devices)}",
+                f"--port={port}", f"--gmanager-port={free_port()}", f"--model={MODEL}",
+                f"--transport={transport}", "--ready-timeout-secs=900"]
+        if kv_blocks:
+            args.append(f"--kv-blocks={kv_blocks}")
+        if lend is not None:
+            args.append("--lend-fractions=" + ",".join(str(f) for f in lend))
+        self.log = os.path.join(LOGS, f"{name}.log")
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=open(self.log, "w"),
+                                     text=True)
+        self.base = f"http://127.0.0.1:{port}"
+        self.workers = []
+        for line in self.proc.stdout:
+            m = re.search(r"worker-\d+\s+pid\s+\d+\s+(http://\S+)", line)
+            if m:
+                self.workers.append(m.group(1))
+            if "Ctrl-C stops everything" in line:
+                break
+        else:
+            raise SystemExit(f"local mode {name} did not start; see {self.log}")
+        time.sleep(3)  # the first heartbeats tell the gManager who lends
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(90)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def metric(base: str, name: str) -> float:
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def prompt(tokens: int, salt: int) -> list:
+    return [(i * 7919 + salt * 104729) % 900 + 20 for i in range(tokens)]
+
+
+def stream(base: str, ids: list, max_tokens: int, first_only=False, timeout=900):
+    """Times of the streamed chunks with text (seconds after sending)."""
+    body = json.dumps({"model": os.path.basename(MODEL.rstrip("/")), "prompt": ids,
+                       "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                       "stream": True}).encode()
+    req = urllib.request.Request(f"{base}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    sent = time.perf_counter()
+    times = []
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            if any(c.get("text") for c in chunk.get("choices", [])):
+                times.append(time.perf_counter() - sent)
+                if first_only:
+                    break
+    return times
+
+
+def per_token(times: list) -> float:
+    return statistics.median(b - a for a, b in zip(times, times[1:]))
+
+
+def until(cond, what: str, within=60.0):
+    deadline = time.time() + within
+    while not cond():
+        if time.time() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def overhead():
+    for context in (16384, 65536):
+        need = math.ceil((context + NEW) / BLOCK)
+        ids = prompt(context, 1)
+        with Pool(f"local-{context}", ["cuda:0"], kv_blocks=need + 64) as p:
+            stream(p.workers[0], prompt(512, 9), 8)
+            local = per_token(stream(p.workers[0], ids, NEW))
+        half = math.ceil(need / 2)
+        with Pool(f"split-{context}", ["cuda:0", "cuda:1"], kv_blocks=half, lend=[0, 1.0]) as p:
+            home = p.workers[0]
+            # A first request that borrows opens the connection; the link comes up beside it.
+            stream(home, prompt(half * BLOCK, 8), 8)
+            until(lambda: metric(home, "ilm_peer_direct_links") >= 1, "the NCCL link")
+            split = per_token(stream(home, ids, NEW))
+            borrowed = metric(home, "ilm_kv_borrow_total")
+        print(f"decode time per token at {context} tokens: all on one GPU {local * 1e3:.2f} ms, "
+              f"half on each of two GPUs over NCCL {split * 1e3:.2f} ms, "
+              f"overhead {100 * (split / local - 1):+.1f}% (target < 15%; {borrowed:.0f} blocks "
+              f"borrowed in all)", flush=True)
+
+
+def capacity():
+    one = None
+    for n in (1, 2, 4):
+        if n > gpus():
+            print(f"capacity on {n} GPUs: skipped, this machine has {gpus()}")
+            continue
+        lend = [0.0] + [1.0] * (n - 1)
+        with Pool(f"capacity-{n}", [f"cuda:{i}" for i in range(n)], lend=lend) as p:
+            blocks = [metric(w, "ilm_kv_blocks_total") for w in p.workers]
+            if one is None:
+                one = blocks[0] * BLOCK
+            # One block short of the whole pool on one GPU; 0.9 of N pools on N.
+            want = one - BLOCK if n == 1 else math.floor(0.9 * n * one)
+            started = time.perf_counter()
+            try:
+                first = stream(p.workers[0], prompt(64, 2), want - 64, first_only=True,
+                               timeout=120)
+            except urllib.error.HTTPError as e:
+                print(f"capacity on {n} GPU(s): {want} tokens refused: {e.read().decode()[:300]}")
+                first = []
+            took = time.perf_counter() - started
+            reserved = blocks[0] * BLOCK + metric(p.workers[0], "ilm_kv_borrow_total") * BLOCK
+            ok = bool(first)
+        print(f"capacity on {n} GPU(s): pools {[int(b) for b in blocks]} blocks of {BLOCK}; "
+              f"one request of {want} tokens ({want / one:.2f} x one GPU's {one}) "
+              f"{'admitted' if ok else 'NOT admitted'}, first token after {took:.1f} s "
+              f"(home pool + borrowed: {reserved:.0f} tokens)", flush=True)
+
+
+def trace():
+    n = min(gpus(), 4)
+    devices = [f"cuda:{i}" for i in range(n)]
+    args = ["--model", os.path.basename(MODEL.rstrip("/")), "--trace", "long", "--rate", "1",
+            "--duration", "45", "--scale-tokens", "0.05", "--max-prompt-tokens", "60000",
+            "--max-output-tokens", "64", "--timeout-secs", "60", "--seed", "1", "--json"]
+    result = {}
+    for name, lend in (("pooled", [0.5] * n), ("static", [0.0] * n)):
+        with Pool(f"trace-{name}", devices, kv_blocks=2048, lend=lend) as p:
+            out = subprocess.run([LOADGEN, "--url", p.base, *args], capture_output=True,
+                                 text=True, check=True).stdout
+            result[name] = json.loads(out)
+        r = result[name]
+        print(f"trace on {n} GPUs, {name}: {r['ok']}/{r['requests']} ok "
+              f"(429: {r['rejected_429']}, 503: {r['unavailable_503']}), "
+              f"{r['output_tokens_per_s']:.1f} output tokens/s, TTFT p50 {r['ttft_ms']}, "
+              f"ITL {r['itl_ms']}", flush=True)
+    pooled, static = (result[k]["output_tokens_per_s"] for k in ("pooled", "static"))
+    if static > 0:
+        print(f"trace on {n} GPUs: pooled/static output throughput {pooled / static:.2f}x "
+              f"(target 1.35x)")
+
+
+for what in WHAT:
+    {"overhead": overhead, "capacity": capacity, "trace": trace}[what]()
+print(f"logs: {LOGS}")
