@@ -60,6 +60,7 @@ pub const PEER_PORT: i32 = 8101;
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.kvCache.transport != 'nccl' || self.workers.gpusPerWorker > 0").message("kvCache.transport nccl needs GPU workers (workers.gpusPerWorker > 0)"))]
 pub struct InfiniteLLMClusterSpec {
     pub model: ModelSpec,
     pub workers: WorkersSpec,
@@ -236,6 +237,31 @@ pub struct KvCacheSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_blocks: Option<i64>,
+    /// How attention's queries and partial outputs travel between workers: `auto` (NCCL
+    /// between GPU workers, TCP otherwise), `tcp`, or `nccl` (a worker without it refuses to
+    /// start).
+    #[serde(default)]
+    pub transport: Transport,
+}
+
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    #[default]
+    Auto,
+    Tcp,
+    Nccl,
+}
+
+impl Transport {
+    /// The worker's `--transport` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Auto => "auto",
+            Transport::Tcp => "tcp",
+            Transport::Nccl => "nccl",
+        }
+    }
 }
 
 impl Default for KvCacheSpec {
@@ -246,6 +272,7 @@ impl Default for KvCacheSpec {
             lend_fraction: default_lend_fraction(),
             high_watermark: default_high_watermark(),
             max_blocks: None,
+            transport: Transport::default(),
         }
     }
 }

@@ -165,7 +165,7 @@ def capacity():
         with Pool(f"capacity-{n}", [f"cuda:{i}" for i in range(n)], lend=lend) as p:
             blocks = [metric(w, "ilm_kv_blocks_total") for w in p.workers]
             if one is None:
-                one = blocks[0] * BLOCK
+                one = int(blocks[0]) * BLOCK
             # One block short of the whole pool on one GPU; 0.9 of N pools on N.
             want = one - BLOCK if n == 1 else math.floor(0.9 * n * one)
             started = time.perf_counter()

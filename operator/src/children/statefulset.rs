@@ -181,6 +181,7 @@ fn env(
         ),
         value("ILM_LEND_FRACTION", kv.lend_fraction.to_string()),
         value("ILM_HIGH_WATERMARK", kv.high_watermark.to_string()),
+        value("ILM_TRANSPORT", kv.transport.as_str().to_owned()),
         value("ILM_GMANAGER_URL", settings.gmanager_url.clone()),
         value("ILM_TOKEN_FILE", token_file.to_owned()),
         value("ILM_CLUSTER", names.cluster.clone()),
@@ -325,6 +326,7 @@ mod tests {
         let sts = build(&ilc, &Names::new("c"), &settings());
         let c = container(&sts);
         assert_eq!(env_value(c, "ILM_DEVICE"), Some("cpu"));
+        assert_eq!(env_value(c, "ILM_TRANSPORT"), Some("auto"));
         assert_eq!(env_value(c, "ILM_MODEL"), Some("/models"));
         let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
         assert!(

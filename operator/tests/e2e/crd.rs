@@ -128,6 +128,19 @@ async fn invalid_specs_are_refused_with_a_message() {
             message: "kvCache.lendFraction must be below kvCache.highWatermark",
         },
         Invalid {
+            what: "NCCL for CPU workers",
+            edit: |s| {
+                s["kvCache"]["transport"] = "nccl".into();
+                s["workers"]["gpusPerWorker"] = 0.into();
+            },
+            message: "kvCache.transport nccl needs GPU workers",
+        },
+        Invalid {
+            what: "unknown transport",
+            edit: |s| s["kvCache"]["transport"] = "rdma".into(),
+            message: "Unsupported value: \"rdma\"",
+        },
+        Invalid {
             what: "two model sources",
             edit: |s| s["model"]["source"]["hostPath"] = serde_json::json!({"path": "/m"}),
             message: "model.source must set exactly one of pvc, hostPath or image",
