@@ -93,7 +93,9 @@ fn gpus() -> usize {
 async fn a_request_spanning_gpus_over_nccl_gives_one_gpus_text_and_survives_a_crash() {
     let n = gpus();
     if n < 2 {
-        eprintln!("SKIPPED: DistAttention over NCCL needs two GPUs, this machine has {n} (run `make test-gpu` on one)");
+        eprintln!(
+            "SKIPPED: DistAttention over NCCL needs two GPUs, this machine has {n} (run `make test-gpu` on one)"
+        );
         return;
     }
     let (_dir, model) = demo_model();
