@@ -3,7 +3,7 @@
 //! work. It only ever lends what it owns: a remote reservation is never forwarded to a third
 //! worker (no borrowing on behalf of a borrower).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::rblock_pool::RBlockPool;
 
@@ -118,7 +118,13 @@ impl RManager {
         key: &LoanKey,
         blocks: impl IntoIterator<Item = u32>,
     ) -> Result<(), LendError> {
-        let held = self.lent.get(key).map(Vec::as_slice).unwrap_or(&[]);
+        // A set, not a scan of the list: a long request's call names every block it borrowed
+        // here, once per layer, so a scan would cost the square of its blocks each time.
+        let held: HashSet<u32> = self
+            .lent
+            .get(key)
+            .map(|v| v.iter().copied().collect())
+            .unwrap_or_default();
         for b in blocks {
             if !held.contains(&b) {
                 return Err(LendError::NotLent {
