@@ -134,6 +134,12 @@ impl Cuda {
         let stream = self.link_stream(&mut links)?;
         for (link, rows) in calls {
             let slot = links.slots.get_mut(&link.key).ok_or(LinkError::Aborted)?;
+            if slot.posted {
+                // A failed step left this link's last partials unreceived: what it would
+                // receive next is stale, so the link is given up (its creditor recomputed).
+                link.comm.abort();
+                return Err(LinkError::OutOfStep);
+            }
             let send = at_least(&self.stream, &mut slot.send, rows.len() * width)?;
             crate::backend::Backend::gather_rows(self, x, width, rows, send);
             at_least(&self.stream, &mut slot.part_o, rows.len() * out_width)?;
