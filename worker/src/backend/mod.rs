@@ -216,9 +216,9 @@ pub trait Backend: Send + 'static {
     fn link_accept(&self, _id: &[u8]) -> Result<DeviceLink, LinkError> {
         Err(LinkError::Unsupported(self.name()))
     }
-    /// Home: sends each call's `rows` of `x` (rows of `width`) over its link, and posts the
-    /// receives of `[rows, out_width]` outputs and `[rows, heads]` log-sum-exps, all links in
-    /// one group; the device goes on computing meanwhile.
+    /// Home: sends each call's `rows` of `x` (rows of `width`) over its link, all links in one
+    /// group, and readies the buffers for `[rows, out_width]` outputs and `[rows, heads]`
+    /// log-sum-exps; the device goes on computing meanwhile.
     fn link_call(
         &self,
         _x: &Self::Buf,
@@ -229,8 +229,8 @@ pub trait Backend: Send + 'static {
     ) -> Result<(), LinkError> {
         Err(LinkError::Unsupported(self.name()))
     }
-    /// Home: waits (at most `timeout`) for `link_call`'s partials and merges each exactly into
-    /// `out` and `lse` at the call's rows.
+    /// Home, once the creditors answered: receives `link_call`'s partials, waits (at most
+    /// `timeout`) for them and merges each exactly into `out` and `lse` at the call's rows.
     #[allow(clippy::too_many_arguments)]
     fn link_merge(
         &self,
