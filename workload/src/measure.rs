@@ -144,6 +144,8 @@ pub async fn send(target: &Target, request: Planned, start: Instant) -> Outcome 
         // Greedy and past end-of-sequence: every run produces the same tokens, as many as asked.
         "temperature": 0,
         "ignore_eos": true,
+        // The token count of each chunk (see `sse::parse`).
+        "logprobs": 0,
         "stream": true,
         "stream_options": {"include_usage": true},
     });

@@ -57,11 +57,7 @@ impl Report {
         let count = |code: &str| failures.get(code).copied().unwrap_or(0);
         let wall_s = replay.wall.as_secs_f64();
         let per_s = |n: usize| if wall_s > 0.0 { n as f64 / wall_s } else { 0.0 };
-        // The server's own count where it gave one: a chunk may carry more than one token.
-        let output_tokens = ok
-            .iter()
-            .map(|o| o.usage_tokens.unwrap_or(o.output_tokens))
-            .sum();
+        let output_tokens = ok.iter().map(|o| o.output_tokens).sum();
         Report {
             requests: replay.outcomes.len(),
             ok: ok.len(),

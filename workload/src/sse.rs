@@ -71,10 +71,9 @@ struct Usage {
     completion_tokens: usize,
 }
 
-/// Tokens are counted from the chunk's `logprobs.tokens` where a server sends them, since a
-/// chunk may carry several tokens or none (text held back until a character is complete).
-/// The replay does not ask for logprobs (they cost a GPU server a copy of the logits a
-/// step), so a chunk with text counts as one token, and the final usage gives the total.
+/// Tokens are counted from the chunk's `logprobs.tokens` (the replay asks for `logprobs: 0`
+/// for this), since a chunk may carry several tokens or none (text held back until a character
+/// is complete); without logprobs, a chunk with text counts as one token.
 pub fn parse(data: &str) -> Result<Event, Error> {
     if data == "[DONE]" {
         return Ok(Event::Done);
