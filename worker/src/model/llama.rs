@@ -343,6 +343,18 @@ impl<B: Backend> Llama<B> {
         if let Some(first) = layers.first() {
             b.rms_norm(&s.x, rows, &first.input_norm, eps, &mut s.h);
         }
+        // Creditors with a direct link get their rows device to device; the others over the
+        // peer connection, from the host. The split is the step's: every layer has the same
+        // parts (a link that fails half-way fails the step).
+        let (linked, inline): (Vec<&RemotePart>, Vec<&RemotePart>) = input
+            .remote
+            .iter()
+            .partition(|p| exchange.link(p.peer).is_some());
+        let links: Vec<(u16, DeviceLink, Vec<usize>)> =
+            dist_attention::linked_rows(input.seqs, linked.iter().copied())
+                .into_iter()
+                .filter_map(|(peer, rows)| Some((peer, exchange.link(peer)?, rows)))
+                .collect();
         for (li, l) in layers.iter().enumerate() {
             b.linear(&s.h, rows, &l.qkv, l.qkv_bias.as_ref(), &mut s.qkv);
             // q and k are rotated in place inside the stacked buffer (k's heads follow q's).
@@ -356,17 +368,6 @@ impl<B: Backend> Llama<B> {
             );
             b.kv_write(kv, li, &s.qkv, qkv_w, qd, qd + kvd, input.slots);
             let remote = !input.remote.is_empty();
-            // Creditors with a direct link get their rows device to device; the others over
-            // the peer connection, from the host.
-            let (linked, inline): (Vec<&RemotePart>, Vec<&RemotePart>) = input
-                .remote
-                .iter()
-                .partition(|p| exchange.link(p.peer).is_some());
-            let links: Vec<(u16, DeviceLink, Vec<usize>)> =
-                dist_attention::linked_rows(input.seqs, linked.iter().copied())
-                    .into_iter()
-                    .filter_map(|(peer, rows)| Some((peer, exchange.link(peer)?, rows)))
-                    .collect();
             if remote {
                 let layout = QkvLayout {
                     width: qkv_w,
