@@ -4,12 +4,11 @@
 
 mod local_support;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use local_support::{
-    BIN, LONG_NEW_TOKENS as NEW_TOKENS, LONG_PROMPT as PROMPT, Launcher, demo_model, free_port,
-    greedy_text, metric, post_greedy, prompt, start_pool, until_metric,
+    LONG_NEW_TOKENS as NEW_TOKENS, LONG_PROMPT as PROMPT, demo_model, greedy_text, metric,
+    post_greedy, prompt, start_pool, until_metric,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,28 +32,7 @@ async fn a_worker_that_joins_later_lends_to_the_pool() {
     assert_eq!(refused.status(), 400, "12 blocks fit nowhere yet");
 
     // A third worker of 8 blocks lending half joins the running pool.
-    let port = free_port();
-    let late_url = format!("http://127.0.0.1:{port}");
-    let _late = Launcher(
-        Command::new(BIN)
-            .arg("serve")
-            .arg(format!("--model={}", model.display()))
-            .arg("--served-model-name=demo")
-            .arg("--host=127.0.0.1")
-            .arg(format!("--port={port}"))
-            .arg("--worker-id=worker-late")
-            .arg(format!("--gmanager-url={}", pool.gmanager_url))
-            .arg(format!("--token-file={}", pool.token_file.display()))
-            .arg("--peer-port=0")
-            .arg("--kv-blocks=8")
-            .arg("--lend-fraction=0.5")
-            .arg("--exit-on-stdin-eof")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the late worker starts"),
-    );
+    let (_late, late_url) = local_support::start_late_worker(&model, &pool, 8);
 
     // Once the home has heard of it (its heartbeat reads the pool), the request fits.
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -6,12 +6,9 @@
 
 mod local_support;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use local_support::{
-    BIN, Launcher, demo_model, free_port, greedy_text, metric, pool_view, prompt, start_pool,
-};
+use local_support::{demo_model, greedy_text, metric, pool_view, prompt, start_pool};
 
 /// 49 blocks of prompt each: two of them leave 30 of the home's 128 blocks free.
 const LONG_PROMPT: usize = 780;
@@ -123,28 +120,7 @@ async fn a_worker_started_later_takes_the_debtors_moved_blocks() {
         0.0,
         "nowhere to move blocks yet"
     );
-    let port = free_port();
-    let late_url = format!("http://127.0.0.1:{port}");
-    let _late = Launcher(
-        Command::new(BIN)
-            .arg("serve")
-            .arg(format!("--model={}", model.display()))
-            .arg("--served-model-name=demo")
-            .arg("--host=127.0.0.1")
-            .arg(format!("--port={port}"))
-            .arg("--worker-id=worker-late")
-            .arg(format!("--gmanager-url={}", pool.gmanager_url))
-            .arg(format!("--token-file={}", pool.token_file.display()))
-            .arg("--peer-port=0")
-            .arg("--kv-blocks=128")
-            .arg("--lend-fraction=0.5")
-            .arg("--exit-on-stdin-eof")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the late worker starts"),
-    );
+    let (_late, late_url) = local_support::start_late_worker(&model, &pool, 128);
     // The moved blocks sit on the newcomer while the requests run.
     let mut held = 0.0;
     while !requests.is_finished() && held == 0.0 {

@@ -289,3 +289,30 @@ pub async fn reference_and_three_small() -> Pools {
         _model: dir,
     }
 }
+
+/// Starts a worker that joins `pool` later (`serve` against its gManager), with `kv_blocks`
+/// rBlocks lending half; returns it (killed on drop) and its API URL.
+pub fn start_late_worker(model: &Path, pool: &Pool, kv_blocks: usize) -> (Launcher, String) {
+    let port = free_port();
+    let late = Launcher(
+        Command::new(BIN)
+            .arg("serve")
+            .arg(format!("--model={}", model.display()))
+            .arg("--served-model-name=demo")
+            .arg("--host=127.0.0.1")
+            .arg(format!("--port={port}"))
+            .arg("--worker-id=worker-late")
+            .arg(format!("--gmanager-url={}", pool.gmanager_url))
+            .arg(format!("--token-file={}", pool.token_file.display()))
+            .arg("--peer-port=0")
+            .arg(format!("--kv-blocks={kv_blocks}"))
+            .arg("--lend-fraction=0.5")
+            .arg("--exit-on-stdin-eof")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the late worker starts"),
+    );
+    (late, format!("http://127.0.0.1:{port}"))
+}
