@@ -90,6 +90,8 @@ pub struct EngineOptions {
     pub max_waiting: usize,
     /// Share of the pool that other workers may borrow at once.
     pub lend_fraction: f64,
+    /// Share of the pool a long request keeps here when it can borrow the rest (1.0: off).
+    pub long_home_share: f64,
     /// Joins a pool of workers: lend to them and borrow from them.
     pub cluster: Option<ClusterOptions>,
     /// Where to record, per layer, how long the home waited for creditors.
@@ -118,6 +120,7 @@ impl Default for EngineOptions {
             max_batched_tokens: 512,
             max_waiting: 256,
             lend_fraction: 0.5,
+            long_home_share: 0.25,
             cluster: None,
             remote_attention: None,
             device: Device::Cpu,
@@ -258,7 +261,8 @@ fn start_with<B: Backend>(
             max_batched_tokens: opts.max_batched_tokens,
         },
         RManager::new(blocks, opts.lend_fraction),
-    );
+    )
+    .with_long_home_share(opts.long_home_share);
     let (submit_tx, submit_rx) = std_mpsc::channel();
     let creditors = Arc::new(Mutex::new(Vec::new()));
     let (link, peer_addr) = match &opts.cluster {

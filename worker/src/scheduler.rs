@@ -6,7 +6,8 @@
 //! one if any is free; if none is, the newest running
 //! request is preempted: its blocks are freed and it goes back to the front of the queue, to be
 //! recomputed from its token ids later (vLLM's recompute policy). New requests start on local
-//! blocks only, so borrowing serves requests that outgrew their home, not queue jumping.
+//! blocks, except long ones: a request that outgrows its home, or that needs more than the
+//! long-request share of it, borrows the rest before it starts (see [`early_borrow`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
@@ -91,6 +92,8 @@ pub struct RemotePart {
 
 pub struct Scheduler {
     cfg: SchedulerConfig,
+    /// Share of the local pool a long request keeps here (1.0: no early borrowing).
+    long_home_share: f64,
     rm: RManager,
     seqs: HashMap<SeqId, Seq>,
     waiting: VecDeque<SeqId>,
@@ -105,6 +108,7 @@ impl Scheduler {
     pub fn new(cfg: SchedulerConfig, rm: RManager) -> Self {
         Self {
             cfg,
+            long_home_share: 1.0,
             rm,
             seqs: HashMap::new(),
             waiting: VecDeque::new(),
@@ -112,6 +116,13 @@ impl Scheduler {
             preemptions: 0,
             released: Vec::new(),
         }
+    }
+
+    /// Long requests keep only `share` of the local pool here and borrow the rest before they
+    /// start, so the home keeps room for its batch; 1.0 (the default) turns this off.
+    pub fn with_long_home_share(mut self, share: f64) -> Self {
+        self.long_home_share = share.clamp(0.0, 1.0);
+        self
     }
 
     pub fn block_tokens(&self) -> usize {
@@ -265,10 +276,11 @@ impl Scheduler {
             let bt = self.cfg.block_tokens;
             let want = self.pending(id).min(budget);
             let seq = &self.seqs[&id];
-            // A request the local pool cannot carry to its end starts only with its whole need
-            // reserved, here and on creditors, so requests that grow never wait on each other
-            // across workers. One that fits here needs its first chunk, and grows as in vLLM.
-            let need = if self.outgrows_home(id) {
+            // A request the local pool cannot carry to its end, or one that borrowed early,
+            // starts only with its whole need reserved, here and on creditors, so requests that
+            // grow never wait on each other across workers. Its local blocks come first in its
+            // table. One that fits here needs its first chunk, and grows as in vLLM.
+            let need = if self.outgrows_home(id) || !seq.reserved.is_empty() {
                 let borrowed: usize = seq.reserved.iter().map(|(_, b)| b.len()).sum();
                 seq.need_tokens.div_ceil(bt).saturating_sub(borrowed)
             } else {
@@ -317,19 +329,23 @@ impl Scheduler {
         self.seqs[&id].need_tokens > self.capacity_tokens()
     }
 
-    /// The next request to start, if it outgrows this worker and lacks blocks: the blocks to
-    /// borrow for it, all or nothing, before scheduling.
+    /// The next request to start, if it outgrows this worker and lacks blocks, or if it is long
+    /// ([`early_borrow`]): the blocks to borrow for it, all or nothing, before scheduling. A
+    /// long request whose borrowing fails holds nothing and starts here as any other.
     pub fn borrow_want(&self) -> Option<(SeqId, usize)> {
         let &id = self.waiting.front()?;
-        if !self.outgrows_home(id) || self.running.len() >= self.cfg.max_num_seqs {
+        if self.running.len() >= self.cfg.max_num_seqs {
             return None;
         }
         let seq = &self.seqs[&id];
+        let need = seq.need_tokens.div_ceil(self.cfg.block_tokens);
         let held: usize = seq.reserved.iter().map(|(_, b)| b.len()).sum();
-        let short = seq
-            .need_tokens
-            .div_ceil(self.cfg.block_tokens)
-            .saturating_sub(held + self.rm.free());
+        let free = self.rm.free();
+        let short = if self.outgrows_home(id) {
+            need.saturating_sub(held + free)
+        } else {
+            early_borrow(need, held, free, self.rm.total(), self.long_home_share)
+        };
         (short > 0).then_some((id, short))
     }
 
@@ -501,6 +517,25 @@ impl Scheduler {
             samples,
         });
     }
+}
+
+/// Blocks a request of `need` blocks that fits in its home's pool of `total` borrows before it
+/// starts, with `held` already borrowed and `free` local blocks free: the gManager's
+/// `place_new` rule. A long request (more than `home_share` of the pool) keeps at most that
+/// share here, and no more than is free, and takes the rest from creditors, so one long
+/// request does not fill the home and preempt its batch later.
+fn early_borrow(need: usize, held: usize, free: usize, total: usize, home_share: f64) -> usize {
+    let share = (total as f64 * home_share).floor() as usize;
+    if need <= share {
+        return 0;
+    }
+    let local = share.min(free);
+    // With no block free here, one that holds nothing waits for local blocks as a short one
+    // does; one that already borrowed asks for the rest rather than hold loans while waiting.
+    if local == 0 && held == 0 {
+        return 0;
+    }
+    need.saturating_sub(held + local)
 }
 
 #[cfg(test)]
@@ -779,6 +814,79 @@ mod tests {
         let again = s.schedule();
         assert_eq!(again.items, step.items);
         assert_eq!(again.slots, step.slots);
+    }
+
+    #[test]
+    fn a_long_request_borrows_beyond_its_home_share_before_it_starts() {
+        // 16 blocks with a share of 0.25: a request keeps 4 blocks (16 tokens) here.
+        let mut s = sched(16, 64).with_long_home_share(0.25);
+        let mut lender = RManager::new(16, 1.0);
+        s.add(1, (0..20).collect(), 12);
+        assert_eq!(s.borrow_want(), Some((1, 4)), "32 tokens: 8 blocks, 4 here");
+        let step = schedule_borrowing(&mut s, 2, &mut lender);
+        assert_eq!(step.items[0].positions, 0..20);
+        assert_eq!((s.blocks_used(), lender.lent()), (4, 4));
+        assert_eq!(step.remote.len(), 1);
+        assert_eq!(
+            step.remote[0].appends.len(),
+            4,
+            "tokens 16..20 are stored by the creditor"
+        );
+        // The home keeps 12 blocks for short requests, which start without borrowing.
+        s.add(2, (0..8).collect(), 8);
+        assert_eq!(s.borrow_want(), None, "4 blocks is within the share");
+        let step = schedule_borrowing(&mut s, 2, &mut lender);
+        assert_eq!(step.items.len(), 2);
+        assert_eq!((s.blocks_used(), lender.lent()), (6, 4));
+    }
+
+    #[test]
+    fn a_long_request_that_cannot_borrow_runs_at_home() {
+        let mut s = sched(16, 64).with_long_home_share(0.25);
+        s.add(1, (0..20).collect(), 12);
+        assert_eq!(s.borrow_want(), Some((1, 4)));
+        // A round that got only part of it gives everything back (the engine's borrow).
+        s.add_borrowed(1, 2, &[0, 1]);
+        assert_eq!(s.unreserve(1), vec![2]);
+        let step = s.schedule();
+        assert_eq!(step.items[0].positions, 0..20);
+        assert!(step.remote.is_empty());
+        assert_eq!(s.blocks_used(), 5, "its prompt, on local blocks as before");
+    }
+
+    #[test]
+    fn only_long_requests_with_a_share_borrow_early() {
+        let mut s = sched(16, 64);
+        s.add(1, (0..20).collect(), 12);
+        assert_eq!(s.borrow_want(), None, "the share defaults to 1.0: off");
+        let mut s = sched(16, 64).with_long_home_share(0.5);
+        s.add(1, (0..20).collect(), 12);
+        assert_eq!(s.borrow_want(), None, "8 blocks is half the pool");
+    }
+
+    #[test]
+    fn a_long_request_keeps_at_most_its_share_and_what_is_free_here() {
+        // need, held, free, total, share
+        assert_eq!(early_borrow(8, 0, 16, 16, 0.25), 4);
+        assert_eq!(early_borrow(8, 4, 16, 16, 0.25), 0, "already borrowed");
+        assert_eq!(early_borrow(4, 0, 16, 16, 0.25), 0, "within the share");
+        assert_eq!(
+            early_borrow(8, 0, 2, 16, 0.25),
+            6,
+            "2 free here: 6 elsewhere"
+        );
+        assert_eq!(
+            early_borrow(8, 0, 0, 16, 0.25),
+            0,
+            "nothing free: it waits here"
+        );
+        assert_eq!(
+            early_borrow(8, 4, 0, 16, 0.25),
+            4,
+            "the rest, rather than hold loans while it waits"
+        );
+        assert_eq!(early_borrow(16, 0, 16, 16, 1.0), 0, "1.0 turns it off");
+        assert_eq!(early_borrow(2, 0, 3, 3, 0.25), 0, "a share under one block");
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub struct EngineArgs {
     /// Share of this worker's pool that other workers may borrow at once (0 to 1).
     #[arg(long, env = "ILM_LEND_FRACTION", default_value_t = EngineOptions::default().lend_fraction)]
     pub lend_fraction: f64,
+    /// Share of this worker's pool a long request keeps here: it borrows the rest from idle
+    /// workers before it starts, so the pool keeps room for the batch (0 to 1; 1 turns it off).
+    #[arg(long, env = "ILM_LONG_HOME_SHARE", default_value_t = EngineOptions::default().long_home_share)]
+    pub long_home_share: f64,
     /// On a GPU, the share of the memory left after the weights that the KV pool takes (0 to 1).
     #[arg(long, env = "ILM_GPU_MEMORY_FRACTION", default_value_t = EngineOptions::default().gpu_memory_fraction)]
     pub gpu_memory_fraction: f64,
@@ -57,6 +61,7 @@ impl EngineArgs {
             max_batched_tokens: self.max_batched_tokens,
             max_waiting: self.max_waiting,
             lend_fraction: self.lend_fraction,
+            long_home_share: self.long_home_share,
             gpu_memory_fraction: self.gpu_memory_fraction,
             ..EngineOptions::default()
         }
@@ -70,6 +75,7 @@ impl EngineArgs {
             format!("--max-batched-tokens={}", self.max_batched_tokens),
             format!("--max-waiting={}", self.max_waiting),
             format!("--lend-fraction={}", self.lend_fraction),
+            format!("--long-home-share={}", self.long_home_share),
             format!("--gpu-memory-fraction={}", self.gpu_memory_fraction),
         ];
         if let Some(blocks) = self.kv_blocks {
