@@ -49,7 +49,13 @@ async fn planned_moves_put_a_debtors_blocks_on_an_idle_worker() {
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let reference = start_pool(&model, 1, 512, &[]);
     // worker-0 lends nothing; worker-1 idles and may lend half of its 128 blocks.
-    let pool = start_pool(&model, 2, 128, &["--lend-fractions=0,0.5"]);
+    // The share turned off: the long requests fill the home instead of borrowing early.
+    let pool = start_pool(
+        &model,
+        2,
+        128,
+        &["--lend-fractions=0,0.5", "--long-home-share=1.0"],
+    );
     let (home, idle) = (pool.workers[0].clone(), pool.workers[1].clone());
     let want = run_all(&client, &reference.base, LONG_NEW_TOKENS).await;
     // Let the workers' heartbeats make them known to each other.
@@ -106,7 +112,12 @@ async fn a_worker_started_later_takes_the_debtors_moved_blocks() {
     let reference = start_pool(&model, 1, 512, &[]);
     let want = run_all(&client, &reference.base, LATE_LONG_NEW_TOKENS).await;
     // One worker that lends nothing: a debtor with nowhere to move blocks, until one joins.
-    let pool = start_pool(&model, 1, 128, &["--lend-fractions=0"]);
+    let pool = start_pool(
+        &model,
+        1,
+        128,
+        &["--lend-fractions=0", "--long-home-share=1.0"],
+    );
     let home = pool.workers[0].clone();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let started = Instant::now();
