@@ -229,6 +229,11 @@ pub struct KvCacheSpec {
     #[serde(default = "default_lend_fraction")]
     #[x_kube(validation = Rule::new("self >= 0.0 && self <= 1.0").message("kvCache.lendFraction must be in [0, 1]"))]
     pub lend_fraction: f64,
+    /// Share of its worker's pool a long request keeps there, in [0, 1]: it borrows the rest
+    /// from idle workers before it starts, so the worker keeps room for its batch; 1 turns it off.
+    #[serde(default = "default_long_home_share")]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self <= 1.0").message("kvCache.longHomeShare must be in [0, 1]"))]
+    pub long_home_share: f64,
     /// Use above which a worker borrows, in (0, 1].
     #[serde(default = "default_high_watermark")]
     #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("kvCache.highWatermark must be in (0, 1]"))]
@@ -270,6 +275,7 @@ impl Default for KvCacheSpec {
             block_tokens: default_block_tokens(),
             gpu_memory_fraction: default_gpu_memory_fraction(),
             lend_fraction: default_lend_fraction(),
+            long_home_share: default_long_home_share(),
             high_watermark: default_high_watermark(),
             max_blocks: None,
             transport: Transport::default(),
@@ -287,6 +293,11 @@ fn default_gpu_memory_fraction() -> f64 {
 
 fn default_lend_fraction() -> f64 {
     0.5
+}
+
+/// The gManager's placement default (`PlacementConfig::long_home_share`).
+fn default_long_home_share() -> f64 {
+    0.25
 }
 
 fn default_high_watermark() -> f64 {

@@ -180,6 +180,7 @@ fn env(
             kv.gpu_memory_fraction.to_string(),
         ),
         value("ILM_LEND_FRACTION", kv.lend_fraction.to_string()),
+        value("ILM_LONG_HOME_SHARE", kv.long_home_share.to_string()),
         value("ILM_HIGH_WATERMARK", kv.high_watermark.to_string()),
         value("ILM_TRANSPORT", kv.transport.as_str().to_owned()),
         value("ILM_GMANAGER_URL", settings.gmanager_url.clone()),
@@ -327,6 +328,7 @@ mod tests {
         let c = container(&sts);
         assert_eq!(env_value(c, "ILM_DEVICE"), Some("cpu"));
         assert_eq!(env_value(c, "ILM_TRANSPORT"), Some("auto"));
+        assert_eq!(env_value(c, "ILM_LONG_HOME_SHARE"), Some("0.25"));
         assert_eq!(env_value(c, "ILM_MODEL"), Some("/models"));
         let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
         assert!(
@@ -378,12 +380,14 @@ mod tests {
         let ilc = cluster(serde_json::json!({
             "model": {"servedName": "m", "source": {"image": {"reference": "r", "path": "/w/"}}},
             "workers": {"image": "img", "gpusPerWorker": 2},
-            "kvCache": {"maxBlocks": 100},
+            "kvCache": {"maxBlocks": 100, "longHomeShare": 1.0},
             "api": {"port": 9000, "apiKeySecret": {"name": "k", "key": "key"}}
         }));
         let sts = build(&ilc, &Names::new("c"), &settings());
         let c = container(&sts);
         assert_eq!(env_value(c, "ILM_KV_BLOCKS"), Some("100"));
+        // The worker reads "1" as 1.0: early borrowing off.
+        assert_eq!(env_value(c, "ILM_LONG_HOME_SHARE"), Some("1"));
         assert_eq!(env_value(c, "ILM_DTYPE"), None);
         assert_eq!(env_value(c, "ILM_MODEL"), Some("/models/w"));
         assert_eq!(env_value(c, "ILM_PORT"), Some("9000"));

@@ -176,6 +176,7 @@ async fn children_have_the_right_specs_and_owners() {
         ("ILM_BLOCK_TOKENS", "16"),
         ("ILM_GPU_MEMORY_FRACTION", "0.8"),
         ("ILM_LEND_FRACTION", "0.4"),
+        ("ILM_LONG_HOME_SHARE", "0.25"),
         ("ILM_HIGH_WATERMARK", "0.9"),
         ("ILM_DTYPE", "f32"),
         ("ILM_CLUSTER", "llm"),
