@@ -187,9 +187,16 @@ def capacity():
 def trace():
     n = min(gpus(), 4)
     devices = [f"cuda:{i}" for i in range(n)]
-    args = ["--model", os.path.basename(MODEL.rstrip("/")), "--trace", "long", "--rate", "1",
-            "--duration", "45", "--scale-tokens", "0.05", "--max-prompt-tokens", "60000",
-            "--max-output-tokens", "64", "--timeout-secs", "60", "--seed", "1", "--json"]
+    pool_tokens = 2048 * BLOCK
+    # As make bench-pool does: the long trace scaled so that its Pareto tail (60K x scale) starts
+    # beyond one worker's pool, capped within what a pooled home can hold (its pool plus half
+    # of each other's).
+    scale = 1.1 * pool_tokens / 60000
+    longest = int(0.95 * pool_tokens * (1 + 0.5 * (n - 1)))
+    args = ["--model", os.path.basename(MODEL.rstrip("/")), "--trace", "long", "--rate", "0.5",
+            "--duration", "60", "--scale-tokens", f"{scale:.3f}", "--max-prompt-tokens",
+            str(longest), "--max-output-tokens", "64", "--timeout-secs", "300", "--seed", "1",
+            "--json"]
     result = {}
     for name, lend in (("pooled", [0.5] * n), ("static", [0.0] * n)):
         with Pool(f"trace-{name}", devices, kv_blocks=2048, lend=lend) as p:
@@ -198,13 +205,16 @@ def trace():
             result[name] = json.loads(out)
         r = result[name]
         print(f"trace on {n} GPUs, {name}: {r['ok']}/{r['requests']} ok "
-              f"(429: {r['rejected_429']}, 503: {r['unavailable_503']}), "
-              f"{r['output_tokens_per_s']:.1f} output tokens/s, TTFT p50 {r['ttft_ms']}, "
-              f"ITL {r['itl_ms']}", flush=True)
-    pooled, static = (result[k]["output_tokens_per_s"] for k in ("pooled", "static"))
-    if static > 0:
-        print(f"trace on {n} GPUs: pooled/static output throughput {pooled / static:.2f}x "
-              f"(target 1.35x)")
+              f"(failures {r['failures']}), {r['output_tokens_per_s']:.1f} output tokens/s, "
+              f"{(r['prompt_tokens'] + r['output_tokens']) / r['wall_s']:.0f} prompt+output "
+              f"tokens/s, TTFT {r['ttft_ms']}, ITL {r['itl_ms']}", flush=True)
+    pooled, static = (result[k] for k in ("pooled", "static"))
+    total = [(r["prompt_tokens"] + r["output_tokens"]) / r["wall_s"] for r in (pooled, static)]
+    if static["output_tokens_per_s"] > 0 and total[1] > 0:
+        print(f"trace on {n} GPUs: pooled/static output tokens/s "
+              f"{pooled['output_tokens_per_s'] / static['output_tokens_per_s']:.2f}x, "
+              f"prompt+output tokens/s {total[0] / total[1]:.2f}x (target 1.35x; args "
+              f"{' '.join(args[2:-1])})")
 
 
 for what in WHAT:

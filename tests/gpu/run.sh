@@ -2,6 +2,7 @@
 # Runs on the GPU machine, from the bundle tests/gpu/bundle.sh built (no Rust toolchain there).
 #   tests/gpu/run.sh test    kernel tests against float64, whole-model logits against transformers
 #   tests/gpu/run.sh bench   attention, decode and prefill against PyTorch/transformers and the roofline
+#   tests/gpu/run.sh pool    only the pool test: one request over two (or four) GPUs, then a kill
 #   tests/gpu/run.sh dist    DistAttention over NCCL between this machine's GPUs (two or more):
 #                            split-KV decode overhead, single-request capacity, pooled vs static
 # Work files go to ${ILM_GPU_WORK:-/tmp/ilm-gpu}.
@@ -32,6 +33,9 @@ test)
 	ILM_HF_REFERENCE="$work/parity" "$bundle/gpu_parity" --nocapture
 	"$bundle/gpu_pool" --nocapture
 	;;
+pool)
+	"$bundle/gpu_pool" --nocapture
+	;;
 bench)
 	[[ -f "$work/llama8b/config.json" ]] || python3 tests/gpu/llama8b_random.py "$work/llama8b"
 	python3 tests/gpu/bench_peers.py "$work/llama8b" "$work/peers.json" >"$work/peers.log"
@@ -45,7 +49,7 @@ dist)
 		"$bundle/infinite-llm-loadgen" "${@:2}"
 	;;
 *)
-	echo "usage: $0 test|bench|dist" >&2
+	echo "usage: $0 test|pool|bench|dist" >&2
 	exit 2
 	;;
 esac

@@ -749,6 +749,18 @@ impl Exchange for LayerExchange<'_> {
     }
 
     fn wait(&mut self) -> Waited {
+        self.wait_for(&mut || Ok(true))
+    }
+
+    fn settle(&mut self, done: &mut dyn FnMut() -> Result<bool, String>) -> Waited {
+        self.wait_for(done)
+    }
+}
+
+impl LayerExchange<'_> {
+    /// Waits for every answer and then for `done`, within the peer timeout, handing back the
+    /// other homes' calls that come meanwhile.
+    fn wait_for(&mut self, done: &mut dyn FnMut() -> Result<bool, String>) -> Waited {
         let started = Instant::now();
         let deadline = started + PEER_TIMEOUT;
         loop {
@@ -757,10 +769,19 @@ impl Exchange for LayerExchange<'_> {
                 return Waited::Failed(e);
             }
             if self.outstanding.is_empty() {
-                if let Some(h) = &self.link.remote_attention {
-                    h.observe(started.elapsed().as_secs_f64());
+                match done() {
+                    Ok(true) => {
+                        if let Some(h) = &self.link.remote_attention {
+                            h.observe(started.elapsed().as_secs_f64());
+                        }
+                        return Waited::Done(std::mem::take(&mut self.done));
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.failed = Some(e);
+                        continue;
+                    }
                 }
-                return Waited::Done(std::mem::take(&mut self.done));
             }
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 let silent: BTreeSet<u16> = self.outstanding.values().copied().collect();
@@ -768,14 +789,30 @@ impl Exchange for LayerExchange<'_> {
                     self.link
                         .lost(peer, &format!("no answer within {PEER_TIMEOUT:?}"));
                 }
-                self.failed = Some(format!(
-                    "{} creditors did not answer within {PEER_TIMEOUT:?}",
-                    silent.len()
-                ));
+                self.failed = Some(if silent.is_empty() {
+                    format!("the step's transfers did not finish within {PEER_TIMEOUT:?}")
+                } else {
+                    format!(
+                        "{} creditors did not answer within {PEER_TIMEOUT:?}",
+                        silent.len()
+                    )
+                });
                 continue;
             };
-            let Some(m) = self.inbox.recv_timeout(left).ok() else {
-                continue;
+            let m = if self.outstanding.is_empty() {
+                // Only the device is awaited now: it is looked at again at once.
+                match self.inbox.try_recv() {
+                    Ok(m) => m,
+                    Err(_) => {
+                        std::thread::yield_now();
+                        continue;
+                    }
+                }
+            } else {
+                match self.inbox.recv_timeout(left) {
+                    Ok(m) => m,
+                    Err(_) => continue,
+                }
             };
             let Some(m) = self.link.intercept(m) else {
                 let lost = self

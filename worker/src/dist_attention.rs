@@ -2,18 +2,15 @@
 //! MicroAttention a creditor runs over the blocks it lent, and the exact merge of the partial
 //! outputs back at the home. KV never moves; only queries, new K/V rows and partials do.
 //!
-//! Between GPUs with a direct link (NCCL), the call that crosses the peer connection carries
-//! only the metadata; the rows and the partials travel over the link, device to device.
+//! Between GPUs with a direct link (NCCL), one call a step crosses the peer connection, with
+//! only the metadata; the creditor queues every layer's work at once, and each layer's rows
+//! and partials travel over the link, device to device.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use crate::backend::{AttnSeq, AttnShape, Backend, DeviceLink, KvSegment, LinkError, NO_SLOT};
+use crate::backend::{AttnSeq, AttnShape, Backend, DeviceLink, KvSegment, NO_SLOT};
 use crate::merge::merge_into;
 use crate::scheduler::RemotePart;
-
-/// How long either end waits for a link's transfers: the bound a peer's answer has.
-pub const LINK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A new token's K and V that the creditor stores in a block it lent.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,9 +35,11 @@ pub struct PartIn {
     pub appends: Vec<Append>,
 }
 
-/// Everything one home asks one creditor for one layer of one step.
+/// Everything one home asks one creditor for one layer of one step (for a linked call, for
+/// the rest of the step).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttnCall {
+    /// For a linked call, the first of the layers it covers: every one from there on.
     pub layer: u32,
     /// The rows come over the direct link, whole (`[rows, q|k|v]`), and the partials go back
     /// the same way; `q` and the appends' `k`/`v` are then empty.
@@ -129,12 +128,14 @@ pub fn linked_rows<'a>(
     rows
 }
 
-/// The creditor's answer to a call: inline partials, or none when they went over the link
-/// (which a linked call needs).
+/// The creditor's answer to a call: inline partials, or none when they go over the link (which
+/// a linked call needs). A model of `layers` layers serves a linked call's layers from its
+/// `layer` on, the whole step at once.
 pub fn answer<B: Backend>(
     backend: &B,
     kv: &mut B::Kv,
     shape: AttnShape,
+    layers: usize,
     call: &AttnCall,
     link: Option<&DeviceLink>,
 ) -> Result<Vec<PartOut>, String> {
@@ -142,28 +143,7 @@ pub fn answer<B: Backend>(
         return Ok(serve_call(backend, kv, shape, call));
     }
     let link = link.ok_or("a linked call without a link to its home")?;
-    serve_linked(backend, kv, shape, call, link)
-        .map(|()| Vec::new())
-        .map_err(|e| e.to_string())
-}
-
-/// The creditor's side of a linked call: receives the rows over the link, stores the new K/V
-/// rows, runs MicroAttention for every part and sends the partials back over the link.
-pub fn serve_linked<B: Backend>(
-    backend: &B,
-    kv: &mut B::Kv,
-    shape: AttnShape,
-    call: &AttnCall,
-    link: &DeviceLink,
-) -> Result<(), LinkError> {
-    let (qw, kvw) = (
-        shape.q_heads * shape.head_dim,
-        shape.kv_heads * shape.head_dim,
-    );
-    let width = qw + 2 * kvw;
-    let layer = call.layer as usize;
     let rows: usize = call.parts.iter().map(|p| p.rows as usize).sum();
-    let x = backend.link_recv(link, rows * width, LINK_TIMEOUT)?;
     let mut slots = vec![NO_SLOT; rows];
     let mut seqs = Vec::with_capacity(call.parts.len());
     let mut start = 0;
@@ -178,13 +158,11 @@ pub fn serve_linked<B: Backend>(
         });
         start += p.rows as usize;
     }
-    if slots.iter().any(|&s| s != NO_SLOT) {
-        backend.kv_write(kv, layer, &x, width, qw, qw + kvw, &slots);
-    }
-    let mut out = backend.alloc((rows * qw).max(1));
-    let mut lse = backend.alloc((rows * shape.q_heads).max(1));
-    backend.attention(&x, width, 0, kv, layer, shape, &seqs, &mut out, &mut lse);
-    backend.link_send(link, vec![(out, rows * qw), (lse, rows * shape.q_heads)])
+    let layers = call.layer as usize..layers;
+    backend
+        .link_serve(link, kv, layers, shape, &seqs, &slots)
+        .map(|()| Vec::new())
+        .map_err(|e| e.to_string())
 }
 
 /// The creditor's side: stores the new K/V rows, then runs MicroAttention for every part.

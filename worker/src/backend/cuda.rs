@@ -9,7 +9,6 @@
 use std::cell::RefCell;
 use std::ffi::c_void;
 use std::sync::Arc;
-use std::time::Duration;
 
 use cudarc::cublas::{CudaBlas, sys as blas};
 use cudarc::driver::{
@@ -143,6 +142,24 @@ struct Scratch {
     picks: Option<CudaSlice<u32>>,
     part_o: Option<CudaSlice<f32>>,
     part_lse: Option<CudaSlice<f32>>,
+}
+
+impl Scratch {
+    const fn new() -> Self {
+        Self {
+            ids: Table::new(),
+            positions: Table::new(),
+            inv_freq: Table::new(),
+            slots: Table::new(),
+            rows: Table::new(),
+            draws: Table::new(),
+            attn: AttnTables::new(),
+            x_bf16: None,
+            picks: None,
+            part_o: None,
+            part_lse: None,
+        }
+    }
 }
 
 /// The attention metadata of one set of sequences, on the device. Every layer of a step attends
@@ -339,6 +356,13 @@ unsafe impl DeviceRepr for KvGeom {}
 // SAFETY: repr(C), four 4-byte fields, the layout of the kernel's RowDraw.
 unsafe impl DeviceRepr for RowDraw {}
 
+/// A stream and the scratch its kernels use: the compute stream's, or a link's (a creditor
+/// serves its homes on their links' streams, beside its own work).
+struct Lane<'a> {
+    stream: &'a Arc<CudaStream>,
+    scratch: &'a mut Scratch,
+}
+
 /// The scalars every attention kernel of kernels/llama.cu takes around the query and cache
 /// pointers: `(q, q_width, q_col, k, v, geo, layer, scale, ...)`.
 struct AttnCommon {
@@ -433,19 +457,7 @@ impl Cuda {
             blas,
             k,
             sms,
-            scratch: RefCell::new(Scratch {
-                ids: Table::new(),
-                positions: Table::new(),
-                inv_freq: Table::new(),
-                slots: Table::new(),
-                rows: Table::new(),
-                draws: Table::new(),
-                attn: AttnTables::new(),
-                x_bf16: None,
-                picks: None,
-                part_o: None,
-                part_lse: None,
-            }),
+            scratch: RefCell::new(Scratch::new()),
             links: RefCell::default(),
         })
     }
@@ -476,13 +488,13 @@ impl Cuda {
 
     /// A launch of an attention kernel with the arguments they all start with pushed.
     fn attention_args<'a>(
-        &'a self,
+        stream: &'a CudaStream,
         kernel: &'a CudaFunction,
         q: &'a CudaSlice<f32>,
         kv: &'a CudaKv,
         c: &'a AttnCommon,
     ) -> LaunchArgs<'a> {
-        let mut b = self.stream.launch_builder(kernel);
+        let mut b = stream.launch_builder(kernel);
         b.arg(q)
             .arg(&c.q_width)
             .arg(&c.q_col)
@@ -492,6 +504,169 @@ impl Cuda {
             .arg(&c.layer)
             .arg(&c.scale);
         b
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn kv_write_on(
+        &self,
+        lane: Lane,
+        kv: &mut CudaKv,
+        layer: usize,
+        src: &CudaSlice<f32>,
+        row_width: usize,
+        k_col: usize,
+        v_col: usize,
+        slots: &[(u32, u32)],
+    ) {
+        if slots.is_empty() {
+            return;
+        }
+        let flat: Vec<u32> = slots
+            .iter()
+            .flat_map(|&(b, t)| {
+                if (b, t) == NO_SLOT {
+                    [u32::MAX, 0]
+                } else {
+                    [b, t]
+                }
+            })
+            .collect();
+        let s = lane.scratch;
+        let slots_dev = s.slots.put(lane.stream, &flat);
+        let g = geom(&kv.shape);
+        let (l, rw, kc, vc) = (layer as i32, row_width as i32, k_col as i32, v_col as i32);
+        let mut b = lane.stream.launch_builder(&self.k.kv_write);
+        b.arg(&mut kv.k)
+            .arg(&mut kv.v)
+            .arg(src)
+            .arg(slots_dev)
+            .arg(&g)
+            .arg(&l)
+            .arg(&rw)
+            .arg(&kc)
+            .arg(&vc);
+        // SAFETY: slots name blocks and tokens inside the cache's shape (the scheduler's tables).
+        ok(
+            unsafe { b.launch(Self::per_row(slots.len(), 128)) },
+            "kv_write",
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_on(
+        &self,
+        lane: Lane,
+        q: &CudaSlice<f32>,
+        q_width: usize,
+        q_col: usize,
+        kv: &CudaKv,
+        layer: usize,
+        shape: AttnShape,
+        seqs: &[AttnSeq],
+        out: &mut CudaSlice<f32>,
+        lse: &mut CudaSlice<f32>,
+    ) {
+        let rows = seqs.iter().map(|s| s.rows.end).max().unwrap_or(0);
+        if rows == 0 {
+            return;
+        }
+        let (hd, group) = (shape.head_dim, shape.q_heads / shape.kv_heads);
+        let (split_kernel, resident) = &self.k.attn_split[match (hd, group) {
+            (32 | 64 | 128 | 256, 1 | 2 | 4 | 8) if group * shape.kv_heads == shape.q_heads => {
+                (hd / 32).trailing_zeros() as usize * 4 + group.trailing_zeros() as usize
+            }
+            _ => panic!(
+                "the CUDA attention kernel supports head_dim 32/64/128/256 with 1/2/4/8 query \
+                 heads per KV head, not head_dim {hd} with {} over {}",
+                shape.q_heads, shape.kv_heads
+            ),
+        }];
+        let prefill = PREFILL_HEAD_DIMS.iter().position(|&d| d == hd);
+        let tile_rows = match prefill {
+            Some(_) if kv.shape.block_tokens <= PREFILL_N => PREFILL_M / group,
+            _ => 0,
+        };
+        let plan = AttnPlan {
+            kv_heads: shape.kv_heads,
+            tile_rows,
+        };
+        let sc = lane.scratch;
+        let t = &mut sc.attn;
+        t.update(lane.stream, seqs, plan, self.sms * resident);
+        let (slots, tiles, splits, segs_per_split) = (t.slots, t.tiles, t.splits, t.segs_per_split);
+        let [slot_rows, meta, segs, tile_table] = t.device();
+        let common = AttnCommon {
+            q_width: q_width as i32,
+            q_col: q_col as i32,
+            geo: geom(&kv.shape),
+            layer: layer as i32,
+            scale: shape.scale,
+        };
+        if slots > 0 {
+            let part_o = grown(
+                lane.stream,
+                &mut sc.part_o,
+                slots * shape.q_heads * splits * hd,
+            );
+            let part_lse = grown(
+                lane.stream,
+                &mut sc.part_lse,
+                slots * shape.q_heads * splits,
+            );
+            let (sps, sp) = (segs_per_split as i32, splits as i32);
+            let mut b = Self::attention_args(lane.stream, split_kernel, q, kv, &common);
+            b.arg(slot_rows)
+                .arg(meta)
+                .arg(segs)
+                .arg(&sps)
+                .arg(&mut *part_o)
+                .arg(&mut *part_lse)
+                .arg(&sp);
+            let cfg = LaunchConfig {
+                grid_dim: (slots as u32, shape.kv_heads as u32, splits as u32),
+                block_dim: (ATTN_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the metadata tables were built above from `seqs`, whose segments name
+            // blocks of this cache; the partial buffers hold slots * q_heads * splits entries.
+            ok(unsafe { b.launch(cfg) }, "attention");
+            let hdi = hd as i32;
+            let mut b = lane.stream.launch_builder(&self.k.attn_merge);
+            b.arg(&*part_o)
+                .arg(&*part_lse)
+                .arg(slot_rows)
+                .arg(&sp)
+                .arg(&hdi)
+                .arg(&mut *out)
+                .arg(&mut *lse);
+            let cfg = LaunchConfig {
+                grid_dim: (slots as u32, shape.q_heads as u32, 1),
+                block_dim: (hd as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: every slot names a row below `rows`; out holds rows * q_heads * hd values
+            // and lse rows * q_heads.
+            ok(unsafe { b.launch(cfg) }, "attention merge");
+        }
+        if let (Some(p), true) = (prefill, tiles > 0) {
+            let kernel = &self.k.attn_prefill[p * 4 + group.trailing_zeros() as usize];
+            let nt = tiles as i32;
+            let mut b = Self::attention_args(lane.stream, kernel, q, kv, &common);
+            b.arg(tile_table)
+                .arg(&nt)
+                .arg(meta)
+                .arg(segs)
+                .arg(out)
+                .arg(lse);
+            let cfg = LaunchConfig {
+                grid_dim: (tiles as u32, shape.kv_heads as u32, 1),
+                block_dim: (ATTN_THREADS, 1, 1),
+                shared_mem_bytes: prefill_shared_bytes(hd) as u32,
+            };
+            // SAFETY: tiles name rows of `seqs` and their segments blocks of this cache (at
+            // most PREFILL_N tokens a block, checked above); out and lse cover every row.
+            ok(unsafe { b.launch(cfg) }, "prefill attention");
+        }
     }
 
     fn per_row(rows: usize, threads: u32) -> LaunchConfig {
@@ -761,38 +936,11 @@ impl Backend for Cuda {
         v_col: usize,
         slots: &[(u32, u32)],
     ) {
-        if slots.is_empty() {
-            return;
-        }
-        let flat: Vec<u32> = slots
-            .iter()
-            .flat_map(|&(b, t)| {
-                if (b, t) == NO_SLOT {
-                    [u32::MAX, 0]
-                } else {
-                    [b, t]
-                }
-            })
-            .collect();
-        let mut s = self.scratch.borrow_mut();
-        let slots_dev = s.slots.put(&self.stream, &flat);
-        let g = geom(&kv.shape);
-        let (l, rw, kc, vc) = (layer as i32, row_width as i32, k_col as i32, v_col as i32);
-        let mut b = self.stream.launch_builder(&self.k.kv_write);
-        b.arg(&mut kv.k)
-            .arg(&mut kv.v)
-            .arg(src)
-            .arg(slots_dev)
-            .arg(&g)
-            .arg(&l)
-            .arg(&rw)
-            .arg(&kc)
-            .arg(&vc);
-        // SAFETY: slots name blocks and tokens inside the cache's shape (the scheduler's tables).
-        ok(
-            unsafe { b.launch(Self::per_row(slots.len(), 128)) },
-            "kv_write",
-        );
+        let lane = Lane {
+            stream: &self.stream,
+            scratch: &mut self.scratch.borrow_mut(),
+        };
+        self.kv_write_on(lane, kv, layer, src, row_width, k_col, v_col, slots);
     }
 
     fn kv_read_block(&self, kv: &CudaKv, block: u32) -> Vec<f32> {
@@ -845,108 +993,11 @@ impl Backend for Cuda {
         out: &mut CudaSlice<f32>,
         lse: &mut CudaSlice<f32>,
     ) {
-        let rows = seqs.iter().map(|s| s.rows.end).max().unwrap_or(0);
-        if rows == 0 {
-            return;
-        }
-        let (hd, group) = (shape.head_dim, shape.q_heads / shape.kv_heads);
-        let (split_kernel, resident) = &self.k.attn_split[match (hd, group) {
-            (32 | 64 | 128 | 256, 1 | 2 | 4 | 8) if group * shape.kv_heads == shape.q_heads => {
-                (hd / 32).trailing_zeros() as usize * 4 + group.trailing_zeros() as usize
-            }
-            _ => panic!(
-                "the CUDA attention kernel supports head_dim 32/64/128/256 with 1/2/4/8 query \
-                 heads per KV head, not head_dim {hd} with {} over {}",
-                shape.q_heads, shape.kv_heads
-            ),
-        }];
-        let prefill = PREFILL_HEAD_DIMS.iter().position(|&d| d == hd);
-        let tile_rows = match prefill {
-            Some(_) if kv.shape.block_tokens <= PREFILL_N => PREFILL_M / group,
-            _ => 0,
+        let lane = Lane {
+            stream: &self.stream,
+            scratch: &mut self.scratch.borrow_mut(),
         };
-        let plan = AttnPlan {
-            kv_heads: shape.kv_heads,
-            tile_rows,
-        };
-        let mut sc = self.scratch.borrow_mut();
-        let sc = &mut *sc;
-        let t = &mut sc.attn;
-        t.update(&self.stream, seqs, plan, self.sms * resident);
-        let (slots, tiles, splits, segs_per_split) = (t.slots, t.tiles, t.splits, t.segs_per_split);
-        let [slot_rows, meta, segs, tile_table] = t.device();
-        let common = AttnCommon {
-            q_width: q_width as i32,
-            q_col: q_col as i32,
-            geo: geom(&kv.shape),
-            layer: layer as i32,
-            scale: shape.scale,
-        };
-        if slots > 0 {
-            let part_o = grown(
-                &self.stream,
-                &mut sc.part_o,
-                slots * shape.q_heads * splits * hd,
-            );
-            let part_lse = grown(
-                &self.stream,
-                &mut sc.part_lse,
-                slots * shape.q_heads * splits,
-            );
-            let (sps, sp) = (segs_per_split as i32, splits as i32);
-            let mut b = self.attention_args(split_kernel, q, kv, &common);
-            b.arg(slot_rows)
-                .arg(meta)
-                .arg(segs)
-                .arg(&sps)
-                .arg(&mut *part_o)
-                .arg(&mut *part_lse)
-                .arg(&sp);
-            let cfg = LaunchConfig {
-                grid_dim: (slots as u32, shape.kv_heads as u32, splits as u32),
-                block_dim: (ATTN_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: the metadata tables were built above from `seqs`, whose segments name
-            // blocks of this cache; the partial buffers hold slots * q_heads * splits entries.
-            ok(unsafe { b.launch(cfg) }, "attention");
-            let hdi = hd as i32;
-            let mut b = self.stream.launch_builder(&self.k.attn_merge);
-            b.arg(&*part_o)
-                .arg(&*part_lse)
-                .arg(slot_rows)
-                .arg(&sp)
-                .arg(&hdi)
-                .arg(&mut *out)
-                .arg(&mut *lse);
-            let cfg = LaunchConfig {
-                grid_dim: (slots as u32, shape.q_heads as u32, 1),
-                block_dim: (hd as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: every slot names a row below `rows`; out holds rows * q_heads * hd values
-            // and lse rows * q_heads.
-            ok(unsafe { b.launch(cfg) }, "attention merge");
-        }
-        if let (Some(p), true) = (prefill, tiles > 0) {
-            let kernel = &self.k.attn_prefill[p * 4 + group.trailing_zeros() as usize];
-            let nt = tiles as i32;
-            let mut b = self.attention_args(kernel, q, kv, &common);
-            b.arg(tile_table)
-                .arg(&nt)
-                .arg(meta)
-                .arg(segs)
-                .arg(out)
-                .arg(lse);
-            let cfg = LaunchConfig {
-                grid_dim: (tiles as u32, shape.kv_heads as u32, 1),
-                block_dim: (ATTN_THREADS, 1, 1),
-                shared_mem_bytes: prefill_shared_bytes(hd) as u32,
-            };
-            // SAFETY: tiles name rows of `seqs` and their segments blocks of this cache (at
-            // most PREFILL_N tokens a block, checked above); out and lse cover every row.
-            ok(unsafe { b.launch(cfg) }, "prefill attention");
-        }
+        self.attention_on(lane, q, q_width, q_col, kv, layer, shape, seqs, out, lse);
     }
 
     fn sample_rows(
@@ -1001,30 +1052,28 @@ impl Backend for Cuda {
     fn link_merge(
         &self,
         calls: &[(&DeviceLink, &[usize])],
-        timeout: Duration,
         out: &mut CudaSlice<f32>,
         lse: &mut CudaSlice<f32>,
         heads: usize,
         head_dim: usize,
     ) -> Result<(), LinkError> {
-        self.merge_links(calls, timeout, out, lse, heads, head_dim)
+        self.merge_links(calls, out, lse, heads, head_dim)
     }
 
-    fn link_recv(
-        &self,
-        link: &DeviceLink,
-        len: usize,
-        timeout: Duration,
-    ) -> Result<CudaSlice<f32>, LinkError> {
-        self.recv_link(link, len, timeout)
+    fn link_settled(&self, links: &[&DeviceLink]) -> Result<bool, LinkError> {
+        self.links_settled(links)
     }
 
-    fn link_send(
+    fn link_serve(
         &self,
         link: &DeviceLink,
-        bufs: Vec<(CudaSlice<f32>, usize)>,
+        kv: &mut CudaKv,
+        layers: std::ops::Range<usize>,
+        shape: AttnShape,
+        seqs: &[AttnSeq],
+        slots: &[(u32, u32)],
     ) -> Result<(), LinkError> {
-        self.send_link(link, bufs)
+        self.serve_link(link, kv, layers, shape, seqs, slots)
     }
 
     fn gather_rows(

@@ -12,7 +12,6 @@ mod vector_math;
 
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::sampling::RowDraw;
 pub use nccl::LinkError;
@@ -229,13 +228,11 @@ pub trait Backend: Send + 'static {
     ) -> Result<(), LinkError> {
         Err(LinkError::Unsupported(self.name()))
     }
-    /// Home, once the creditors answered: receives `link_call`'s partials, waits (at most
-    /// `timeout`) for them and merges each exactly into `out` and `lse` at the call's rows.
-    #[allow(clippy::too_many_arguments)]
+    /// Home: receives `link_call`'s partials and merges each exactly into `out` and `lse` at
+    /// the call's rows, once they are there; the host does not wait for them.
     fn link_merge(
         &self,
         _calls: &[(&DeviceLink, &[usize])],
-        _timeout: Duration,
         _out: &mut Self::Buf,
         _lse: &mut Self::Buf,
         _heads: usize,
@@ -243,20 +240,24 @@ pub trait Backend: Send + 'static {
     ) -> Result<(), LinkError> {
         Err(LinkError::Unsupported(self.name()))
     }
-    /// Creditor: receives `len` values from the home (waits at most `timeout`).
-    fn link_recv(
-        &self,
-        _link: &DeviceLink,
-        _len: usize,
-        _timeout: Duration,
-    ) -> Result<Self::Buf, LinkError> {
+    /// Home: whether every merge asked of `link_merge` so far is done; an error on one of
+    /// `links` ends the wait.
+    fn link_settled(&self, _links: &[&DeviceLink]) -> Result<bool, LinkError> {
         Err(LinkError::Unsupported(self.name()))
     }
-    /// Creditor: sends the first `len` values of each buffer back to the home, in order.
-    fn link_send(
+    /// Creditor: queues a home's step over `link`: for each of `layers`, receive the step's
+    /// `[rows, q|k|v]` rows (one row per slot), store the new K/V at `slots`, run
+    /// MicroAttention over `seqs` and send `[rows, q_heads * head_dim]` outputs and
+    /// `[rows, q_heads]` log-sum-exps back. Returns once queued.
+    #[allow(clippy::too_many_arguments)]
+    fn link_serve(
         &self,
         _link: &DeviceLink,
-        _bufs: Vec<(Self::Buf, usize)>,
+        _kv: &mut Self::Kv,
+        _layers: Range<usize>,
+        _shape: AttnShape,
+        _seqs: &[AttnSeq],
+        _slots: &[(u32, u32)],
     ) -> Result<(), LinkError> {
         Err(LinkError::Unsupported(self.name()))
     }

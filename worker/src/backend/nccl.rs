@@ -179,6 +179,12 @@ impl Comm {
         }
     }
 
+    /// Waits until the groups enqueued so far are on their streams: only then does work
+    /// queued after them on a stream run after them.
+    pub fn wait_enqueued(&self) -> Result<(), LinkError> {
+        self.wait_ready(ENQUEUE_TIMEOUT)
+    }
+
     /// Runs `f` with the live handle; fails once the link is aborted.
     pub fn with<R>(&self, f: impl FnOnce(sys::ncclComm_t) -> R) -> Result<R, LinkError> {
         let raw = self.raw.lock().unwrap_or_else(|e| e.into_inner());
@@ -264,6 +270,6 @@ pub unsafe fn group(
         return Err(e);
     }
     // Enqueueing may go on in the background (until the peer posts its side): callers wait
-    // for `Comm::ready` before they rely on the stream holding the transfers.
+    // for `Comm::wait_enqueued` before they queue work that must follow the transfers.
     end.map(|_| ())
 }

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use crate::backend::{AttnSeq, AttnShape, Backend, DeviceLink, KvShape};
-use crate::dist_attention::{self, AttnCall, LINK_TIMEOUT, PartOut, QkvLayout};
+use crate::dist_attention::{self, AttnCall, PartOut, QkvLayout};
 use crate::model::config::ModelConfig;
 use crate::model::weights::{Weights, WeightsError};
 use crate::sampling::RowDraw;
@@ -93,6 +93,42 @@ pub trait Exchange {
     }
     /// A creditor's link failed: it is as good as lost.
     fn link_failed(&mut self, _peer: u16, _why: &str) {}
+    /// Waits for every creditor's answer and for `done` (the device's side of a step queued
+    /// whole), within the peer timeout. Without peers to serve, it only looks at `done` until it holds.
+    fn settle(&mut self, done: &mut dyn FnMut() -> Result<bool, String>) -> Waited {
+        loop {
+            match done() {
+                Ok(true) => return Waited::Done(Vec::new()),
+                Ok(false) => std::thread::yield_now(),
+                Err(e) => return Waited::Failed(e),
+            }
+        }
+    }
+}
+
+/// Waits through `wait` for what it waits for, serving the other homes' calls that come
+/// meanwhile: a linked call is queued whole, an inline one answered.
+fn serving<B: Backend>(
+    b: &B,
+    kv: &mut B::Kv,
+    shape: AttnShape,
+    layers: usize,
+    mut wait: impl FnMut() -> Waited,
+) -> Result<Vec<(u16, Vec<PartOut>)>, String> {
+    loop {
+        match wait() {
+            Waited::Done(replies) => return Ok(replies),
+            Waited::Serve(call, link, reply) => reply(dist_attention::answer(
+                b,
+                kv,
+                shape,
+                layers,
+                &call,
+                link.as_ref(),
+            )),
+            Waited::Failed(e) => return Err(e),
+        }
+    }
 }
 
 /// For steps without remote blocks, and for workers on their own.
@@ -280,7 +316,14 @@ impl<B: Backend> Llama<B> {
         call: &AttnCall,
         link: Option<&DeviceLink>,
     ) -> Result<Vec<PartOut>, String> {
-        dist_attention::answer(&self.backend, kv, self.attn_shape(), call, link)
+        dist_attention::answer(
+            &self.backend,
+            kv,
+            self.attn_shape(),
+            self.layers.len(),
+            call,
+            link,
+        )
     }
 
     /// Runs one step and returns `[logit_rows.len(), vocab]` logits.
@@ -343,18 +386,37 @@ impl<B: Backend> Llama<B> {
         if let Some(first) = layers.first() {
             b.rms_norm(&s.x, rows, &first.input_norm, eps, &mut s.h);
         }
-        // Creditors with a direct link get their rows device to device; the others over the
-        // peer connection, from the host. The split is the step's: every layer has the same
-        // parts (a link that fails half-way fails the step).
-        let (linked, inline): (Vec<&RemotePart>, Vec<&RemotePart>) = input
-            .remote
-            .iter()
-            .partition(|p| exchange.link(p.peer).is_some());
+        // A step whose creditors all have a direct link sends them one call, and then each
+        // layer's rows device to device; otherwise every creditor gets each layer's rows over
+        // the peer connection, from the host. (A step queued whole on the device never waits
+        // on a host download that a stuck link could hang.)
         let links: Vec<(u16, DeviceLink, Vec<usize>)> =
-            dist_attention::linked_rows(input.seqs, linked.iter().copied())
+            dist_attention::linked_rows(input.seqs, input.remote)
                 .into_iter()
-                .filter_map(|(peer, rows)| Some((peer, exchange.link(peer)?, rows)))
-                .collect();
+                .map(|(peer, rows)| Some((peer, exchange.link(peer)?, rows)))
+                .collect::<Option<_>>()
+                .unwrap_or_default();
+        let linked = !links.is_empty();
+        let link_refs: Vec<(&DeviceLink, &[usize])> =
+            links.iter().map(|(_, l, r)| (l, &r[..])).collect();
+        let layout = QkvLayout {
+            width: qkv_w,
+            q: qd,
+            kv: kvd,
+        };
+        let fail_links = |exchange: &mut dyn Exchange, e: &str| {
+            for (peer, ..) in &links {
+                exchange.link_failed(*peer, e);
+            }
+            RemoteError(e.to_owned())
+        };
+        if linked {
+            exchange.send(
+                dist_attention::build_calls(0, None, layout, input.seqs, input.remote)
+                    .into_iter()
+                    .collect(),
+            );
+        }
         for (li, l) in layers.iter().enumerate() {
             b.linear(&s.h, rows, &l.qkv, l.qkv_bias.as_ref(), &mut s.qkv);
             // q and k are rotated in place inside the stacked buffer (k's heads follow q's).
@@ -367,42 +429,20 @@ impl<B: Backend> Llama<B> {
                 inv_freq,
             );
             b.kv_write(kv, li, &s.qkv, qkv_w, qd, qd + kvd, input.slots);
-            let remote = !input.remote.is_empty();
-            if remote {
-                let layout = QkvLayout {
-                    width: qkv_w,
-                    q: qd,
-                    kv: kvd,
-                };
-                let mut calls = Vec::new();
-                if !inline.is_empty() {
-                    let host = b.download(&s.qkv, rows * qkv_w);
-                    calls.extend(dist_attention::build_calls(
-                        li,
-                        Some(&host),
-                        layout,
-                        input.seqs,
-                        inline.iter().copied(),
-                    ));
+            let inline = !input.remote.is_empty() && !linked;
+            if inline {
+                let host = b.download(&s.qkv, rows * qkv_w);
+                exchange.send(
+                    dist_attention::build_calls(li, Some(&host), layout, input.seqs, input.remote)
+                        .into_iter()
+                        .collect(),
+                );
+            }
+            if linked {
+                let sent = b.link_call(&s.qkv, qkv_w, &link_refs, qd, c.num_attention_heads);
+                if let Err(e) = sent {
+                    return Err(fail_links(exchange, &e.to_string()));
                 }
-                if !links.is_empty() {
-                    let refs: Vec<(&DeviceLink, &[usize])> =
-                        links.iter().map(|(_, l, r)| (l, &r[..])).collect();
-                    if let Err(e) = b.link_call(&s.qkv, qkv_w, &refs, qd, c.num_attention_heads) {
-                        for (peer, ..) in &links {
-                            exchange.link_failed(*peer, &e.to_string());
-                        }
-                        return Err(RemoteError(e.to_string()));
-                    }
-                    calls.extend(dist_attention::build_calls(
-                        li,
-                        None,
-                        layout,
-                        input.seqs,
-                        linked.iter().copied(),
-                    ));
-                }
-                exchange.send(calls);
             }
             // Local MicroAttention runs while the creditors work on theirs.
             b.attention(
@@ -416,39 +456,23 @@ impl<B: Backend> Llama<B> {
                 &mut s.attn,
                 &mut s.lse,
             );
-            if remote {
-                let replies = loop {
-                    match exchange.wait() {
-                        Waited::Done(r) => break r,
-                        Waited::Serve(call, link, reply) => {
-                            reply(dist_attention::answer(b, kv, shape, &call, link.as_ref()))
-                        }
-                        Waited::Failed(e) => return Err(RemoteError(e)),
-                    }
-                };
-                for (peer, link, rows) in &links {
-                    let (h, hd) = (c.num_attention_heads, shape.head_dim);
-                    let one = [(link, &rows[..])];
-                    let merged = b.link_merge(&one, LINK_TIMEOUT, &mut s.attn, &mut s.lse, h, hd);
-                    if let Err(e) = merged {
-                        exchange.link_failed(*peer, &e.to_string());
-                        return Err(RemoteError(e.to_string()));
-                    }
+            if linked {
+                let (h, hd) = (c.num_attention_heads, shape.head_dim);
+                if let Err(e) = b.link_merge(&link_refs, &mut s.attn, &mut s.lse, h, hd) {
+                    return Err(fail_links(exchange, &e.to_string()));
                 }
-                if !inline.is_empty() {
-                    let mut o = b.download(&s.attn, rows * qd);
-                    let mut l = b.download(&s.lse, rows * c.num_attention_heads);
-                    for (peer, results) in replies {
-                        let parts: Vec<&RemotePart> =
-                            inline.iter().copied().filter(|p| p.peer == peer).collect();
-                        if !parts.is_empty() {
-                            dist_attention::merge_call(
-                                &mut o, &mut l, shape, input.seqs, &parts, &results,
-                            );
-                        }
-                    }
-                    b.upload(&o, &mut s.attn);
+            }
+            if inline {
+                let replies =
+                    serving(b, kv, shape, layers.len(), || exchange.wait()).map_err(RemoteError)?;
+                let mut o = b.download(&s.attn, rows * qd);
+                let mut l = b.download(&s.lse, rows * c.num_attention_heads);
+                for (peer, results) in replies {
+                    let parts: Vec<&RemotePart> =
+                        input.remote.iter().filter(|p| p.peer == peer).collect();
+                    dist_attention::merge_call(&mut o, &mut l, shape, input.seqs, &parts, &results);
                 }
+                b.upload(&o, &mut s.attn);
             }
             b.linear(&s.attn, rows, &l.o, None, &mut s.proj);
             b.add_rms_norm(&mut s.x, &s.proj, rows, &l.post_norm, eps, &mut s.h);
@@ -464,6 +488,22 @@ impl<B: Backend> Llama<B> {
             }
         }
         let n = input.logit_rows.len();
+        // The step is queued whole; the host waits for its links (serving other homes
+        // meanwhile) before anything can block on the device: once the first logits are
+        // queued too, or at once if no row wants any.
+        let settle = |exchange: &mut dyn Exchange, b: &B, kv: &mut B::Kv| {
+            if !linked {
+                return Ok(());
+            }
+            let refs: Vec<&DeviceLink> = links.iter().map(|(_, l, _)| l).collect();
+            let done = &mut || b.link_settled(&refs).map_err(|e| e.to_string());
+            serving(b, kv, shape, layers.len(), || exchange.settle(done))
+                .map(drop)
+                .map_err(|e| fail_links(exchange, &e))
+        };
+        if n == 0 {
+            settle(exchange, b, kv)?;
+        }
         b.gather_rows(&s.x, h, input.logit_rows, &mut s.h);
         b.rms_norm(&s.h, n, norm, eps, &mut s.x);
         let head = lm_head.as_ref().unwrap_or(embed);
@@ -473,6 +513,9 @@ impl<B: Backend> Llama<B> {
             let m = (n - chunk).min(MAX_LOGIT_ROWS);
             b.gather_rows(&s.x, h, &(chunk..chunk + m).collect::<Vec<_>>(), &mut s.h);
             b.linear(&s.h, m, head, None, &mut s.logits);
+            if chunk == 0 {
+                settle(exchange, b, kv)?;
+            }
             out.extend(take(b, &s.logits, m, c.vocab_size));
         }
         Ok(out)

@@ -1,39 +1,50 @@
-//! DistAttention's data path between GPUs: the rows a home sends each creditor and the partial
-//! results it gets back travel over NCCL links, on a stream of their own, while the home's
-//! local attention runs on the compute stream. The host only orders the two streams and waits,
-//! with a deadline, for a link's transfers before their results are used, so a dead peer costs
-//! a timeout and an abort, never a hung GPU stream.
+//! DistAttention's data path between GPUs. Each link has a stream of its own. A home sends a
+//! layer's rows there and receives the partials back there, while its local attention runs on
+//! the compute stream; the compute stream waits on the device for the partials before it
+//! merges them, so a step is queued whole without the host waiting on any layer. A creditor
+//! queues a home's whole step on that link's stream (receive, store K/V, MicroAttention, send,
+//! for every layer), beside its own work, so two homes that borrow from each other never wait
+//! on each other's compute streams. The host waits, with a deadline, only for the end of a
+//! step; a dead peer costs a timeout and an abort, which ends the transfers stuck on it.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
-use super::{Cuda, Table, ok};
-use crate::backend::DeviceLink;
+use super::{Cuda, CudaKv, Lane, Scratch, Table, ok};
 use crate::backend::nccl::{self, Comm, LinkError};
+use crate::backend::{AttnSeq, AttnShape, DeviceLink, NO_SLOT};
 
 /// What the device keeps per link.
 struct Slot {
     comm: Arc<Comm>,
-    /// Home: the rows sent, and the partials received.
-    send: Option<CudaSlice<f32>>,
+    /// The link's transfers, and a creditor's work for the link's home.
+    stream: Arc<CudaStream>,
+    /// Home: the rows sent. Creditor: the rows received.
+    rows_buf: Option<CudaSlice<f32>>,
+    /// Home: the partials received. Creditor: the partials it computed and sent.
     part_o: Option<CudaSlice<f32>>,
     part_lse: Option<CudaSlice<f32>>,
+    /// Home: the step's rows the partials merge into.
     rows: Table<u32>,
-    /// Home: a group was posted whose partials are not merged yet.
-    posted: bool,
-    /// Creditor: what the last answer sent, alive until the link stream has moved past it.
-    kept: Vec<CudaSlice<f32>>,
+    /// Creditor: the tables of its attention for the home.
+    scratch: Scratch,
+    /// Home: the compute stream after a layer's gathers, and the link's stream after a layer's
+    /// receives: where each stream waits for the other.
+    gathered: CudaEvent,
+    received: CudaEvent,
 }
 
-/// Every link of this device, and the stream their transfers run on.
+/// Every link of this device.
 #[derive(Default)]
 pub(super) struct Links {
-    stream: Option<Arc<CudaStream>>,
     slots: HashMap<usize, Slot>,
     next: usize,
+    /// Home: the compute stream after the last merge of link partials, while not seen done.
+    fence: Option<CudaEvent>,
+    fenced: bool,
 }
 
 fn cuda(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> LinkError {
@@ -47,50 +58,33 @@ fn at_least<'a>(
     len: usize,
 ) -> Result<&'a mut CudaSlice<f32>, LinkError> {
     if buf.as_ref().is_none_or(|b| b.len() < len) {
-        // SAFETY: every value read from the buffer is written first (by a gather or a receive).
+        // SAFETY: every value read from the buffer is written first (by a gather, a receive
+        // or a kernel).
         *buf = Some(unsafe { stream.alloc::<f32>(len.max(1)) }.map_err(cuda("allocation"))?);
     }
     Ok(buf.as_mut().expect("allocated above"))
 }
 
-/// Polls `event` until it completes or `timeout` passes; the link's own errors end it sooner.
-fn wait_for(event: &CudaEvent, comm: &Comm, timeout: Duration) -> Result<(), LinkError> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if event.try_is_complete().map_err(cuda("waiting on a link"))? {
-            return Ok(());
-        }
-        comm.ready()?;
-        if Instant::now() >= deadline {
-            comm.abort();
-            return Err(LinkError::Timeout {
-                what: "a transfer over the link",
-                after: timeout,
-            });
-        }
-        std::thread::yield_now();
-    }
+fn ptr(stream: &CudaStream, buf: &Option<CudaSlice<f32>>) -> u64 {
+    buf.as_ref().expect("sized before").device_ptr(stream).0
 }
 
 impl Cuda {
-    fn link_stream(&self, links: &mut Links) -> Result<Arc<CudaStream>, LinkError> {
-        if links.stream.is_none() {
-            links.stream = Some(
-                self.stream
-                    .fork()
-                    .map_err(cuda("creating the link stream"))?,
-            );
-        }
-        Ok(links.stream.clone().expect("created above"))
-    }
-
     fn add_link(&self, id: &[u8], rank: i32) -> Result<DeviceLink, LinkError> {
         self.ctx
             .bind_to_thread()
             .map_err(cuda("binding the context"))?;
         let comm = Arc::new(Comm::start(id, rank)?);
+        // The link's kernels are few and short, and everything waits on them: they go first
+        // when the compute stream's kernels fill the GPU.
+        let (_, highest) = cudarc::driver::result::stream::get_priority_range()
+            .map_err(cuda("reading stream priorities"))?;
+        let stream = self
+            .ctx
+            .new_stream_with_priority(highest)
+            .map_err(cuda("creating the link's stream"))?;
+        let event = || self.ctx.new_event(None).map_err(cuda("creating an event"));
         let mut links = self.links.borrow_mut();
-        self.link_stream(&mut links)?;
         // Links whose peer was lost were aborted; their buffers go now.
         links.slots.retain(|_, s| s.comm.with(|_| ()).is_ok());
         links.next += 1;
@@ -99,12 +93,14 @@ impl Cuda {
             key,
             Slot {
                 comm: comm.clone(),
-                send: None,
+                stream,
+                rows_buf: None,
                 part_o: None,
                 part_lse: None,
                 rows: Table::new(),
-                posted: false,
-                kept: Vec::new(),
+                scratch: Scratch::new(),
+                gathered: event()?,
+                received: event()?,
             },
         );
         Ok(DeviceLink { key, comm })
@@ -119,9 +115,9 @@ impl Cuda {
         self.add_link(id, 1)
     }
 
-    /// Home: gathers each call's rows of `x` and sends them, in one group over all links; the
-    /// receive buffers of `[rows, out_width]` outputs and `[rows, heads]` log-sum-exps are
-    /// sized for `merge_links`.
+    /// Home: gathers each call's rows of `x` and sends them over its link; the receive
+    /// buffers of `[rows, out_width]` outputs and `[rows, heads]` log-sum-exps are sized for
+    /// `merge_links`.
     pub(super) fn call_links(
         &self,
         x: &CudaSlice<f32>,
@@ -131,60 +127,39 @@ impl Cuda {
         heads: usize,
     ) -> Result<(), LinkError> {
         let mut links = self.links.borrow_mut();
-        let stream = self.link_stream(&mut links)?;
         for (link, rows) in calls {
             let slot = links.slots.get_mut(&link.key).ok_or(LinkError::Aborted)?;
-            if slot.posted {
-                // A failed step left this link's last partials unreceived: what it would
-                // receive next is stale, so the link is given up (its creditor recomputed).
-                link.comm.abort();
-                return Err(LinkError::OutOfStep);
-            }
-            let send = at_least(&self.stream, &mut slot.send, rows.len() * width)?;
+            let send = at_least(&self.stream, &mut slot.rows_buf, rows.len() * width)?;
             crate::backend::Backend::gather_rows(self, x, width, rows, send);
             at_least(&self.stream, &mut slot.part_o, rows.len() * out_width)?;
             at_least(&self.stream, &mut slot.part_lse, rows.len() * heads)?;
-        }
-        // The link stream starts after the gathers (and so after the last merge that read the
-        // receive buffers).
-        stream
-            .join(&self.stream)
-            .map_err(cuda("ordering the streams"))?;
-        // Only the sends now; each link's receives once its creditor has answered. NCCL sets
-        // up a pair's connections in the first group that uses them, and both ends must ask
-        // for the same ones at once: the creditor's receive, then its send.
-        let sends: Vec<_> = calls
-            .iter()
-            .map(|(link, rows)| {
-                let send = links.slots[&link.key].send.as_ref().expect("sized above");
-                (
-                    &*link.comm,
-                    send.device_ptr(&stream).0,
-                    rows.len() * width,
-                    true,
-                )
-            })
-            .collect();
-        // SAFETY: the send buffers are this device's and are only written again by the next
-        // call's gathers, after merge_links waited for these sends.
-        unsafe { nccl::group(stream.cu_stream() as _, &sends)? };
-        for (link, _) in calls {
-            links
-                .slots
-                .get_mut(&link.key)
-                .expect("checked above")
-                .posted = true;
+            // The send starts after the gather (and so after the last merge that read the
+            // receive buffers).
+            slot.gathered
+                .record(&self.stream)
+                .map_err(cuda("recording"))?;
+            slot.stream
+                .wait(&slot.gathered)
+                .map_err(cuda("ordering the streams"))?;
+            let op = (
+                &*slot.comm,
+                ptr(&slot.stream, &slot.rows_buf),
+                rows.len() * width,
+                true,
+            );
+            // SAFETY: the send buffer is only written again by the next call's gather, which
+            // the compute stream runs after this layer's merge, itself after the receive that
+            // follows this send on the link's stream.
+            unsafe { nccl::group(slot.stream.cu_stream() as _, &[op])? };
         }
         Ok(())
     }
 
-    /// Home: receives each call's partials (its creditor has sent them), waits for them, and
-    /// folds them into `out` and `lse` at its rows.
-    #[allow(clippy::too_many_arguments)]
+    /// Home: receives each call's partials and folds them into `out` and `lse` at its rows.
+    /// Only the device waits for them: the host learns they came with `links_settled`.
     pub(super) fn merge_links(
         &self,
         calls: &[(&DeviceLink, &[usize])],
-        timeout: Duration,
         out: &mut CudaSlice<f32>,
         lse: &mut CudaSlice<f32>,
         heads: usize,
@@ -192,26 +167,35 @@ impl Cuda {
     ) -> Result<(), LinkError> {
         let out_width = heads * head_dim;
         let mut links = self.links.borrow_mut();
-        let stream = self.link_stream(&mut links)?;
         for (link, rows) in calls {
             let slot = links.slots.get_mut(&link.key).ok_or(LinkError::Aborted)?;
-            if std::mem::take(&mut slot.posted) {
-                let n = rows.len();
-                let ptr =
-                    |b: &Option<CudaSlice<f32>>| b.as_ref().expect("sized").device_ptr(&stream).0;
-                let recvs = [
-                    (&*slot.comm, ptr(&slot.part_o), n * out_width, false),
-                    (&*slot.comm, ptr(&slot.part_lse), n * heads, false),
-                ];
-                // SAFETY: the slot's buffers, sized by call_links for these rows, are only
-                // read by the merge below, which waits for the receives.
-                unsafe { nccl::group(stream.cu_stream() as _, &recvs)? };
-                // Only once the group is enqueued does an event after it mean its end.
-                slot.comm.wait_ready(timeout)?;
-                let done = stream.record_event(None).map_err(cuda("recording"))?;
-                wait_for(&done, &slot.comm, timeout)?;
-            }
-            if rows.is_empty() {
+            let n = rows.len();
+            let recvs = [
+                (
+                    &*slot.comm,
+                    ptr(&slot.stream, &slot.part_o),
+                    n * out_width,
+                    false,
+                ),
+                (
+                    &*slot.comm,
+                    ptr(&slot.stream, &slot.part_lse),
+                    n * heads,
+                    false,
+                ),
+            ];
+            // SAFETY: the buffers, sized by call_links for these rows, are read only by the
+            // merge below, which the compute stream runs after the receives.
+            unsafe { nccl::group(slot.stream.cu_stream() as _, &recvs)? };
+            // An event recorded before the receives are really on the stream would not wait.
+            slot.comm.wait_enqueued()?;
+            slot.received
+                .record(&slot.stream)
+                .map_err(cuda("recording"))?;
+            self.stream
+                .wait(&slot.received)
+                .map_err(cuda("ordering the streams"))?;
+            if n == 0 {
                 continue;
             }
             let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
@@ -225,64 +209,113 @@ impl Cuda {
                 .arg(&mut *out)
                 .arg(&mut *lse);
             let cfg = LaunchConfig {
-                grid_dim: (rows.len() as u32, heads as u32, 1),
+                grid_dim: (n as u32, heads as u32, 1),
                 block_dim: (head_dim.min(1024) as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: the partials hold rows.len() rows of `heads` heads; every index names a
-            // row of out and lse.
+            // SAFETY: the partials hold n rows of `heads` heads; every index names a row of
+            // out and lse.
             ok(unsafe { b.launch(cfg) }, "merging a link's partials");
         }
+        if links.fence.is_none() {
+            links.fence = Some(
+                self.ctx
+                    .new_event(None)
+                    .map_err(cuda("creating an event"))?,
+            );
+        }
+        let fence = links.fence.as_ref().expect("created above");
+        fence.record(&self.stream).map_err(cuda("recording"))?;
+        links.fenced = true;
         Ok(())
     }
 
-    /// Creditor: receives `len` values from the home, waiting at most `timeout`.
-    pub(super) fn recv_link(
-        &self,
-        link: &DeviceLink,
-        len: usize,
-        timeout: Duration,
-    ) -> Result<CudaSlice<f32>, LinkError> {
-        let mut links = self.links.borrow_mut();
-        let stream = self.link_stream(&mut links)?;
-        let slot = links.slots.get_mut(&link.key).ok_or(LinkError::Aborted)?;
-        // SAFETY: filled by the receive before anything reads it.
-        let buf = unsafe { self.stream.alloc::<f32>(len.max(1)) }.map_err(cuda("allocation"))?;
-        // The receive must not start before the allocation is usable.
-        stream
-            .join(&self.stream)
-            .map_err(cuda("ordering the streams"))?;
-        let ptr = buf.device_ptr(&stream).0;
-        // SAFETY: `buf` holds `len` values and nothing reads it before the receive is done.
-        unsafe { nccl::group(stream.cu_stream() as _, &[(&*link.comm, ptr, len, false)])? };
-        link.comm.wait_ready(timeout)?;
-        let done = stream.record_event(None).map_err(cuda("recording"))?;
-        wait_for(&done, &slot.comm, timeout)?;
-        // The receive also means the last answer's sends are through (one stream, in order).
-        slot.kept.clear();
-        Ok(buf)
+    /// Home: whether the compute stream has merged every partial asked for so far. An error
+    /// on one of `links` (an abort included) ends the wait.
+    pub(super) fn links_settled(&self, links: &[&DeviceLink]) -> Result<bool, LinkError> {
+        for link in links {
+            link.comm.ready()?;
+        }
+        let mut all = self.links.borrow_mut();
+        let done = match &all.fence {
+            Some(fence) if all.fenced => {
+                fence.try_is_complete().map_err(cuda("waiting on a link"))?
+            }
+            _ => true,
+        };
+        all.fenced &= !done;
+        Ok(done)
     }
 
-    /// Creditor: sends `bufs` (each its first `len` values) to the home, after the compute
-    /// stream's work on them; they stay alive until the next receive.
-    pub(super) fn send_link(
+    /// Creditor: queues a home's step on the link's stream: for each of `layers`, receive the
+    /// rows (`[rows, q|k|v]`), store the new K/V at `slots`, attend over `seqs`' lent blocks
+    /// and send the partials back.
+    pub(super) fn serve_link(
         &self,
         link: &DeviceLink,
-        bufs: Vec<(CudaSlice<f32>, usize)>,
+        kv: &mut CudaKv,
+        layers: Range<usize>,
+        shape: AttnShape,
+        seqs: &[AttnSeq],
+        slots: &[(u32, u32)],
     ) -> Result<(), LinkError> {
+        let (qw, kvw) = (
+            shape.q_heads * shape.head_dim,
+            shape.kv_heads * shape.head_dim,
+        );
+        let width = qw + 2 * kvw;
+        let rows = slots.len();
         let mut links = self.links.borrow_mut();
-        let stream = self.link_stream(&mut links)?;
-        stream
-            .join(&self.stream)
-            .map_err(cuda("ordering the streams"))?;
-        let ops: Vec<_> = bufs
-            .iter()
-            .map(|(b, len)| (&*link.comm, b.device_ptr(&stream).0, *len, true))
-            .collect();
-        // SAFETY: the buffers are kept in the slot until the link stream has passed the sends.
-        unsafe { nccl::group(stream.cu_stream() as _, &ops)? };
-        let slot = links.slots.get_mut(&link.key).ok_or(LinkError::Aborted)?;
-        slot.kept.extend(bufs.into_iter().map(|(b, _)| b));
+        let Slot {
+            comm,
+            stream,
+            rows_buf,
+            part_o,
+            part_lse,
+            scratch,
+            ..
+        } = links.slots.get_mut(&link.key).ok_or(LinkError::Aborted)?;
+        at_least(stream, rows_buf, rows * width)?;
+        at_least(stream, part_o, rows * qw)?;
+        at_least(stream, part_lse, rows * shape.q_heads)?;
+        let (x, out, lse) = (
+            rows_buf.as_ref().expect("sized"),
+            part_o.as_mut().expect("sized"),
+            part_lse.as_mut().expect("sized"),
+        );
+        let stores = slots.iter().any(|&s| s != NO_SLOT);
+        for layer in layers {
+            let recv = (&**comm, x.device_ptr(stream).0, rows * width, false);
+            // SAFETY: `x` holds rows * width values; the stream runs this step's kernels (and
+            // the last step's) in order around the receive.
+            unsafe { nccl::group(stream.cu_stream() as _, &[recv])? };
+            // The kernels must not be queued before the receive they read.
+            comm.wait_enqueued()?;
+            if stores {
+                let lane = Lane {
+                    stream,
+                    scratch: &mut *scratch,
+                };
+                self.kv_write_on(lane, kv, layer, x, width, qw, qw + kvw, slots);
+            }
+            let lane = Lane {
+                stream,
+                scratch: &mut *scratch,
+            };
+            self.attention_on(lane, x, width, 0, kv, layer, shape, seqs, out, lse);
+            let sends = [
+                (&**comm, out.device_ptr(stream).0, rows * qw, true),
+                (
+                    &**comm,
+                    lse.device_ptr(stream).0,
+                    rows * shape.q_heads,
+                    true,
+                ),
+            ];
+            // SAFETY: as above; the next layer's kernels write the partials after the stream
+            // has passed these sends.
+            unsafe { nccl::group(stream.cu_stream() as _, &sends)? };
+        }
         Ok(())
     }
 }
