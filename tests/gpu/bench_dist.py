@@ -4,7 +4,7 @@ HTTP API in local mode (one worker process per GPU), on a Llama-3-8B-shaped rand
 Usage: python3 bench_dist.py WORKER_BIN MODEL_DIR LOADGEN_BIN WHAT...  (WHAT: overhead, capacity,
 trace). Prints one line per figure; each comparison is measured in the same run.
 
-- overhead: time per output token of one request whose KV is split half and half over two GPUs
+- overhead (contexts from ILM_BENCH_CONTEXTS, default 16384,65536): time per output token of one request whose KV is split half and half over two GPUs
   (the home holds half its blocks, the other GPU lends the rest, attention over them runs there
   and only queries and partials cross NVLink) against the same request all on one GPU.
 - capacity: the longest single request each pool of 1, 2 and 4 GPUs admits: the home reserves
@@ -135,7 +135,8 @@ def until(cond, what: str, within=60.0):
 
 
 def overhead():
-    for context in (16384, 65536):
+    contexts = os.environ.get("ILM_BENCH_CONTEXTS", "16384,65536")
+    for context in map(int, contexts.split(",")):
         need = math.ceil((context + NEW) / BLOCK)
         ids = prompt(context, 1)
         with Pool(f"local-{context}", ["cuda:0"], kv_blocks=need + 64) as p:

@@ -129,27 +129,34 @@ impl Cuda {
         let mut links = self.links.borrow_mut();
         for (link, rows) in calls {
             let slot = links.slots.get_mut(&link.key).ok_or(LinkError::Aborted)?;
-            let send = at_least(&self.stream, &mut slot.rows_buf, rows.len() * width)?;
-            crate::backend::Backend::gather_rows(self, x, width, rows, send);
+            // Rows that follow each other (one request's) are sent from `x` itself.
+            let run = rows.windows(2).all(|w| w[1] == w[0] + 1);
+            let first = rows.first().copied().unwrap_or(0);
+            if !run {
+                let send = at_least(&self.stream, &mut slot.rows_buf, rows.len() * width)?;
+                crate::backend::Backend::gather_rows(self, x, width, rows, send);
+            }
             at_least(&self.stream, &mut slot.part_o, rows.len() * out_width)?;
             at_least(&self.stream, &mut slot.part_lse, rows.len() * heads)?;
-            // The send starts after the gather (and so after the last merge that read the
-            // receive buffers).
+            // The send starts after `x` is written (and the gather, and so after the last
+            // merge that read the receive buffers).
             slot.gathered
                 .record(&self.stream)
                 .map_err(cuda("recording"))?;
             slot.stream
                 .wait(&slot.gathered)
                 .map_err(cuda("ordering the streams"))?;
-            let op = (
-                &*slot.comm,
-                ptr(&slot.stream, &slot.rows_buf),
-                rows.len() * width,
-                true,
-            );
-            // SAFETY: the send buffer is only written again by the next call's gather, which
-            // the compute stream runs after this layer's merge, itself after the receive that
-            // follows this send on the link's stream.
+            let from = if run {
+                let at = (first * width * std::mem::size_of::<f32>()) as u64;
+                x.device_ptr(&slot.stream).0 + at
+            } else {
+                ptr(&slot.stream, &slot.rows_buf)
+            };
+            let op = (&*slot.comm, from, rows.len() * width, true);
+            // SAFETY: `x` (rows `first..` of it) or the gathered rows are only written again by
+            // the next layer's projection or gather, which the compute stream runs after this
+            // layer's merge, itself after the receive that follows this send on the link's
+            // stream.
             unsafe { nccl::group(slot.stream.cu_stream() as _, &[op])? };
         }
         Ok(())
