@@ -785,7 +785,11 @@ impl<B: Backend> Runner<B> {
             .collect();
         peers.sort_unstable();
         peers.dedup();
-        tracing::debug!(seq, want, "not enough to borrow yet; the request waits");
+        tracing::debug!(
+            seq,
+            want,
+            "not enough to borrow yet; the request waits, or starts at home if it fits"
+        );
         for peer in peers {
             link.release(seq, peer);
         }
