@@ -7,10 +7,10 @@ trace). Prints one line per figure; each comparison is measured in the same run.
 - overhead (contexts from ILM_BENCH_CONTEXTS, default 16384,65536): time per output token of one request whose KV is split half and half over two GPUs
   (the home holds half its blocks, the other GPU lends the rest, attention over them runs there
   and only queries and partials cross NVLink) against the same request all on one GPU.
-- capacity: the longest single request each pool of 1, 2 and 4 GPUs admits: the home reserves
-  every block of prompt + max_tokens before it starts (its own, then borrowed), so a request
-  that starts streaming holds that much KV. Blocks are reserved, not filled: decode at that
-  context is not measured here.
+- capacity: the longest single request each pool of 1, 2 and 4 GPUs admits (the home reserves
+  every block of prompt + max_tokens before it starts, its own, then borrowed), and its decode
+  time per token against the roofline of its KV bytes over the GPUs' summed copy bandwidth.
+  The prompt is not prefilled (--unfilled-prompts: its blocks hold whatever they held).
 - trace: one seeded long-context trace replayed by infinite-llm-loadgen against pooled and
   static (each worker alone) placement on the same GPUs.
 """
@@ -50,7 +50,7 @@ def free_port() -> int:
 class Pool:
     """Local mode with one worker per device given; stopped on exit from the `with` block."""
 
-    def __init__(self, name, devices, kv_blocks=None, lend=None, transport="nccl"):
+    def __init__(self, name, devices, kv_blocks=None, lend=None, transport="nccl", extra=()):
         port = free_port()
         args = [BIN, "local", f"--workers={len(devices)}", f"--devices={','.join(devices)}",
                 f"--port={port}", f"--gmanager-port={free_port()}", f"--model={MODEL}",
@@ -59,6 +59,7 @@ class Pool:
             args.append(f"--kv-blocks={kv_blocks}")
         if lend is not None:
             args.append("--lend-fractions=" + ",".join(str(f) for f in lend))
+        args.extend(extra)
         self.log = os.path.join(LOGS, f"{name}.log")
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=open(self.log, "w"),
                                      text=True)
@@ -156,14 +157,41 @@ def overhead():
               f"borrowed in all)", flush=True)
 
 
+def copy_bandwidth() -> float:
+    """Bytes per second a device-to-device copy moves on GPU 0 (read plus write), by PyTorch."""
+    import torch
+    x = torch.empty(1 << 31, dtype=torch.uint8, device="cuda:0")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / 10
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * (1 << 31) / seconds
+
+
 def capacity():
+    """The longest request each pool admits, and decode at that context. The pools run with
+    --unfilled-prompts: the prompt's blocks are reserved and taken as written (whatever they
+    hold) but for its last token, since prefilling a million tokens takes longer than a visit."""
+    bandwidth = copy_bandwidth()
+    # K and V of 32 layers, 8 KV heads of 128, bf16.
+    kv_bytes_per_token = 32 * 8 * 128 * 2 * 2
+    new = 32
     one = None
     for n in (1, 2, 4):
         if n > gpus():
             print(f"capacity on {n} GPUs: skipped, this machine has {gpus()}")
             continue
         lend = [0.0] + [1.0] * (n - 1)
-        with Pool(f"capacity-{n}", [f"cuda:{i}" for i in range(n)], lend=lend) as p:
+        with Pool(f"capacity-{n}", [f"cuda:{i}" for i in range(n)], lend=lend,
+                  extra=["--unfilled-prompts"]) as p:
             blocks = [metric(w, "ilm_kv_blocks_total") for w in p.workers]
             if one is None:
                 one = int(blocks[0]) * BLOCK
@@ -171,18 +199,23 @@ def capacity():
             want = one - BLOCK if n == 1 else math.floor(0.9 * n * one)
             started = time.perf_counter()
             try:
-                first = stream(p.workers[0], prompt(64, 2), want - 64, first_only=True,
-                               timeout=120)
+                times = stream(p.workers[0], prompt(want - new, 2), new, timeout=600)
             except urllib.error.HTTPError as e:
                 print(f"capacity on {n} GPU(s): {want} tokens refused: {e.read().decode()[:300]}")
-                first = []
+                times = []
             took = time.perf_counter() - started
-            reserved = blocks[0] * BLOCK + metric(p.workers[0], "ilm_kv_borrow_total") * BLOCK
-            ok = bool(first)
-        print(f"capacity on {n} GPU(s): pools {[int(b) for b in blocks]} blocks of {BLOCK}; "
-              f"one request of {want} tokens ({want / one:.2f} x one GPU's {one}) "
-              f"{'admitted' if ok else 'NOT admitted'}, first token after {took:.1f} s "
-              f"(home pool + borrowed: {reserved:.0f} tokens)", flush=True)
+            borrowed = metric(p.workers[0], "ilm_kv_borrow_total") * BLOCK
+        line = (f"capacity on {n} GPU(s): pools {[int(b) for b in blocks]} blocks of {BLOCK}; "
+                f"one request of {want} tokens ({want / one:.2f} x one GPU's {one}) ")
+        if len(times) < 2:
+            print(line + "NOT admitted", flush=True)
+            continue
+        step = per_token(times)
+        roofline = want * kv_bytes_per_token / (n * bandwidth)
+        print(line + f"admitted ({borrowed:.0f} tokens borrowed), first token after "
+              f"{times[0]:.1f} s; decode at that context {step * 1e3:.1f} ms a token, roofline "
+              f"(its KV bytes over {n} x {bandwidth / 1e12:.2f} TB/s copy bandwidth) "
+              f"{roofline * 1e3:.1f} ms: {roofline / step:.2f} of it", flush=True)
 
 
 def trace():

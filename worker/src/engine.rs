@@ -92,6 +92,9 @@ pub struct EngineOptions {
     pub lend_fraction: f64,
     /// Share of the pool a long request keeps here when it can borrow the rest (1.0: off).
     pub long_home_share: f64,
+    /// Benchmarks only: prompts count as already in the cache but for their last token
+    /// (`Scheduler::with_unfilled_prompts`).
+    pub unfilled_prompts: bool,
     /// Joins a pool of workers: lend to them and borrow from them.
     pub cluster: Option<ClusterOptions>,
     /// Where to record, per layer, how long the home waited for creditors.
@@ -121,6 +124,7 @@ impl Default for EngineOptions {
             max_waiting: 256,
             lend_fraction: 0.5,
             long_home_share: 0.25,
+            unfilled_prompts: false,
             cluster: None,
             remote_attention: None,
             device: Device::Cpu,
@@ -262,7 +266,14 @@ fn start_with<B: Backend>(
         },
         RManager::new(blocks, opts.lend_fraction),
     )
-    .with_long_home_share(opts.long_home_share);
+    .with_long_home_share(opts.long_home_share)
+    .with_unfilled_prompts(opts.unfilled_prompts);
+    if opts.unfilled_prompts {
+        tracing::warn!(
+            "benchmark mode: prompts are not prefilled (their K/V is whatever the blocks hold); \
+             outputs are meaningless"
+        );
+    }
     let (submit_tx, submit_rx) = std_mpsc::channel();
     let creditors = Arc::new(Mutex::new(Vec::new()));
     let (link, peer_addr) = match &opts.cluster {

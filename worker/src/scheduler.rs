@@ -94,6 +94,8 @@ pub struct Scheduler {
     cfg: SchedulerConfig,
     /// Share of the local pool a long request keeps here (1.0: no early borrowing).
     long_home_share: f64,
+    /// Benchmarks only: a prompt's K/V counts as written, all but its last token.
+    unfilled_prompts: bool,
     rm: RManager,
     seqs: HashMap<SeqId, Seq>,
     waiting: VecDeque<SeqId>,
@@ -109,6 +111,7 @@ impl Scheduler {
         Self {
             cfg,
             long_home_share: 1.0,
+            unfilled_prompts: false,
             rm,
             seqs: HashMap::new(),
             waiting: VecDeque::new(),
@@ -122,6 +125,14 @@ impl Scheduler {
     /// start, so the home keeps room for its batch; 1.0 (the default) turns this off.
     pub fn with_long_home_share(mut self, share: f64) -> Self {
         self.long_home_share = share.clamp(0.0, 1.0);
+        self
+    }
+
+    /// For benchmarks of decode at contexts too long to prefill in time: a request starts with
+    /// its prompt taken as already in its blocks (whatever they hold), all but the last token,
+    /// which the first step runs. Its output means nothing; its speed is decode's at that length.
+    pub fn with_unfilled_prompts(mut self, on: bool) -> Self {
+        self.unfilled_prompts = on;
         self
     }
 
@@ -274,7 +285,13 @@ impl Scheduler {
                 break;
             };
             let bt = self.cfg.block_tokens;
-            let want = self.pending(id).min(budget);
+            let pending = self.pending(id);
+            let skip = if self.unfilled_prompts {
+                pending - 1
+            } else {
+                0
+            };
+            let want = (pending - skip).min(budget);
             let seq = &self.seqs[&id];
             // A request the local pool cannot carry to its end, or one that borrowed early,
             // starts only with its whole need reserved, here and on creditors, so requests that
@@ -284,7 +301,7 @@ impl Scheduler {
                 let borrowed: usize = seq.reserved.iter().map(|(_, b)| b.len()).sum();
                 seq.need_tokens.div_ceil(bt).saturating_sub(borrowed)
             } else {
-                seq.table.blocks_needed(want, bt)
+                seq.table.blocks_needed(skip + want, bt)
             };
             if need > self.rm.free() {
                 break;
@@ -295,6 +312,7 @@ impl Scheduler {
             for (peer, blocks) in seq.reserved.drain(..) {
                 seq.table.extend_blocks(Holder::Peer(peer), &blocks);
             }
+            seq.table.push_tokens(skip, bt);
             self.waiting.pop_front();
             self.running.push(id);
             planned.push((id, want));
@@ -862,6 +880,20 @@ mod tests {
         let mut s = sched(16, 64).with_long_home_share(0.5);
         s.add(1, (0..20).collect(), 12);
         assert_eq!(s.borrow_want(), None, "8 blocks is half the pool");
+    }
+
+    #[test]
+    fn an_unfilled_prompt_starts_at_its_last_token_with_every_block_held() {
+        let mut s = sched(16, 8).with_unfilled_prompts(true);
+        s.add(1, (0..40).collect(), 4);
+        let step = s.schedule();
+        // 40 prompt tokens in blocks of 4: ten blocks held, only position 39 runs.
+        assert_eq!(step.positions, vec![39]);
+        assert_eq!(step.logit_rows, vec![0]);
+        assert_eq!(s.rmanager().free(), 16 - 10);
+        s.append_token(1, 7);
+        let step = s.schedule();
+        assert_eq!(step.positions, vec![40]);
     }
 
     #[test]

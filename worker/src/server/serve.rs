@@ -50,6 +50,10 @@ pub struct EngineArgs {
     /// On a GPU, the share of the memory left after the weights that the KV pool takes (0 to 1).
     #[arg(long, env = "ILM_GPU_MEMORY_FRACTION", default_value_t = EngineOptions::default().gpu_memory_fraction)]
     pub gpu_memory_fraction: f64,
+    /// Benchmarks only: take every prompt as already in the KV cache but its last token, to
+    /// time decode at contexts too long to prefill; the outputs mean nothing.
+    #[arg(long, env = "ILM_UNFILLED_PROMPTS")]
+    pub unfilled_prompts: bool,
 }
 
 impl EngineArgs {
@@ -63,6 +67,7 @@ impl EngineArgs {
             lend_fraction: self.lend_fraction,
             long_home_share: self.long_home_share,
             gpu_memory_fraction: self.gpu_memory_fraction,
+            unfilled_prompts: self.unfilled_prompts,
             ..EngineOptions::default()
         }
     }
@@ -80,6 +85,9 @@ impl EngineArgs {
         ];
         if let Some(blocks) = self.kv_blocks {
             flags.push(format!("--kv-blocks={blocks}"));
+        }
+        if self.unfilled_prompts {
+            flags.push("--unfilled-prompts".into());
         }
         flags
     }
