@@ -1,12 +1,14 @@
 """make bench-dist: DistAttention over NCCL between the GPUs of this machine, through the worker's
 HTTP API in local mode (one worker process per GPU), on a Llama-3-8B-shaped random model.
 
-Usage: python3 bench_dist.py WORKER_BIN MODEL_DIR LOADGEN_BIN WHAT...  (WHAT: overhead, capacity,
-trace). Prints one line per figure; each comparison is measured in the same run.
+Usage: python3 bench_dist.py WORKER_BIN MODEL_DIR LOADGEN_BIN WHAT...  (WHAT: overhead, prefill,
+capacity, trace). Prints one line per figure; each comparison is measured in the same run.
 
 - overhead (contexts from ILM_BENCH_CONTEXTS, default 16384,65536): time per output token of one request whose KV is split half and half over two GPUs
   (the home holds half its blocks, the other GPU lends the rest, attention over them runs there
   and only queries and partials cross NVLink) against the same request all on one GPU.
+- prefill: a 128K-token prompt prefilled for real with half its KV on the other GPU gives one
+  GPU's greedy tokens (up to a float tie) and log-probabilities.
 - capacity: the longest single request each pool of 1, 2 and 4 GPUs admits (the home reserves
   every block of prompt + max_tokens before it starts, its own, then borrowed), and its decode
   time per token against the roofline of its KV bytes over the GPUs' summed copy bandwidth.
@@ -30,7 +32,7 @@ import urllib.error
 import urllib.request
 
 BIN, MODEL, LOADGEN = sys.argv[1], sys.argv[2], sys.argv[3]
-WHAT = sys.argv[4:] or ["overhead", "capacity", "trace"]
+WHAT = sys.argv[4:] or ["overhead", "prefill", "capacity", "trace"]
 BLOCK = 16
 NEW = 64
 LOGS = tempfile.mkdtemp(prefix="ilm-bench-dist-")
@@ -157,6 +159,50 @@ def overhead():
               f"borrowed in all)", flush=True)
 
 
+def completion(base: str, ids: list, max_tokens: int) -> list:
+    """Greedy tokens of a request, each with its top-2 log-probabilities (best first)."""
+    body = json.dumps({"model": os.path.basename(MODEL.rstrip("/")), "prompt": ids,
+                       "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                       "logprobs": 2}).encode()
+    req = urllib.request.Request(f"{base}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=1200) as resp:
+        lp = json.loads(resp.read())["choices"][0]["logprobs"]
+    return [(t, sorted(top.values(), reverse=True))
+            for t, top in zip(lp["tokens"], lp["top_logprobs"])]
+
+
+def prefill():
+    """A 128K-token prompt prefilled for real with half its KV on the other GPU: its greedy
+    tokens and log-probabilities against one GPU's."""
+    context, new = 131072 - 64, 16
+    need = math.ceil((context + new) / BLOCK)
+    ids = prompt(context, 5)
+    chunks = ["--max-batched-tokens=8192"]
+    with Pool("prefill-one", ["cuda:0"], kv_blocks=need + 64, extra=chunks) as p:
+        started = time.perf_counter()
+        one = completion(p.workers[0], ids, new)
+        one_s = time.perf_counter() - started
+    half = math.ceil(need / 2)
+    with Pool("prefill-split", ["cuda:0", "cuda:1"], kv_blocks=half, lend=[0, 1.0],
+              extra=chunks) as p:
+        home = p.workers[0]
+        stream(home, prompt(half * BLOCK, 8), 8)
+        until(lambda: metric(home, "ilm_peer_direct_links") >= 1, "the NCCL link")
+        started = time.perf_counter()
+        two = completion(home, ids, new)
+        two_s = time.perf_counter() - started
+    same = next((i for i, (a, b) in enumerate(zip(one, two)) if a[0] != b[0]), len(one))
+    margin = one[same][1][0] - one[same][1][1] if same < len(one) else float("nan")
+    diff = max((abs(x - y) for a, b in zip(one[:same], two[:same]) for x, y in zip(a[1], b[1])),
+               default=0.0)
+    print(f"prefill of {context} tokens then {new} greedy: one GPU {one_s:.1f} s, half the KV on "
+          f"the other GPU {two_s:.1f} s; {same} of {new} tokens equal"
+          + (f" (then a token where one GPU's top-2 margin is {margin:.4f})" if same < new else "")
+          + f"; largest difference of the top-2 log-probabilities before that {diff:.4f}",
+          flush=True)
+
+
 def copy_bandwidth() -> float:
     """Bytes per second a device-to-device copy moves on GPU 0 (read plus write), by PyTorch."""
     import torch
@@ -252,5 +298,5 @@ def trace():
 
 
 for what in WHAT:
-    {"overhead": overhead, "capacity": capacity, "trace": trace}[what]()
+    {"overhead": overhead, "prefill": prefill, "capacity": capacity, "trace": trace}[what]()
 print(f"logs: {LOGS}")
