@@ -41,6 +41,8 @@ pub struct Config {
     pub settings: Settings,
     /// Where the leader serves the gManager.
     pub gmanager_addr: SocketAddr,
+    /// The gManager's placement policy and cost model.
+    pub placement: gmanager::placement::PlacementConfig,
 }
 
 /// Runs the operator until `shutdown` flips to true.
@@ -70,7 +72,10 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         metrics: metrics.clone(),
         settings: config.settings.clone(),
         gmanager: gmanager::GManager::new(
-            gmanager::GManagerConfig::default(),
+            gmanager::GManagerConfig {
+                placement: config.placement.clone(),
+                ..gmanager::GManagerConfig::default()
+            },
             gmanager::Tokens::default(),
         ),
     });

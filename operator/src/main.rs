@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use infinite_llm_operator::children::Settings;
+use infinite_llm_operator::gmanager::placement::{CostModelError, Measured, PlacementConfig};
 use infinite_llm_operator::gmanager::{self, GManagerConfig, Tokens};
 use infinite_llm_operator::leader::Election;
 use infinite_llm_operator::{Config, crd};
@@ -58,6 +59,18 @@ struct GManagerArgs {
     /// gManager goes when the launcher does, even when it is killed.
     #[arg(long)]
     exit_on_stdin_eof: bool,
+    /// JSON file of measured figures for placement's cost model (fields of `Measured`);
+    /// those left out keep the H100 and Llama-3-8B defaults.
+    #[arg(long, env = "ILM_COST_MODEL")]
+    cost_model: Option<PathBuf>,
+}
+
+/// Placement with the cost model of `file`, or the defaults.
+fn placement(file: Option<&std::path::Path>) -> Result<PlacementConfig, CostModelError> {
+    match file {
+        Some(path) => Ok(PlacementConfig::for_measured(&Measured::from_file(path)?)),
+        None => Ok(PlacementConfig::default()),
+    }
 }
 
 #[derive(clap::Args)]
@@ -91,6 +104,9 @@ struct RunArgs {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "ILM_LOG_JSON")]
     log_json: bool,
+    /// JSON file of measured figures for the gManager's cost model (see `gmanager --help`).
+    #[arg(long, env = "ILM_COST_MODEL")]
+    cost_model: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -166,6 +182,14 @@ async fn main() -> std::process::ExitCode {
         metrics_addr: args.metrics_addr,
         gmanager_addr: args.gmanager_addr,
         settings: Settings { gmanager_url },
+        placement: match placement(args.cost_model.as_deref()) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "bad cost model");
+                eprintln!("error: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
     };
 
     let (stop, shutdown) = watch::channel(false);
@@ -199,6 +223,7 @@ async fn serve_gmanager(args: GManagerArgs) -> Result<(), String> {
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let config = GManagerConfig {
         heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
+        placement: placement(args.cost_model.as_deref()).map_err(|e| e.to_string())?,
         ..GManagerConfig::default()
     };
     tracing::info!(%addr, heartbeat_interval_ms = args.heartbeat_interval_ms, "serving the gManager");

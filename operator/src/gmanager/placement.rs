@@ -9,8 +9,11 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
 /// Hardware and model figures the cost model is derived from. The defaults are the H100 figures
-/// of DESIGN.md §6 with the Llama-3-8B shape (32 layers, 32 query and 8 KV heads of 128, bf16).
-#[derive(Debug, Clone, PartialEq)]
+/// of DESIGN.md §6 with the Llama-3-8B shape (32 layers, 32 query and 8 KV heads of 128, bf16);
+/// a JSON file of the same field names (`--cost-model`) replaces any of them with figures
+/// measured on the cluster's own GPUs and model.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Measured {
     /// GPU memory: H100 80GB.
     pub hbm_bytes: f64,
@@ -60,7 +63,76 @@ impl Default for Measured {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum CostModelError {
+    #[error("reading the cost model {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the cost model {path} is not valid: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the cost model {path}: {field} must be a positive number, not {value}")]
+    NotPositive {
+        path: String,
+        field: &'static str,
+        value: f64,
+    },
+}
+
 impl Measured {
+    /// The figures of a JSON file; the fields it leaves out keep their defaults.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, CostModelError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| CostModelError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let m: Measured = serde_json::from_str(&text).map_err(|source| CostModelError::Parse {
+            path: shown.clone(),
+            source,
+        })?;
+        let fields = [
+            ("hbm_bytes", m.hbm_bytes),
+            ("memory_fraction", m.memory_fraction),
+            ("params", m.params),
+            ("bytes_per_param", m.bytes_per_param),
+            ("kv_bytes_per_token", m.kv_bytes_per_token),
+            ("attn_flops_per_pair", m.attn_flops_per_pair),
+            ("layers", m.layers),
+            ("mem_bytes_per_s", m.mem_bytes_per_s),
+            ("kv_read_bytes_per_s", m.kv_read_bytes_per_s),
+            ("flops", m.flops),
+            ("link_bytes_per_s", m.link_bytes_per_s),
+        ];
+        // A zero or negative rate would divide the cost model by zero; these two may be 0.
+        let may_be_zero = [
+            ("activation_bytes", m.activation_bytes),
+            ("layer_round_trip_s", m.layer_round_trip_s),
+        ];
+        let bad = fields
+            .iter()
+            .find(|(_, v)| !(v.is_finite() && *v > 0.0))
+            .or_else(|| {
+                may_be_zero
+                    .iter()
+                    .find(|(_, v)| !(v.is_finite() && *v >= 0.0))
+            });
+        match bad {
+            Some(&(field, value)) => Err(CostModelError::NotPositive {
+                path: shown,
+                field,
+                value,
+            }),
+            None => Ok(m),
+        }
+    }
+
     /// KV tokens one worker holds once the weights and working memory are in.
     pub fn kv_capacity_tokens(&self) -> u64 {
         let weights = self.params * self.bytes_per_param;
@@ -156,7 +228,13 @@ pub struct PlacementConfig {
 
 impl Default for PlacementConfig {
     fn default() -> Self {
-        let measured = Measured::default();
+        Self::for_measured(&Measured::default())
+    }
+}
+
+impl PlacementConfig {
+    /// The policy's defaults with the cost model and move budget of `measured`.
+    pub fn for_measured(measured: &Measured) -> Self {
         let cost = measured.cost_model();
         PlacementConfig {
             debtor_max_batch: cost.saturating_batch(),
@@ -478,6 +556,40 @@ fn gains(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cost_file(json: &str) -> Result<Measured, CostModelError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cost.json");
+        std::fs::write(&path, json).unwrap();
+        Measured::from_file(&path)
+    }
+
+    #[test]
+    fn a_cost_model_file_replaces_the_figures_it_names() {
+        let m = cost_file(r#"{"mem_bytes_per_s": 4.8e12, "hbm_bytes": 1.5e11}"#).unwrap();
+        assert_eq!(m.mem_bytes_per_s, 4.8e12);
+        assert_eq!(m.hbm_bytes, 1.5e11);
+        assert_eq!(m.flops, Measured::default().flops);
+        // A faster memory reads the weights sooner, and a bigger one holds more KV.
+        let (cfg, default) = (
+            PlacementConfig::for_measured(&m),
+            PlacementConfig::default(),
+        );
+        assert!(cfg.cost.weight_read_s < default.cost.weight_read_s);
+        assert!(m.kv_capacity_tokens() > Measured::default().kv_capacity_tokens());
+    }
+
+    #[test]
+    fn a_bad_cost_model_file_is_refused_with_the_reason() {
+        let unknown = cost_file(r#"{"mem_bandwidth": 4.8e12}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(unknown.contains("mem_bandwidth"), "{unknown}");
+        let zero = cost_file(r#"{"flops": 0}"#).unwrap_err().to_string();
+        assert!(zero.contains("flops must be a positive number"), "{zero}");
+        let missing = Measured::from_file(std::path::Path::new("/nonexistent/cost.json"));
+        assert!(matches!(missing, Err(CostModelError::Read { .. })));
+    }
 
     fn worker(total: u64, used: u64, batch: u64, waiting: u64) -> Instance {
         Instance {
