@@ -41,6 +41,9 @@ struct SimulateArgs {
     /// Instance counts to simulate, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = infinite_llm_operator::simulate::SCALES)]
     instances: Vec<usize>,
+    /// Simulated workers of these measured figures (the gManager's `--cost-model` file).
+    #[arg(long, env = "ILM_COST_MODEL")]
+    cost_model: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -130,8 +133,16 @@ async fn main() -> std::process::ExitCode {
         };
     }
     if let Some(Command::Simulate(args)) = &cli.command {
+        let measured = match args.cost_model.as_deref().map(Measured::from_file) {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                eprintln!("error: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+            None => Measured::default(),
+        };
         let mut out = std::io::stdout().lock();
-        return match infinite_llm_operator::simulate::report(&mut out, &args.instances) {
+        return match infinite_llm_operator::simulate::report(&mut out, &args.instances, &measured) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");

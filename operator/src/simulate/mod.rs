@@ -16,11 +16,10 @@ use crate::gmanager::placement::{Measured, PlacementConfig};
 pub const SCALES: [usize; 5] = [4, 16, 64, 256, 1024];
 
 impl ClusterConfig {
-    /// Workers as DESIGN.md §6 measures an H100 with a Llama-3-8B shape (see `Measured`), the
-    /// CRD's kvCache defaults (16-token blocks, lend fraction 0.5, high watermark 0.9), and the
-    /// gManager's default placement policy.
-    pub fn measured(instances: usize) -> Self {
-        let measured = Measured::default();
+    /// Workers of the `measured` figures (`Measured::default()`: an H100 with a Llama-3-8B
+    /// shape, DESIGN.md §6), the CRD's kvCache defaults (16-token blocks, lend fraction 0.5,
+    /// high watermark 0.9), and the gManager's default placement policy over that cost model.
+    pub fn measured(instances: usize, measured: &Measured) -> Self {
         ClusterConfig {
             instances,
             kv_tokens_per_worker: measured.kv_capacity_tokens(),
@@ -30,7 +29,7 @@ impl ClusterConfig {
             tick_s: 0.1,
             placement_interval_s: 1.0,
             queue_timeout_s: 60.0,
-            placement: PlacementConfig::default(),
+            placement: PlacementConfig::for_measured(measured),
             seed: 7,
         }
     }
@@ -67,11 +66,11 @@ pub fn compare(trace: &TraceConfig, cluster: &ClusterConfig) -> Comparison {
     }
 }
 
-/// Writes the report: parameters, one row per trace, scale and policy, and the summary line.
-pub fn report(out: &mut impl Write, scales: &[usize]) -> std::io::Result<()> {
-    let m = Measured::default();
+/// Writes the report for workers of the `m` figures: parameters, one row per trace, scale and
+/// policy, and the summary line.
+pub fn report(out: &mut impl Write, scales: &[usize], m: &Measured) -> std::io::Result<()> {
     let c = m.cost_model();
-    let base = ClusterConfig::measured(1);
+    let base = ClusterConfig::measured(1, m);
     writeln!(
         out,
         "worker: KV {} tokens ({} blocks of {}), weight read {:.2} ms/step, dense {:.1} us/token, \
@@ -129,7 +128,7 @@ pub fn report(out: &mut impl Write, scales: &[usize]) -> std::io::Result<()> {
     let mut summary_round = None;
     for t in &traces {
         for &n in scales {
-            let cmp = compare(t, &ClusterConfig::measured(n));
+            let cmp = compare(t, &ClusterConfig::measured(n, m));
             for (policy, o) in [
                 (Policy::Static, &cmp.static_),
                 (Policy::Pooled, &cmp.pooled),
@@ -185,7 +184,7 @@ mod tests {
     /// Long requests larger than one worker's pool: static can never serve them, pooled must.
     #[test]
     fn pooled_serves_long_requests_that_static_cannot() {
-        let mut cluster = ClusterConfig::measured(4);
+        let mut cluster = ClusterConfig::measured(4, &Measured::default());
         cluster.kv_tokens_per_worker = 32_768;
         let trace = TraceConfig {
             name: "oversized",
@@ -211,10 +210,35 @@ mod tests {
         assert_eq!(s.arrived, p.arrived, "the same trace");
     }
 
+    /// Simulated workers take the figures given: more memory holds more KV, a faster one
+    /// reads the weights sooner.
+    #[test]
+    fn workers_are_simulated_with_the_figures_given() {
+        let m = Measured {
+            hbm_bytes: 1.41e11,
+            mem_bytes_per_s: 4.8e12,
+            ..Measured::default()
+        };
+        let (h200, h100) = (
+            ClusterConfig::measured(4, &m),
+            ClusterConfig::measured(4, &Measured::default()),
+        );
+        assert!(h200.kv_tokens_per_worker > h100.kv_tokens_per_worker);
+        assert!(h200.placement.cost.weight_read_s < h100.placement.cost.weight_read_s);
+        let mut out = Vec::new();
+        report(&mut out, &[4], &m).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let first = text.lines().next().unwrap();
+        assert!(
+            first.contains(&format!("KV {} tokens", m.kv_capacity_tokens())),
+            "{first}"
+        );
+    }
+
     /// One request alone on one worker decodes at the cost model's step time.
     #[test]
     fn a_lone_request_takes_the_cost_models_time() {
-        let cluster = ClusterConfig::measured(1);
+        let cluster = ClusterConfig::measured(1, &Measured::default());
         let requests = [infinite_llm_workload::trace::Request {
             arrival_s: 0.0,
             prompt_tokens: 16,
