@@ -35,8 +35,6 @@ pub enum LinkError {
     },
     #[error("the link was aborted (its peer was lost)")]
     Aborted,
-    #[error("the link's last transfer was never completed (a step failed half-way)")]
-    OutOfStep,
     #[error("a unique id has {0} bytes, not 128")]
     BadId(usize),
     #[error("{what} did not finish within {after:?}")]

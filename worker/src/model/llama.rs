@@ -397,6 +397,7 @@ impl<B: Backend> Llama<B> {
                 .collect::<Option<_>>()
                 .unwrap_or_default();
         let linked = !links.is_empty();
+        let inline = !input.remote.is_empty() && !linked;
         let link_refs: Vec<(&DeviceLink, &[usize])> =
             links.iter().map(|(_, l, r)| (l, &r[..])).collect();
         let layout = QkvLayout {
@@ -429,7 +430,6 @@ impl<B: Backend> Llama<B> {
                 inv_freq,
             );
             b.kv_write(kv, li, &s.qkv, qkv_w, qd, qd + kvd, input.slots);
-            let inline = !input.remote.is_empty() && !linked;
             if inline {
                 let host = b.download(&s.qkv, rows * qkv_w);
                 exchange.send(
