@@ -260,17 +260,23 @@ fn main() {
     let model = Path::new(&model);
     let config = ModelConfig::from_model_dir(model).unwrap();
     let vocab = config.vocab_size;
+    // Two workers share the GPU: the second launches every kernel on its own (no CUDA graphs).
+    let start = |enforce_eager| {
+        engine::start(
+            model,
+            EngineOptions {
+                device: Device::Cuda(0),
+                max_num_seqs: 64,
+                max_batched_tokens: PREFILL,
+                gpu_memory_fraction: 0.3,
+                enforce_eager,
+                ..EngineOptions::default()
+            },
+        )
+        .unwrap()
+    };
     let t = Instant::now();
-    let e = engine::start(
-        model,
-        EngineOptions {
-            device: Device::Cuda(0),
-            max_num_seqs: 64,
-            max_batched_tokens: PREFILL,
-            ..EngineOptions::default()
-        },
-    )
-    .unwrap();
+    let e = start(false);
     println!(
         "worker loaded the model in {:.1} s",
         t.elapsed().as_secs_f64()
@@ -279,8 +285,10 @@ fn main() {
     rt.block_on(async {
         // Warm-up: kernels, cuBLAS heuristics and scratch reach their steady state.
         decode_tokens_per_s(&e, vocab, 2).await;
+        let mut decode = Vec::new();
         for batch in BATCHES {
             let ours = decode_tokens_per_s(&e, vocab, batch).await;
+            decode.push(ours);
             let hf = peers.transformers.decode_tokens_per_s[&batch.to_string()];
             let roofline = batch as f64 * copy / step_bytes(&config, batch);
             println!(
@@ -289,6 +297,16 @@ fn main() {
                 ours / roofline
             );
         }
+        let eager = start(true);
+        decode_tokens_per_s(&eager, vocab, 2).await;
+        for (batch, ours) in BATCHES.into_iter().zip(decode) {
+            let without = decode_tokens_per_s(&eager, vocab, batch).await;
+            println!(
+                "decode batch {batch:>2}: CUDA graphs {ours:8.1} tok/s | eager {without:8.1} tok/s | graphs/eager {:.2}x",
+                ours / without
+            );
+        }
+        drop(eager);
         prefill_tokens_per_s(&e, vocab).await;
         let ours = prefill_tokens_per_s(&e, vocab).await;
         let hf = peers.transformers.prefill_tokens_per_s;

@@ -95,6 +95,8 @@ pub struct EngineOptions {
     /// Benchmarks only: prompts count as already in the cache but for their last token
     /// (`Scheduler::with_unfilled_prompts`).
     pub unfilled_prompts: bool,
+    /// On a GPU, no CUDA graphs: every kernel is launched on its own.
+    pub enforce_eager: bool,
     /// Joins a pool of workers: lend to them and borrow from them.
     pub cluster: Option<ClusterOptions>,
     /// Where to record, per layer, how long the home waited for creditors.
@@ -125,6 +127,7 @@ impl Default for EngineOptions {
             lend_fraction: 0.5,
             long_home_share: 0.25,
             unfilled_prompts: false,
+            enforce_eager: false,
             cluster: None,
             remote_attention: None,
             device: Device::Cpu,
@@ -221,7 +224,7 @@ pub fn start(model_dir: &Path, opts: EngineOptions) -> Result<EngineHandle, Engi
     match opts.device {
         Device::Cpu => start_with(Llama::load(model_dir, Cpu::new()).map_err(load)?, opts),
         Device::Cuda(ordinal) => {
-            let gpu = Cuda::new(ordinal)?;
+            let gpu = Cuda::new(ordinal)?.with_graphs(!opts.enforce_eager);
             start_with(Llama::load(model_dir, gpu).map_err(load)?, opts)
         }
     }

@@ -127,3 +127,99 @@ fn logits_match_transformers() {
         "too few steps with a clear margin to say anything about greedy tokens"
     );
 }
+
+/// Greedy decode of several sequences in one batch, all prompts prefilled in the first step;
+/// the last sequence stops halfway so the batch shrinks. Returns every step's logits.
+fn batched_greedy(model: &mut Llama<Cuda>, prompts: &[Vec<u32>], steps: usize) -> Vec<Vec<f32>> {
+    let vocab = model.config().vocab_size;
+    let per_seq = (prompts.iter().map(Vec::len).max().unwrap() + steps).div_ceil(BLOCK_TOKENS);
+    let mut kv = model
+        .backend()
+        .alloc_kv(model.kv_shape(per_seq * prompts.len(), BLOCK_TOKENS));
+    let mut seqs_tokens = prompts.to_vec();
+    let mut done = vec![0; prompts.len()];
+    let mut out = Vec::new();
+    for step in 0..steps {
+        let live = if step < steps / 2 {
+            prompts.len()
+        } else {
+            prompts.len() - 1
+        };
+        let (mut tokens, mut positions, mut slots, mut seqs, mut logit_rows) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, toks) in seqs_tokens.iter().enumerate().take(live) {
+            let first = tokens.len();
+            let block_of = |pos: usize| (i * per_seq + pos / BLOCK_TOKENS) as u32;
+            for (p, &t) in toks.iter().enumerate().skip(done[i]) {
+                tokens.push(t);
+                positions.push(p as u32);
+                slots.push((block_of(p), (p % BLOCK_TOKENS) as u32));
+            }
+            seqs.push(AttnSeq {
+                rows: first..tokens.len(),
+                first_row_pos: done[i] as u32,
+                segments: (0..toks.len().div_ceil(BLOCK_TOKENS))
+                    .map(|b| KvSegment {
+                        block: block_of(b * BLOCK_TOKENS),
+                        first_pos: (b * BLOCK_TOKENS) as u32,
+                        tokens: (toks.len() - b * BLOCK_TOKENS).min(BLOCK_TOKENS) as u32,
+                    })
+                    .collect(),
+            });
+            logit_rows.push(tokens.len() - 1);
+        }
+        let input = StepInput {
+            tokens: &tokens,
+            positions: &positions,
+            slots: &slots,
+            seqs: &seqs,
+            logit_rows: &logit_rows,
+            remote: &[],
+        };
+        let logits = model.forward(&mut kv, &input, &mut NoExchange).unwrap();
+        for (i, row) in logits.chunks(vocab).enumerate() {
+            done[i] = seqs_tokens[i].len();
+            seqs_tokens[i].push(argmax(row));
+        }
+        out.push(logits);
+    }
+    out
+}
+
+/// Decode steps replayed from recorded CUDA graphs compute what the same steps launched kernel
+/// by kernel compute: each step's positions and KV slots reach the recorded kernels, also when
+/// the batch shrinks and a new batch size is recorded.
+#[test]
+fn graph_replays_match_eager_steps() {
+    let Some(dir) = std::env::var_os("ILM_HF_REFERENCE").map(PathBuf::from) else {
+        eprintln!(
+            "SKIPPED: ILM_HF_REFERENCE is not set (make test-gpu sets it on the GPU machine)"
+        );
+        return;
+    };
+    if !cuda::available() {
+        eprintln!("SKIPPED: no CUDA GPU on this machine");
+        return;
+    }
+    let reference: Reference =
+        serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+    let prompts: Vec<Vec<u32>> = (0..3).map(|k| reference.prompt[k..].to_vec()).collect();
+    let steps = 24;
+    let load = |graphs| {
+        let gpu = Cuda::new(0).unwrap().with_graphs(graphs);
+        Llama::load(&dir.join("model"), gpu).unwrap()
+    };
+    let eager = batched_greedy(&mut load(false), &prompts, steps);
+    let replayed = batched_greedy(&mut load(true), &prompts, steps);
+    for (i, (r, e)) in replayed.iter().zip(&eager).enumerate() {
+        let err = rel_err(r, e);
+        eprintln!(
+            "step {i}: {} rows of logits, graphs against eager relative error {err:.1e}",
+            r.len() / reference.steps[0].logits.len()
+        );
+        assert!(
+            err < 1e-5,
+            "step {i}: replayed logits differ from eager ones by {err:e}"
+        );
+    }
+}

@@ -5,23 +5,28 @@
 //! layout, `[layer][block][kv_head][token][dim]` for K and for V. Small per-step tables (token
 //! ids, positions, KV slots, attention metadata) are uploaded only when they change, so the
 //! layers of one step share one upload and a decode step allocates nothing once warm.
+//!
+//! A decode step's work between one layer's attention and the next is replayed from CUDA graphs
+//! (`replays`): one launch instead of about a dozen kernels a layer.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ffi::c_void;
 use std::sync::Arc;
 
 use cudarc::cublas::{CudaBlas, sys as blas};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
-    DriverError, LaunchArgs, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    DeviceRepr, DriverError, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use rayon::prelude::*;
 
 use super::kernel_build::{self, BuildError};
 mod link;
+mod replays;
 
-use super::{AttnSeq, AttnShape, Backend, DeviceLink, KvShape, LinkError, NO_SLOT};
+use super::{AttnSeq, AttnShape, Backend, DeviceLink, KvShape, LinkError, NO_SLOT, ReplayKey};
 use crate::sampling::RowDraw;
+use replays::{Decision, Replays};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
@@ -43,6 +48,13 @@ pub enum CudaError {
     },
     #[error("creating the cuBLAS handle: {0:?}")]
     Blas(cudarc::cublas::result::CublasError),
+    #[error("CUDA device {ordinal}: {what}: {source}")]
+    Setup {
+        ordinal: usize,
+        what: &'static str,
+        #[source]
+        source: DriverError,
+    },
 }
 
 /// Whether this machine can run the CUDA backend at all: a driver library and a GPU.
@@ -52,6 +64,8 @@ pub fn available() -> bool {
     present && CudaContext::device_count().is_ok_and(|n| n > 0)
 }
 
+/// cuBLAS's workspace (what NVIDIA suggests for Hopper).
+const BLAS_WORKSPACE: usize = 32 << 20;
 /// Threads of the attention kernel's blocks (kernels/llama.cu: WARPS * 32).
 const ATTN_THREADS: u32 = 128;
 /// Rows of the prefill kernel's product per block (kernels/llama.cu: PF_M): query rows times
@@ -107,6 +121,11 @@ impl<T: DeviceRepr + Copy + PartialEq> Table<T> {
         }
     }
 
+    /// The device copy, if it holds `data` now.
+    fn holding(&self, data: &[T]) -> Option<&CudaSlice<T>> {
+        self.dev.as_ref().filter(|_| self.host == data)
+    }
+
     fn put(&mut self, stream: &Arc<CudaStream>, data: &[T]) -> &CudaSlice<T> {
         let fits = self.dev.as_ref().is_some_and(|d| d.len() >= data.len());
         if !fits || self.host != data {
@@ -135,6 +154,10 @@ struct Scratch {
     positions: Table<u32>,
     inv_freq: Table<f32>,
     slots: Table<u32>,
+    /// The step's positions and KV slots, staged before its recorded parts replay. Kept apart
+    /// from `positions` and `slots`, which serving other homes between parts rewrites.
+    step_positions: Table<u32>,
+    step_slots: Table<u32>,
     rows: Table<u32>,
     draws: Table<RowDraw>,
     attn: AttnTables,
@@ -151,6 +174,8 @@ impl Scratch {
             positions: Table::new(),
             inv_freq: Table::new(),
             slots: Table::new(),
+            step_positions: Table::new(),
+            step_slots: Table::new(),
             rows: Table::new(),
             draws: Table::new(),
             attn: AttnTables::new(),
@@ -313,6 +338,32 @@ fn grown<'a, T: DeviceRepr>(
     slot.as_mut().expect("allocated above")
 }
 
+/// A recorded part of a step.
+struct Graph(CudaGraph);
+
+// SAFETY: a graph is only touched through its `Cuda`, which one thread uses at a time (the
+// backend is Send, not Sync), the external serialization CUDA asks of graph objects.
+unsafe impl Send for Graph {}
+
+/// Device address of an optional buffer (0 when none), for the replay fingerprint.
+fn addr<T>(stream: &CudaStream, buf: Option<&CudaSlice<T>>) -> u64 {
+    buf.map_or(0, |b| b.device_ptr(stream).0)
+}
+
+/// Flattens KV slots for the kv_write kernel: (block, token) pairs, NO_SLOT as block u32::MAX.
+fn flat_slots(slots: &[(u32, u32)]) -> Vec<u32> {
+    slots
+        .iter()
+        .flat_map(|&(b, t)| {
+            if (b, t) == NO_SLOT {
+                [u32::MAX, 0]
+            } else {
+                [b, t]
+            }
+        })
+        .collect()
+}
+
 /// A device fault leaves the context unusable; the engine cannot go on after one.
 fn ok<T, E: std::fmt::Debug>(r: Result<T, E>, what: &str) -> T {
     r.unwrap_or_else(|e| panic!("CUDA {what} failed: {e:?}"))
@@ -322,6 +373,12 @@ pub struct Cuda {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    /// cuBLAS's workspace, fixed so that recorded GEMMs replay on it.
+    _blas_workspace: CudaSlice<u8>,
+    /// Widest input of any weight: the bf16 copy of a step's activations never outgrows
+    /// rows times this, so it is sized before a part is recorded.
+    widest_input: Cell<usize>,
+    replays: RefCell<Replays<Graph>>,
     k: Kernels,
     sms: usize,
     scratch: RefCell<Scratch>,
@@ -384,7 +441,8 @@ impl Cuda {
         // One stream orders everything, so cudarc's cross-stream events are pure overhead.
         // SAFETY: no buffer of this context is ever used from another stream.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of our own, not the legacy default stream: only those can be captured.
+        let stream = ctx.new_stream().map_err(device)?;
         let ptx = kernel_build::ptx(
             kernel_build::LLAMA_CU,
             ctx.compute_capability().map_err(device)?,
@@ -445,6 +503,23 @@ impl Cuda {
             )
             .map_err(device)? as usize;
         let blas = CudaBlas::new(stream.clone()).map_err(CudaError::Blas)?;
+        // SAFETY: cuBLAS only uses it as workspace, on this stream.
+        let blas_workspace =
+            unsafe { stream.alloc::<u8>(BLAS_WORKSPACE) }.map_err(|source| CudaError::Setup {
+                ordinal,
+                what: "allocating cuBLAS's workspace",
+                source,
+            })?;
+        {
+            let (ws, _w) = blas_workspace.device_ptr(&stream);
+            // SAFETY: the workspace lives as long as the handle (both are fields of `Cuda`).
+            let set = unsafe {
+                blas::cublasSetWorkspace_v2(*blas.handle(), ws as *mut c_void, BLAS_WORKSPACE)
+            };
+            if set != blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(CudaError::Blas(cudarc::cublas::result::CublasError(set)));
+            }
+        }
         tracing::info!(
             ordinal,
             gpu = ctx.name().unwrap_or_default(),
@@ -457,9 +532,34 @@ impl Cuda {
             blas,
             k,
             sms,
+            _blas_workspace: blas_workspace,
+            widest_input: Cell::new(0),
+            replays: RefCell::new(Replays::new(true)),
             scratch: RefCell::new(Scratch::new()),
             links: RefCell::default(),
         })
+    }
+
+    /// Whether decode steps replay recorded CUDA graphs (on by default); off runs every kernel
+    /// eagerly, as `--enforce-eager` asks.
+    pub fn with_graphs(self, on: bool) -> Self {
+        self.replays.borrow_mut().set_on(on);
+        self
+    }
+
+    /// Where the buffers a recorded part points at are now: a record is replayed only while
+    /// this holds.
+    fn fingerprint(&self, kv: &CudaKv) -> Vec<u64> {
+        let s = self.scratch.borrow();
+        let st = &self.stream;
+        vec![
+            addr(st, s.x_bf16.as_ref()),
+            addr(st, s.step_positions.dev.as_ref()),
+            addr(st, s.step_slots.dev.as_ref()),
+            addr(st, s.inv_freq.dev.as_ref()),
+            addr(st, Some(&kv.k)),
+            addr(st, Some(&kv.v)),
+        ]
     }
 
     /// Waits for the queued work; for timing and tests.
@@ -521,18 +621,12 @@ impl Cuda {
         if slots.is_empty() {
             return;
         }
-        let flat: Vec<u32> = slots
-            .iter()
-            .flat_map(|&(b, t)| {
-                if (b, t) == NO_SLOT {
-                    [u32::MAX, 0]
-                } else {
-                    [b, t]
-                }
-            })
-            .collect();
+        let flat = flat_slots(slots);
         let s = lane.scratch;
-        let slots_dev = s.slots.put(lane.stream, &flat);
+        let slots_dev = match s.step_slots.holding(&flat) {
+            Some(staged) => staged,
+            None => s.slots.put(lane.stream, &flat),
+        };
         let g = geom(&kv.shape);
         let (l, rw, kc, vc) = (layer as i32, row_width as i32, k_col as i32, v_col as i32);
         let mut b = lane.stream.launch_builder(&self.k.kv_write);
@@ -720,6 +814,7 @@ impl Backend for Cuda {
             self.stream.clone_htod(&to_bf16_bits(&data)),
             "weight upload",
         );
+        self.widest_input.set(self.widest_input.get().max(cols));
         CudaWeight { rows, cols, data }
     }
 
@@ -900,7 +995,10 @@ impl Backend for Cuda {
         }
         let mut s = self.scratch.borrow_mut();
         let s = &mut *s;
-        let pos = s.positions.put(&self.stream, positions);
+        let pos = match s.step_positions.holding(positions) {
+            Some(staged) => staged,
+            None => s.positions.put(&self.stream, positions),
+        };
         let freq = s.inv_freq.put(&self.stream, inv_freq);
         let (rw, h, hd) = (row_width as i32, heads as i32, head_dim as i32);
         let mut b = self.stream.launch_builder(&self.k.rope);
@@ -1074,6 +1172,63 @@ impl Backend for Cuda {
         slots: &[(u32, u32)],
     ) -> Result<(), LinkError> {
         self.serve_link(link, kv, layers, shape, seqs, slots)
+    }
+
+    fn stage_step(&self, kv: &CudaKv, positions: &[u32], slots: &[(u32, u32)], inv_freq: &[f32]) {
+        {
+            let mut s = self.scratch.borrow_mut();
+            let s = &mut *s;
+            s.step_positions.put(&self.stream, positions);
+            s.step_slots.put(&self.stream, &flat_slots(slots));
+            s.inv_freq.put(&self.stream, inv_freq);
+            // Sized now, so that no part of the step allocates while it is recorded.
+            grown(
+                &self.stream,
+                &mut s.x_bf16,
+                positions.len() * self.widest_input.get(),
+            );
+        }
+        let fingerprint = self.fingerprint(kv);
+        self.replays.borrow_mut().step(positions.len(), fingerprint);
+    }
+
+    fn replay(&self, key: ReplayKey, queue: &mut dyn FnMut()) {
+        let replays = self.replays.borrow();
+        match replays.decide(key) {
+            Decision::Replay(graph) => ok(graph.0.launch(), "graph launch"),
+            Decision::Eager => {
+                drop(replays);
+                queue();
+            }
+            Decision::Record => {
+                drop(replays);
+                // Thread-local: other threads (NCCL's) may go on calling CUDA meanwhile.
+                ok(
+                    self.stream.begin_capture(
+                        cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                    ),
+                    "graph capture",
+                );
+                queue();
+                let graph = ok(
+                    self.stream
+                        .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)),
+                    "graph capture",
+                );
+                match graph {
+                    // Captured work is not run: the first replay runs it.
+                    Some(graph) => {
+                        ok(graph.launch(), "graph launch");
+                        self.replays.borrow_mut().keep(key, Graph(graph));
+                    }
+                    None => queue(),
+                }
+            }
+        }
+    }
+
+    fn forget_replays(&self) {
+        self.replays.borrow_mut().forget();
     }
 
     fn gather_rows(

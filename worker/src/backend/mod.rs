@@ -71,6 +71,14 @@ pub struct AttnShape {
     pub scale: f32,
 }
 
+/// Names one unit of a step's device work for `Backend::replay`: which part of the step, and
+/// over how many rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReplayKey {
+    pub part: usize,
+    pub rows: usize,
+}
+
 /// A direct link from this device to one peer's (NCCL between GPUs), as the backend made it.
 /// Cloning shares it; aborting the communicator (from any thread) ends it for every holder.
 #[derive(Clone)]
@@ -190,6 +198,25 @@ pub trait Backend: Send + 'static {
         out: &mut Self::Buf,
         lse: &mut Self::Buf,
     );
+    /// Puts this step's host inputs where `replay` units read them: the rotary positions, the KV
+    /// slots of the step's rows in `kv`, and the rotary frequencies.
+    fn stage_step(
+        &self,
+        _kv: &Self::Kv,
+        _positions: &[u32],
+        _slots: &[(u32, u32)],
+        _inv_freq: &[f32],
+    ) {
+    }
+    /// Queues the device work `queue` queues. A GPU may record it once, under `key`, and from
+    /// then on replay the record instead of calling `queue` (a CUDA graph: one launch instead
+    /// of one per kernel). So for one key `queue` must always queue the same work on the same
+    /// buffers, and take host inputs only from `stage_step`.
+    fn replay(&self, _key: ReplayKey, queue: &mut dyn FnMut()) {
+        queue()
+    }
+    /// Drops every record `replay` made: buffers they use were replaced.
+    fn forget_replays(&self) {}
     /// Gathers rows `rows` of `[_, width]` into `out`, in order.
     fn gather_rows(&self, x: &Self::Buf, width: usize, rows: &[usize], out: &mut Self::Buf);
     /// The token each of `rows` rows of `width` logits gives under its draw (the rule of

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use crate::backend::{AttnSeq, AttnShape, Backend, DeviceLink, KvShape};
+use crate::backend::{AttnSeq, AttnShape, Backend, DeviceLink, KvShape, ReplayKey};
 use crate::dist_attention::{self, AttnCall, PartOut, QkvLayout};
 use crate::model::config::ModelConfig;
 use crate::model::weights::{Weights, WeightsError};
@@ -291,6 +291,8 @@ impl<B: Backend> Llama<B> {
         }
         let c = &self.config;
         let b = &self.backend;
+        // Recorded step parts point at the buffers about to be replaced.
+        b.forget_replays();
         let (h, hd) = (c.hidden_size, c.head_dim);
         let qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * hd;
         self.scratch = Some(Scratch {
@@ -383,9 +385,7 @@ impl<B: Backend> Llama<B> {
         let eps = c.rms_norm_eps as f32;
 
         b.embed(embed, input.tokens, &mut s.x);
-        if let Some(first) = layers.first() {
-            b.rms_norm(&s.x, rows, &first.input_norm, eps, &mut s.h);
-        }
+        b.stage_step(kv, input.positions, input.slots, inv_freq);
         // A step whose creditors all have a direct link sends them one call, and then each
         // layer's rows device to device; otherwise every creditor gets each layer's rows over
         // the peer connection, from the host. (A step queued whole on the device never waits
@@ -418,18 +418,41 @@ impl<B: Backend> Llama<B> {
                     .collect(),
             );
         }
+        // Everything from one layer's attention output to the next layer's stored K/V is
+        // device work that only depends on the step's shape: one replayable part per layer
+        // (part L closes the last layer). Attention and the peer exchange stay outside.
+        let mlp_and_norm = |s: &mut Scratch<B>, l: &Layer<B>, next: Option<&Layer<B>>| {
+            b.linear(&s.attn, rows, &l.o, None, &mut s.proj);
+            b.add_rms_norm(&mut s.x, &s.proj, rows, &l.post_norm, eps, &mut s.h);
+            b.linear(&s.h, rows, &l.gate_up, None, &mut s.gate_up);
+            b.silu_mul(&s.gate_up, rows, c.intermediate_size, &mut s.act);
+            b.linear(&s.act, rows, &l.down, None, &mut s.proj);
+            // The residual add meets the next layer's input norm in one pass.
+            match next {
+                Some(next) => {
+                    b.add_rms_norm(&mut s.x, &s.proj, rows, &next.input_norm, eps, &mut s.h)
+                }
+                None => b.add_assign(&mut s.x, &s.proj, rows * h),
+            }
+        };
         for (li, l) in layers.iter().enumerate() {
-            b.linear(&s.h, rows, &l.qkv, l.qkv_bias.as_ref(), &mut s.qkv);
-            // q and k are rotated in place inside the stacked buffer (k's heads follow q's).
-            b.rope(
-                &mut s.qkv,
-                qkv_w,
-                c.num_attention_heads + c.num_key_value_heads,
-                hd,
-                input.positions,
-                inv_freq,
-            );
-            b.kv_write(kv, li, &s.qkv, qkv_w, qd, qd + kvd, input.slots);
+            b.replay(ReplayKey { part: li, rows }, &mut || {
+                match li.checked_sub(1) {
+                    Some(prev) => mlp_and_norm(s, &layers[prev], Some(l)),
+                    None => b.rms_norm(&s.x, rows, &l.input_norm, eps, &mut s.h),
+                }
+                b.linear(&s.h, rows, &l.qkv, l.qkv_bias.as_ref(), &mut s.qkv);
+                // q and k are rotated in place inside the stacked buffer (k's heads follow q's).
+                b.rope(
+                    &mut s.qkv,
+                    qkv_w,
+                    c.num_attention_heads + c.num_key_value_heads,
+                    hd,
+                    input.positions,
+                    inv_freq,
+                );
+                b.kv_write(kv, li, &s.qkv, qkv_w, qd, qd + kvd, input.slots);
+            });
             if inline {
                 let host = b.download(&s.qkv, rows * qkv_w);
                 exchange.send(
@@ -474,18 +497,12 @@ impl<B: Backend> Llama<B> {
                 }
                 b.upload(&o, &mut s.attn);
             }
-            b.linear(&s.attn, rows, &l.o, None, &mut s.proj);
-            b.add_rms_norm(&mut s.x, &s.proj, rows, &l.post_norm, eps, &mut s.h);
-            b.linear(&s.h, rows, &l.gate_up, None, &mut s.gate_up);
-            b.silu_mul(&s.gate_up, rows, c.intermediate_size, &mut s.act);
-            b.linear(&s.act, rows, &l.down, None, &mut s.proj);
-            // The residual add meets the next layer's input norm in one pass.
-            match layers.get(li + 1) {
-                Some(next) => {
-                    b.add_rms_norm(&mut s.x, &s.proj, rows, &next.input_norm, eps, &mut s.h)
-                }
-                None => b.add_assign(&mut s.x, &s.proj, rows * h),
-            }
+        }
+        if let Some(last) = layers.last() {
+            let part = layers.len();
+            b.replay(ReplayKey { part, rows }, &mut || {
+                mlp_and_norm(s, last, None)
+            });
         }
         let n = input.logit_rows.len();
         // The step is queued whole; the host waits for its links (serving other homes

@@ -54,6 +54,10 @@ pub struct EngineArgs {
     /// time decode at contexts too long to prefill; the outputs mean nothing.
     #[arg(long, env = "ILM_UNFILLED_PROMPTS")]
     pub unfilled_prompts: bool,
+    /// On a GPU, run every kernel of a decode step one by one instead of replaying recorded
+    /// CUDA graphs (for debugging and for comparing the two).
+    #[arg(long, env = "ILM_ENFORCE_EAGER")]
+    pub enforce_eager: bool,
 }
 
 impl EngineArgs {
@@ -68,6 +72,7 @@ impl EngineArgs {
             long_home_share: self.long_home_share,
             gpu_memory_fraction: self.gpu_memory_fraction,
             unfilled_prompts: self.unfilled_prompts,
+            enforce_eager: self.enforce_eager,
             ..EngineOptions::default()
         }
     }
@@ -88,6 +93,9 @@ impl EngineArgs {
         }
         if self.unfilled_prompts {
             flags.push("--unfilled-prompts".into());
+        }
+        if self.enforce_eager {
+            flags.push("--enforce-eager".into());
         }
         flags
     }
