@@ -37,6 +37,25 @@ __device__ float block_sum(float v, float* red) {
     return t;
 }
 
+__device__ float block_max(float v, float* red) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float t = NEG_INF;
+    for (int w = 0; w < warps; ++w) t = fmaxf(t, red[w]);
+    return t;
+}
+
+// Four bf16 weights from an 8-byte aligned address.
+__device__ __forceinline__ float4 bf16x4(const bf16* w) {
+    uint2 p = *(const uint2*)w;
+    return make_float4(__uint_as_float(p.x << 16), __uint_as_float(p.x & 0xffff0000u),
+                       __uint_as_float(p.y << 16), __uint_as_float(p.y & 0xffff0000u));
+}
+
 extern "C" __global__ void embed_rows(const bf16* table, const u32* ids, float* out, int width) {
     const bf16* src = table + (size_t)ids[blockIdx.x] * width;
     float* dst = out + (size_t)blockIdx.x * width;
@@ -59,45 +78,76 @@ extern "C" __global__ void add_assign(float* acc, const float* x, long n) {
         acc[i] += x[i];
 }
 
-// One block per row.
-extern "C" __global__ void rms_norm(const float* x, const bf16* w, float* out, int width, float eps) {
-    __shared__ float red[32];
-    const float* xr = x + (size_t)blockIdx.x * width;
-    float* o = out + (size_t)blockIdx.x * width;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) ss += xr[i] * xr[i];
-    float inv = rsqrtf(block_sum(ss, red) / width + eps);
-    for (int i = threadIdx.x; i < width; i += blockDim.x) o[i] = xr[i] * inv * bf16_to_f32(w[i]);
-}
-
-// acc += x, then out = rms_norm(acc) * w; one block per row. Each thread reads back only the
-// values it wrote, so the two passes need no barrier beyond the reduction's.
-extern "C" __global__ void add_rms_norm(float* acc, const float* x, const bf16* w, float* out, int width,
+// One block per row. A decode step normalizes one row, so the block is wide (the launch gives
+// it up to 1024 threads) and moves float4s when the width allows (rows then start 16-byte
+// aligned); each thread keeps what it loaded for the second pass.
+#define RMS_VEC 4
+__device__ __forceinline__ void rms_row(float* acc, const float* x, const bf16* w, float* out, int width,
                                         float eps) {
     __shared__ float red[32];
-    float* a = acc + (size_t)blockIdx.x * width;
-    const float* xr = x + (size_t)blockIdx.x * width;
-    float* o = out + (size_t)blockIdx.x * width;
     float ss = 0.f;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) {
-        float v = a[i] + xr[i];
-        a[i] = v;
-        ss += v * v;
+    if ((width & 3) == 0 && width <= RMS_VEC * 4 * (int)blockDim.x) {
+        float4 v[RMS_VEC];
+#pragma unroll
+        for (int k = 0; k < RMS_VEC; ++k) {
+            int i = 4 * (threadIdx.x + k * blockDim.x);
+            if (i >= width) break;
+            float4 a = *(const float4*)(acc + i);
+            if (x) {
+                float4 b = *(const float4*)(x + i);
+                a = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+                *(float4*)(acc + i) = a;
+            }
+            v[k] = a;
+            ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+        }
+        float inv = rsqrtf(block_sum(ss, red) / width + eps);
+#pragma unroll
+        for (int k = 0; k < RMS_VEC; ++k) {
+            int i = 4 * (threadIdx.x + k * blockDim.x);
+            if (i >= width) break;
+            float4 g = bf16x4(w + i);
+            *(float4*)(out + i) = make_float4(v[k].x * inv * g.x, v[k].y * inv * g.y, v[k].z * inv * g.z,
+                                              v[k].w * inv * g.w);
+        }
+        return;
     }
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float a = acc[i] + (x ? x[i] : 0.f);
+        if (x) acc[i] = a;
+        ss += a * a;
+    }
+    // Each thread reads back only the values it wrote: no barrier beyond the reduction's.
     float inv = rsqrtf(block_sum(ss, red) / width + eps);
-    for (int i = threadIdx.x; i < width; i += blockDim.x) o[i] = a[i] * inv * bf16_to_f32(w[i]);
+    for (int i = threadIdx.x; i < width; i += blockDim.x) out[i] = acc[i] * inv * bf16_to_f32(w[i]);
+}
+
+extern "C" __global__ void rms_norm(const float* x, const bf16* w, float* out, int width, float eps) {
+    size_t row = (size_t)blockIdx.x * width;
+    rms_row((float*)(x + row), nullptr, w, out + row, width, eps);
+}
+
+// acc += x, then out = rms_norm(acc) * w.
+extern "C" __global__ void add_rms_norm(float* acc, const float* x, const bf16* w, float* out, int width,
+                                        float eps) {
+    size_t row = (size_t)blockIdx.x * width;
+    rms_row(acc + row, x + row, w, out + row, width, eps);
 }
 
 // Half-split rotation of the first `heads` heads of each row, in place; one block per row.
+// Every head turns by the same angles: each is computed once (head_dim <= 2 * ROPE_MAX_HALF).
+#define ROPE_MAX_HALF 256
 extern "C" __global__ void rope(float* x, const u32* positions, const float* inv_freq, int row_width,
                                 int heads, int head_dim) {
+    __shared__ float sin_j[ROPE_MAX_HALF], cos_j[ROPE_MAX_HALF];
     float* r = x + (size_t)blockIdx.x * row_width;
     float pos = (float)positions[blockIdx.x];
     int half = head_dim / 2;
+    for (int j = threadIdx.x; j < half; j += blockDim.x) sincosf(pos * inv_freq[j], &sin_j[j], &cos_j[j]);
+    __syncthreads();
     for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
         int h = i / half, j = i % half;
-        float s, c;
-        sincosf(pos * inv_freq[j], &s, &c);
+        float s = sin_j[j], c = cos_j[j];
         float* p = r + h * head_dim;
         float a = p[j], b = p[j + half];
         p[j] = a * c - b * s;
@@ -529,23 +579,36 @@ ATTN_KERNELS(64)
 ATTN_KERNELS(128)
 ATTN_KERNELS(256)
 
-// Exact merge of the splits: grid (slot, q head), one thread per dimension.
+// Exact merge of the splits: grid (slot, q head), one thread per dimension (blockDim.x ==
+// head_dim). The block finds the max and the sum together and shares each split's weight, so a
+// thread's loop is one multiply-add per split, unrolled to keep several loads in flight.
+#define MERGE_CHUNK 256
 extern "C" __global__ void attn_merge(const float* part_o, const float* part_lse, const u32* slot_rows,
                                       int splits, int head_dim, float* out, float* lse) {
+    __shared__ float red[32], weight[MERGE_CHUNK];
     size_t sh = (size_t)blockIdx.x * gridDim.y + blockIdx.y;
     size_t rh = (size_t)slot_rows[2 * blockIdx.x] * gridDim.y + blockIdx.y;
     const float* pl = part_lse + sh * splits;
     float mx = NEG_INF;
-    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, pl[s]);
-    float total = 0.f;
+    for (int s = threadIdx.x; s < splits; s += blockDim.x) mx = fmaxf(mx, pl[s]);
+    mx = block_max(mx, red);
+    float part = 0.f;
     if (mx != NEG_INF)
-        for (int s = 0; s < splits; ++s) total += __expf(pl[s] - mx);
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float o = 0.f;
-        if (total > 0.f)
-            for (int s = 0; s < splits; ++s) o += __expf(pl[s] - mx) / total * part_o[(sh * splits + s) * head_dim + d];
-        out[rh * head_dim + d] = o;
+        for (int s = threadIdx.x; s < splits; s += blockDim.x) part += __expf(pl[s] - mx);
+    float total = block_sum(part, red);
+    float scale = total > 0.f ? 1.f / total : 0.f;
+    float o = 0.f;
+    for (int first = 0; first < splits; first += MERGE_CHUNK) {
+        int n = min(MERGE_CHUNK, splits - first);
+        __syncthreads();
+        for (int s = threadIdx.x; s < n; s += blockDim.x)
+            weight[s] = scale > 0.f ? __expf(pl[first + s] - mx) * scale : 0.f;
+        __syncthreads();
+        const float* po = part_o + (sh * splits + first) * head_dim + threadIdx.x;
+#pragma unroll 8
+        for (int s = 0; s < n; ++s) o += weight[s] * po[(size_t)s * head_dim];
     }
+    out[rh * head_dim + threadIdx.x] = o;
     if (threadIdx.x == 0) lse[rh] = total > 0.f ? mx + __logf(total) : NEG_INF;
 }
 

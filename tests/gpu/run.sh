@@ -2,6 +2,7 @@
 # Runs on the GPU machine, from the bundle tests/gpu/bundle.sh built (no Rust toolchain there).
 #   tests/gpu/run.sh test    kernel tests against float64, whole-model logits against transformers
 #   tests/gpu/run.sh bench   attention, decode and prefill against PyTorch/transformers and the roofline
+#   tests/gpu/run.sh profile Nsight Compute's time of each kernel of a batch-1 decode step
 #   tests/gpu/run.sh pool    only the pool test: one request over two (or four) GPUs, then a kill
 #   tests/gpu/run.sh dist    DistAttention over NCCL between this machine's GPUs (two or more):
 #                            split-KV decode overhead, single-request capacity, pooled vs static
@@ -41,6 +42,14 @@ bench)
 	python3 tests/gpu/bench_peers.py "$work/llama8b" "$work/peers.json" >"$work/peers.log"
 	ILM_PEER_FIGURES="$work/peers.json" ILM_BENCH_MODEL="$work/llama8b" "$bundle/gpu_bench"
 	;;
+profile)
+	[[ -f "$work/llama8b/config.json" ]] || python3 tests/gpu/llama8b_random.py "$work/llama8b"
+	# The prompt's step and the first decode steps are left out; three steps are timed.
+	ILM_BENCH_PROFILE=1 ILM_PEER_FIGURES=- ILM_BENCH_MODEL="$work/llama8b" \
+		ncu --clock-control none --launch-skip 6000 --launch-count 1500 \
+		--metrics gpu__time_duration.sum --csv --log-file "$work/ncu.csv" "$bundle/gpu_bench"
+	python3 tests/gpu/kernel_times.py "$work/ncu.csv" 3
+	;;
 dist)
 	[[ -f "$work/demo/config.json" ]] || "$bundle/infinite-llm-worker" demo-model --out "$work/demo"
 	[[ -f "$work/llama8b-served/config.json" ]] ||
@@ -49,7 +58,7 @@ dist)
 		"$bundle/infinite-llm-loadgen" "${@:2}"
 	;;
 *)
-	echo "usage: $0 test|pool|bench|dist" >&2
+	echo "usage: $0 test|pool|bench|profile|dist" >&2
 	exit 2
 	;;
 esac

@@ -198,6 +198,28 @@ fn step_bytes(c: &ModelConfig, batch: usize) -> f64 {
     (2 * weights + kv_bytes) as f64
 }
 
+/// What `tests/gpu/run.sh profile` runs under Nsight Compute: one batch-1 request decoded
+/// eagerly (every kernel launched on its own, so each is timed), after its wall time per token.
+fn profile_target(model: &Path) {
+    let vocab = ModelConfig::from_model_dir(model).unwrap().vocab_size;
+    let e = engine::start(
+        model,
+        EngineOptions {
+            device: Device::Cuda(0),
+            enforce_eager: true,
+            gpu_memory_fraction: 0.3,
+            ..EngineOptions::default()
+        },
+    )
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tps = rt.block_on(decode_tokens_per_s(&e, vocab, 1));
+    println!(
+        "profiled run: decode batch 1 at {:.3} ms a token (eager)",
+        1e3 / tps
+    );
+}
+
 fn main() {
     if !cuda::available() {
         println!("SKIPPED: no CUDA GPU on this machine (make bench-gpu runs on the GPU machine)");
@@ -210,6 +232,10 @@ fn main() {
         println!("SKIPPED: ILM_PEER_FIGURES and ILM_BENCH_MODEL are set by make bench-gpu");
         return;
     };
+    if std::env::var_os("ILM_BENCH_PROFILE").is_some() {
+        profile_target(Path::new(&model));
+        return;
+    }
     let peers: Peers = serde_json::from_slice(&std::fs::read(peers).unwrap()).unwrap();
     let copy = peers.copy_bytes_per_s;
     println!(

@@ -64,6 +64,11 @@ pub fn available() -> bool {
     present && CudaContext::device_count().is_ok_and(|n| n > 0)
 }
 
+/// Threads of a norm's block (one block a row): a decode row is normalized by one block, so it
+/// is as wide as a block goes (kernels/llama.cu's vector path covers rows up to 16 x this).
+const NORM_THREADS: u32 = 1024;
+/// Fewest KV segments one split of the decode kernel reads: finer splits only add merge work.
+const MIN_SEGS_PER_SPLIT: usize = 4;
 /// cuBLAS's workspace (what NVIDIA suggests for Hopper).
 const BLAS_WORKSPACE: usize = 32 << 20;
 /// Threads of the attention kernel's blocks (kernels/llama.cu: WARPS * 32).
@@ -281,7 +286,7 @@ impl AttnTables {
         self.slots = slot_rows.len() / 2;
         self.tiles = tiles.len() / 3;
         let blocks = (self.slots * plan.kv_heads).max(1);
-        let want_splits = splits_for(blocks, wave, most_segs);
+        let want_splits = splits_for(blocks, wave, most_segs.div_ceil(MIN_SEGS_PER_SPLIT));
         self.segs_per_split = most_segs.div_ceil(want_splits);
         self.splits = most_segs.div_ceil(self.segs_per_split);
         self.slot_rows.put(stream, &slot_rows);
@@ -641,7 +646,7 @@ impl Cuda {
             .arg(&vc);
         // SAFETY: slots name blocks and tokens inside the cache's shape (the scheduler's tables).
         ok(
-            unsafe { b.launch(Self::per_row(slots.len(), 128)) },
+            unsafe { b.launch(Self::per_row(slots.len(), 512)) },
             "kv_write",
         );
     }
@@ -940,7 +945,10 @@ impl Backend for Cuda {
         let mut b = self.stream.launch_builder(&self.k.rms_norm);
         b.arg(x).arg(&w.data).arg(out).arg(&width).arg(&eps);
         // SAFETY: x and out hold rows rows of `width`; the kernel's reduction needs <= 1024 threads.
-        ok(unsafe { b.launch(Self::per_row(rows, 256)) }, "rms_norm");
+        ok(
+            unsafe { b.launch(Self::per_row(rows, NORM_THREADS)) },
+            "rms_norm",
+        );
     }
 
     fn add_rms_norm(
@@ -965,7 +973,7 @@ impl Backend for Cuda {
             .arg(&eps);
         // SAFETY: acc, x and out hold rows rows of `width`.
         ok(
-            unsafe { b.launch(Self::per_row(rows, 256)) },
+            unsafe { b.launch(Self::per_row(rows, NORM_THREADS)) },
             "add_rms_norm",
         );
     }
@@ -993,6 +1001,10 @@ impl Backend for Cuda {
         if positions.is_empty() {
             return;
         }
+        assert!(
+            head_dim <= 512,
+            "the rope kernel holds the angles of head_dim <= 512, not {head_dim}"
+        );
         let mut s = self.scratch.borrow_mut();
         let s = &mut *s;
         let pos = match s.step_positions.holding(positions) {
@@ -1005,7 +1017,7 @@ impl Backend for Cuda {
         b.arg(x).arg(pos).arg(freq).arg(&rw).arg(&h).arg(&hd);
         // SAFETY: x holds positions.len() rows of row_width >= heads * head_dim.
         ok(
-            unsafe { b.launch(Self::per_row(positions.len(), 128)) },
+            unsafe { b.launch(Self::per_row(positions.len(), 512)) },
             "rope",
         );
     }
