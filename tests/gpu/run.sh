@@ -2,6 +2,7 @@
 # Runs on the GPU machine, from the bundle tests/gpu/bundle.sh built (no Rust toolchain there).
 #   tests/gpu/run.sh test    kernel tests against float64, whole-model logits against transformers
 #   tests/gpu/run.sh bench   attention, decode and prefill against PyTorch/transformers and the roofline
+#                            (bench kernels: only the attention kernels against PyTorch)
 #   tests/gpu/run.sh profile Nsight Compute's time of each kernel of a batch-1 decode step
 #   tests/gpu/run.sh pool    only the pool test: one request over two (or four) GPUs, then a kill
 #   tests/gpu/run.sh dist    DistAttention over NCCL between this machine's GPUs (two or more):
@@ -38,8 +39,8 @@ pool)
 	"$bundle/gpu_pool" --nocapture
 	;;
 bench)
-	[[ -f "$work/llama8b/config.json" ]] || python3 tests/gpu/llama8b_random.py "$work/llama8b"
-	python3 tests/gpu/bench_peers.py "$work/llama8b" "$work/peers.json" >"$work/peers.log"
+	[[ "${2:-}" == kernels || -f "$work/llama8b/config.json" ]] || python3 tests/gpu/llama8b_random.py "$work/llama8b"
+	python3 tests/gpu/bench_peers.py "$work/llama8b" "$work/peers.json" ${2:+--$2-only} >"$work/peers.log"
 	ILM_PEER_FIGURES="$work/peers.json" ILM_BENCH_MODEL="$work/llama8b" "$bundle/gpu_bench"
 	;;
 profile)

@@ -41,7 +41,8 @@ struct Peers {
     copy_bytes_per_s: f64,
     sdpa_bytes_per_s: HashMap<String, f64>,
     sdpa_prefill_flops_per_s: f64,
-    transformers: Transformers,
+    /// Absent when only the kernels are benchmarked (`tests/gpu/run.sh bench kernels`).
+    transformers: Option<Transformers>,
 }
 
 #[derive(Deserialize)]
@@ -282,6 +283,9 @@ fn main() {
     for line in &attn {
         println!("{line}");
     }
+    let Some(transformers) = peers.transformers else {
+        return;
+    };
 
     let model = Path::new(&model);
     let config = ModelConfig::from_model_dir(model).unwrap();
@@ -315,7 +319,7 @@ fn main() {
         for batch in BATCHES {
             let ours = decode_tokens_per_s(&e, vocab, batch).await;
             decode.push(ours);
-            let hf = peers.transformers.decode_tokens_per_s[&batch.to_string()];
+            let hf = transformers.decode_tokens_per_s[&batch.to_string()];
             let roofline = batch as f64 * copy / step_bytes(&config, batch);
             println!(
                 "decode batch {batch:>2}: {ours:8.1} tok/s | transformers {hf:8.1} | ours/transformers {:.2}x | ours/roofline {:.2} (roofline {roofline:.0} tok/s)",
@@ -335,7 +339,7 @@ fn main() {
         drop(eager);
         prefill_tokens_per_s(&e, vocab).await;
         let ours = prefill_tokens_per_s(&e, vocab).await;
-        let hf = peers.transformers.prefill_tokens_per_s;
+        let hf = transformers.prefill_tokens_per_s;
         println!(
             "prefill {}K prompt: {ours:8.0} tok/s | transformers {hf:8.0} | ours/transformers {:.2}x",
             PREFILL / 1024,
