@@ -44,20 +44,28 @@ fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     (num / den).sqrt()
 }
 
-#[test]
-fn logits_match_transformers() {
+/// The folder `tests/gpu/hf_reference.py` wrote and its reference, or why the test is skipped.
+fn reference() -> Option<(PathBuf, Reference)> {
     let Some(dir) = std::env::var_os("ILM_HF_REFERENCE").map(PathBuf::from) else {
         eprintln!(
             "SKIPPED: ILM_HF_REFERENCE is not set (make test-gpu sets it on the GPU machine)"
         );
-        return;
+        return None;
     };
     if !cuda::available() {
         eprintln!("SKIPPED: no CUDA GPU on this machine");
-        return;
+        return None;
     }
-    let reference: Reference =
+    let reference =
         serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+    Some((dir, reference))
+}
+
+#[test]
+fn logits_match_transformers() {
+    let Some((dir, reference)) = reference() else {
+        return;
+    };
     let mut model = Llama::load(&dir.join("model"), Cuda::new(0).unwrap()).unwrap();
     let total = reference.prompt.len() + reference.steps.len();
     let blocks = total.div_ceil(BLOCK_TOKENS);
@@ -191,18 +199,9 @@ fn batched_greedy(model: &mut Llama<Cuda>, prompts: &[Vec<u32>], steps: usize) -
 /// the batch shrinks and a new batch size is recorded.
 #[test]
 fn graph_replays_match_eager_steps() {
-    let Some(dir) = std::env::var_os("ILM_HF_REFERENCE").map(PathBuf::from) else {
-        eprintln!(
-            "SKIPPED: ILM_HF_REFERENCE is not set (make test-gpu sets it on the GPU machine)"
-        );
+    let Some((dir, reference)) = reference() else {
         return;
     };
-    if !cuda::available() {
-        eprintln!("SKIPPED: no CUDA GPU on this machine");
-        return;
-    }
-    let reference: Reference =
-        serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
     let prompts: Vec<Vec<u32>> = (0..3).map(|k| reference.prompt[k..].to_vec()).collect();
     let steps = 24;
     let load = |graphs| {
