@@ -19,35 +19,38 @@ __device__ __forceinline__ bf16 f32_to_bf16(float f) {
     return (bf16)(u >> 16);
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
+struct Sum {
+    static __device__ __forceinline__ float init() { return 0.f; }
+    __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct Max {
+    static __device__ __forceinline__ float init() { return NEG_INF; }
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+template <typename Op>
+__device__ __forceinline__ float warp_reduce(float v, Op op) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 
-// Sum over the whole block; `red` holds one float per warp.
-__device__ float block_sum(float v, float* red) {
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, Sum{}); }
+
+// `op` over the whole block; `red` holds one float per warp.
+template <typename Op>
+__device__ float block_reduce(float v, float* red, Op op) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-    v = warp_sum(v);
+    v = warp_reduce(v, op);
     __syncthreads();
     if (lane == 0) red[warp] = v;
     __syncthreads();
-    float t = 0.f;
-    for (int w = 0; w < warps; ++w) t += red[w];
+    float t = Op::init();
+    for (int w = 0; w < warps; ++w) t = op(t, red[w]);
     return t;
 }
 
-__device__ float block_max(float v, float* red) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    __syncthreads();
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    float t = NEG_INF;
-    for (int w = 0; w < warps; ++w) t = fmaxf(t, red[w]);
-    return t;
-}
+__device__ float block_sum(float v, float* red) { return block_reduce(v, red, Sum{}); }
 
 // Four bf16 weights from an 8-byte aligned address.
 __device__ __forceinline__ float4 bf16x4(const bf16* w) {
@@ -580,8 +583,8 @@ ATTN_KERNELS(128)
 ATTN_KERNELS(256)
 
 // Exact merge of the splits: grid (slot, q head), one thread per dimension (blockDim.x ==
-// head_dim). The block finds the max and the sum together and shares each split's weight, so a
-// thread's loop is one multiply-add per split, unrolled to keep several loads in flight.
+// head_dim). The block reduces the max and the sum of the splits' weights once and shares each
+// weight, so a thread's loop is one multiply-add per split, unrolled to keep loads in flight.
 #define MERGE_CHUNK 256
 extern "C" __global__ void attn_merge(const float* part_o, const float* part_lse, const u32* slot_rows,
                                       int splits, int head_dim, float* out, float* lse) {
@@ -591,7 +594,7 @@ extern "C" __global__ void attn_merge(const float* part_o, const float* part_lse
     const float* pl = part_lse + sh * splits;
     float mx = NEG_INF;
     for (int s = threadIdx.x; s < splits; s += blockDim.x) mx = fmaxf(mx, pl[s]);
-    mx = block_max(mx, red);
+    mx = block_reduce(mx, red, Max{});
     float part = 0.f;
     if (mx != NEG_INF)
         for (int s = threadIdx.x; s < splits; s += blockDim.x) part += __expf(pl[s] - mx);
