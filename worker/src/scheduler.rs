@@ -268,8 +268,14 @@ impl Scheduler {
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
             let want = self.pending(id).min(budget);
+            // Nothing to run until its next token is in: an empty item would still claim a
+            // sample (of the row before it).
+            if want == 0 {
+                i += 1;
+                continue;
+            }
             let fit = self.grow(id, want);
-            if fit > 0 || want == 0 {
+            if fit > 0 {
                 planned.push((id, fit));
                 budget -= fit;
                 i += 1;
@@ -287,7 +293,7 @@ impl Scheduler {
             let bt = self.cfg.block_tokens;
             let pending = self.pending(id);
             let skip = if self.unfilled_prompts {
-                pending - 1
+                pending.saturating_sub(1)
             } else {
                 0
             };
@@ -850,7 +856,9 @@ mod tests {
             4,
             "tokens 16..20 are stored by the creditor"
         );
-        // The home keeps 12 blocks for short requests, which start without borrowing.
+        // The home keeps 12 blocks for short requests, which start without borrowing (while
+        // request 1 decodes its next token).
+        s.append_token(1, 7);
         s.add(2, (0..8).collect(), 8);
         assert_eq!(s.borrow_want(), None, "4 blocks is within the share");
         let step = schedule_borrowing(&mut s, 2, &mut lender);
@@ -880,6 +888,20 @@ mod tests {
         let mut s = sched(16, 64).with_long_home_share(0.5);
         s.add(1, (0..20).collect(), 12);
         assert_eq!(s.borrow_want(), None, "8 blocks is half the pool");
+    }
+
+    #[test]
+    fn a_running_request_with_nothing_to_run_gets_no_item() {
+        let mut s = sched(16, 8);
+        s.add(1, (0..5).collect(), 4);
+        s.add(2, (0..3).collect(), 4);
+        s.schedule();
+        // Request 1's next token is in, request 2's is not yet.
+        s.append_token(1, 9);
+        let step = s.schedule();
+        assert_eq!(step.items.len(), 1);
+        assert_eq!(step.positions, vec![5]);
+        assert_eq!(step.logit_rows, vec![0]);
     }
 
     #[test]
