@@ -208,8 +208,14 @@ fn graph_replays_match_eager_steps() {
         let gpu = Cuda::new(0).unwrap().with_graphs(graphs);
         Llama::load(&dir.join("model"), gpu).unwrap()
     };
-    let eager = batched_greedy(&mut load(false), &prompts, steps);
-    let replayed = batched_greedy(&mut load(true), &prompts, steps);
+    let (mut eager_model, mut graph_model) = (load(false), load(true));
+    let eager = batched_greedy(&mut eager_model, &prompts, steps);
+    let replayed = batched_greedy(&mut graph_model, &prompts, steps);
+    // Without replays the comparison would hold trivially.
+    assert_eq!(eager_model.backend().graph_launches(), 0);
+    let launches = graph_model.backend().graph_launches();
+    eprintln!("{launches} recorded parts launched");
+    assert!(launches > 0, "no step replayed a recorded part");
     for (i, (r, e)) in replayed.iter().zip(&eager).enumerate() {
         let err = rel_err(r, e);
         eprintln!(

@@ -126,11 +126,6 @@ impl<T: DeviceRepr + Copy + PartialEq> Table<T> {
         }
     }
 
-    /// The device copy, if it holds `data` now.
-    fn holding(&self, data: &[T]) -> Option<&CudaSlice<T>> {
-        self.dev.as_ref().filter(|_| self.host == data)
-    }
-
     fn put(&mut self, stream: &Arc<CudaStream>, data: &[T]) -> &CudaSlice<T> {
         let fits = self.dev.as_ref().is_some_and(|d| d.len() >= data.len());
         if !fits || self.host != data {
@@ -150,6 +145,20 @@ impl<T: DeviceRepr + Copy + PartialEq> Table<T> {
             self.host.extend_from_slice(data);
         }
         self.dev.as_ref().expect("allocated above")
+    }
+}
+
+/// The step's staged copy of `data` when it holds it (what a recorded part reads), else `data`
+/// put in the general `table`.
+fn staged_or_put<'a, T: DeviceRepr + Copy + PartialEq>(
+    staged: &'a Table<T>,
+    table: &'a mut Table<T>,
+    stream: &Arc<CudaStream>,
+    data: &[T],
+) -> &'a CudaSlice<T> {
+    match &staged.dev {
+        Some(dev) if staged.host == data => dev,
+        _ => table.put(stream, data),
     }
 }
 
@@ -384,6 +393,7 @@ pub struct Cuda {
     /// rows times this, so it is sized before a part is recorded.
     widest_input: Cell<usize>,
     replays: RefCell<Replays<Graph>>,
+    graph_launches: Cell<u64>,
     k: Kernels,
     sms: usize,
     scratch: RefCell<Scratch>,
@@ -540,6 +550,7 @@ impl Cuda {
             _blas_workspace: blas_workspace,
             widest_input: Cell::new(0),
             replays: RefCell::new(Replays::new(true)),
+            graph_launches: Cell::new(0),
             scratch: RefCell::new(Scratch::new()),
             links: RefCell::default(),
         })
@@ -550,6 +561,11 @@ impl Cuda {
     pub fn with_graphs(self, on: bool) -> Self {
         self.replays.borrow_mut().set_on(on);
         self
+    }
+
+    /// Recorded parts launched so far: how a test sees that steps did replay.
+    pub fn graph_launches(&self) -> u64 {
+        self.graph_launches.get()
     }
 
     /// Where the buffers a recorded part points at are now: a record is replayed only while
@@ -628,10 +644,7 @@ impl Cuda {
         }
         let flat = flat_slots(slots);
         let s = lane.scratch;
-        let slots_dev = match s.step_slots.holding(&flat) {
-            Some(staged) => staged,
-            None => s.slots.put(lane.stream, &flat),
-        };
+        let slots_dev = staged_or_put(&s.step_slots, &mut s.slots, lane.stream, &flat);
         let g = geom(&kv.shape);
         let (l, rw, kc, vc) = (layer as i32, row_width as i32, k_col as i32, v_col as i32);
         let mut b = lane.stream.launch_builder(&self.k.kv_write);
@@ -1007,10 +1020,7 @@ impl Backend for Cuda {
         );
         let mut s = self.scratch.borrow_mut();
         let s = &mut *s;
-        let pos = match s.step_positions.holding(positions) {
-            Some(staged) => staged,
-            None => s.positions.put(&self.stream, positions),
-        };
+        let pos = staged_or_put(&s.step_positions, &mut s.positions, &self.stream, positions);
         let freq = s.inv_freq.put(&self.stream, inv_freq);
         let (rw, h, hd) = (row_width as i32, heads as i32, head_dim as i32);
         let mut b = self.stream.launch_builder(&self.k.rope);
@@ -1206,8 +1216,12 @@ impl Backend for Cuda {
 
     fn replay(&self, key: ReplayKey, queue: &mut dyn FnMut()) {
         let replays = self.replays.borrow();
+        let launch = |graph: &CudaGraph| {
+            ok(graph.launch(), "graph launch");
+            self.graph_launches.set(self.graph_launches.get() + 1);
+        };
         match replays.decide(key) {
-            Decision::Replay(graph) => ok(graph.0.launch(), "graph launch"),
+            Decision::Replay(graph) => launch(&graph.0),
             Decision::Eager => {
                 drop(replays);
                 queue();
@@ -1230,7 +1244,7 @@ impl Backend for Cuda {
                 match graph {
                     // Captured work is not run: the first replay runs it.
                     Some(graph) => {
-                        ok(graph.launch(), "graph launch");
+                        launch(&graph);
                         self.replays.borrow_mut().keep(key, Graph(graph));
                     }
                     None => queue(),
