@@ -68,12 +68,14 @@ struct GManagerArgs {
     cost_model: Option<PathBuf>,
 }
 
+/// The figures of the cost-model `file`, or the defaults.
+fn measured(file: Option<&std::path::Path>) -> Result<Measured, CostModelError> {
+    file.map_or_else(|| Ok(Measured::default()), Measured::from_file)
+}
+
 /// Placement with the cost model of `file`, or the defaults.
 fn placement(file: Option<&std::path::Path>) -> Result<PlacementConfig, CostModelError> {
-    match file {
-        Some(path) => Ok(PlacementConfig::for_measured(&Measured::from_file(path)?)),
-        None => Ok(PlacementConfig::default()),
-    }
+    measured(file).map(|m| PlacementConfig::for_measured(&m))
 }
 
 #[derive(clap::Args)]
@@ -133,13 +135,12 @@ async fn main() -> std::process::ExitCode {
         };
     }
     if let Some(Command::Simulate(args)) = &cli.command {
-        let measured = match args.cost_model.as_deref().map(Measured::from_file) {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => {
+        let measured = match measured(args.cost_model.as_deref()) {
+            Ok(m) => m,
+            Err(e) => {
                 eprintln!("error: {e}");
                 return std::process::ExitCode::FAILURE;
             }
-            None => Measured::default(),
         };
         let mut out = std::io::stdout().lock();
         return match infinite_llm_operator::simulate::report(&mut out, &args.instances, &measured) {
