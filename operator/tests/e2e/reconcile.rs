@@ -106,16 +106,28 @@ impl Setup {
         .await
     }
 
+    /// Waits for events with this reason: the operator records them after the status write
+    /// a test waits on, so they can lag it.
     async fn events(&self, reason: &str) -> Vec<Event> {
-        self.api::<Event>()
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .into_iter()
-            .filter(|e| e.reason.as_deref() == Some(reason))
-            .collect()
+        let api = self.api::<Event>();
+        eventually(&format!("a {reason} event is recorded"), LIMIT, || async {
+            let events: Vec<Event> = api
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .filter(|e| e.reason.as_deref() == Some(reason))
+                .collect();
+            (!events.is_empty()).then_some(events)
+        })
+        .await
     }
+}
+
+/// Whether every event is of this type ("Normal" or "Warning").
+fn all_of_type(events: &[Event], type_: &str) -> bool {
+    events.iter().all(|e| e.type_.as_deref() == Some(type_))
 }
 
 fn env_of(sts: &StatefulSet) -> BTreeMap<String, String> {
@@ -314,7 +326,7 @@ async fn children_have_the_right_specs_and_owners() {
         !s.operator.log().contains(&token_text),
         "the token leaked into the operator log"
     );
-    assert!(!s.events("TokenGenerated").await.is_empty());
+    assert!(all_of_type(&s.events("TokenGenerated").await, "Normal"));
 }
 
 #[tokio::test]
@@ -346,7 +358,7 @@ async fn ready_when_the_pods_are_ready() {
         s.cp.kubectl(&["get", "ilc", "llm", "-n", &s.ns, "--no-headers"]);
     let row: Vec<String> = stdout(&out).split_whitespace().map(str::to_owned).collect();
     assert_eq!(&row[..4], ["llm", "Ready", "2", "2"], "{}", stderr(&out));
-    assert!(!s.events("Ready").await.is_empty());
+    assert!(all_of_type(&s.events("Ready").await, "Normal"));
 }
 
 #[tokio::test]
@@ -471,7 +483,7 @@ async fn editing_the_spec_rolls_the_statefulset() {
         .find(|c| c.type_ == "Progressing")
         .unwrap();
     assert_eq!(progressing.status, "True");
-    assert!(!s.events("RollingUpdate").await.is_empty());
+    assert!(all_of_type(&s.events("RollingUpdate").await, "Normal"));
 }
 
 #[tokio::test]
@@ -616,10 +628,11 @@ async fn a_crash_looping_worker_degrades_the_cluster() {
     assert_eq!(degraded.status, "True");
     assert_eq!(degraded.message, "llm-1: CrashLoopBackOff");
     let warnings = s.events("WorkersFailing").await;
+    assert!(all_of_type(&warnings, "Warning"));
     assert!(
         warnings
             .iter()
-            .any(|e| e.type_.as_deref() == Some("Warning"))
+            .any(|e| e.note.as_deref() == Some("llm-1: CrashLoopBackOff"))
     );
 }
 
