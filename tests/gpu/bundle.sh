@@ -25,7 +25,7 @@ cargo build --release -p infinite-llm-worker -p infinite-llm-operator -p infinit
 	--message-format=json |
 	collect bin
 cargo test --release -p infinite-llm-worker --no-run --message-format=json \
-	--test gpu_kernels --test gpu_parity --test gpu_pool | collect test
+	--test gpu_kernels --test gpu_parity --test gpu_links --test gpu_pool | collect test
 cargo bench -p infinite-llm-worker --no-run --message-format=json --bench gpu_bench |
 	collect bench
 ls -la "$out"

@@ -4,7 +4,8 @@
 #   tests/gpu/run.sh bench   attention, decode and prefill against PyTorch/transformers and the roofline
 #                            (bench kernels: only the attention kernels against PyTorch)
 #   tests/gpu/run.sh profile Nsight Compute's time of each kernel of a batch-1 decode step
-#   tests/gpu/run.sh pool    only the pool test: one request over two (or four) GPUs, then a kill
+#   tests/gpu/run.sh pool    only the multi-GPU tests: block moves over NCCL, then one request over
+#                            two (or four) GPUs and a kill
 #   tests/gpu/run.sh dist    DistAttention over NCCL between this machine's GPUs (two or more):
 #                            split-KV decode overhead, single-request capacity, pooled vs static
 # Work files go to ${ILM_GPU_WORK:-/tmp/ilm-gpu}.
@@ -33,9 +34,11 @@ test)
 	"$bundle/gpu_kernels" --nocapture --test-threads=1
 	[[ -f "$work/parity/reference.json" ]] || python3 tests/gpu/hf_reference.py "$work/parity"
 	ILM_HF_REFERENCE="$work/parity" "$bundle/gpu_parity" --nocapture
+	"$bundle/gpu_links" --nocapture
 	"$bundle/gpu_pool" --nocapture
 	;;
 pool)
+	"$bundle/gpu_links" --nocapture
 	"$bundle/gpu_pool" --nocapture
 	;;
 bench)

@@ -102,6 +102,13 @@ pub enum KvWork {
         data: Vec<f32>,
         reply: Responder,
     },
+    /// A home migrating blocks over the direct link: send them (`fetch`) or receive them.
+    Move {
+        call: u64,
+        blocks: Vec<u32>,
+        fetch: bool,
+        reply: Responder,
+    },
 }
 
 impl ClusterLink {
@@ -387,6 +394,41 @@ impl ClusterLink {
         )
     }
 
+    /// Asks `peer` to do its side of a block move over the direct link, which the home has
+    /// queued already (`Backend::link_move`): send `blocks` (`fetch`) or receive into them.
+    /// True once its side is done. Any other answer leaves the home's side queued with nothing
+    /// to pair with, so the creditor is then lost (its link aborted).
+    pub fn move_blocks(
+        &mut self,
+        peer: u16,
+        seq: SeqId,
+        blocks: Vec<u32>,
+        fetch: bool,
+        inbox: &Receiver<Inbox>,
+        serve: &mut dyn FnMut(Inbox),
+    ) -> bool {
+        let call = self.call_id();
+        let msg = PeerMsg::MoveBlocks {
+            call,
+            seq,
+            blocks,
+            fetch,
+        };
+        match self.call(peer, call, &msg, inbox, serve) {
+            Some(PeerMsg::Moved { .. }) => true,
+            Some(PeerMsg::Failure { message, .. }) => {
+                self.lost(peer, &format!("a block move failed: {message}"));
+                false
+            }
+            Some(_) => {
+                self.lost(peer, "a block move got a wrong answer");
+                false
+            }
+            // Lost already.
+            None => false,
+        }
+    }
+
     /// Tells a creditor that some blocks of `seq` are free again (moved elsewhere). Like
     /// `release`, one that cannot be told is dropped.
     pub fn release_blocks(&mut self, seq: SeqId, peer: u16, blocks: Vec<u32>) {
@@ -566,7 +608,8 @@ fn reply_call(msg: &PeerMsg) -> Option<u64> {
         | PeerMsg::AttnOut { call, .. }
         | PeerMsg::Failure { call, .. }
         | PeerMsg::Fetched { call, .. }
-        | PeerMsg::Stored { call, .. } => Some(*call),
+        | PeerMsg::Stored { call, .. }
+        | PeerMsg::Moved { call } => Some(*call),
         _ => None,
     }
 }
@@ -632,6 +675,21 @@ pub fn serve_pool_request(
             };
             lent_for(rm, from, seq, [block], work)
         }
+        PeerMsg::MoveBlocks {
+            call,
+            seq,
+            blocks,
+            fetch,
+        } => {
+            let lent = blocks.clone();
+            let work = KvWork::Move {
+                call,
+                blocks,
+                fetch,
+                reply,
+            };
+            lent_for(rm, from, seq, lent, work)
+        }
         PeerMsg::Attn { call, attn } => {
             // A creditor touches only blocks it lent to this home for this request.
             for p in &attn.parts {
@@ -679,7 +737,8 @@ fn lent_for(
         Err(e) => {
             let (KvWork::Attn { call, reply, .. }
             | KvWork::Fetch { call, reply, .. }
-            | KvWork::Store { call, reply, .. }) = work;
+            | KvWork::Store { call, reply, .. }
+            | KvWork::Move { call, reply, .. }) = work;
             reply.send(&PeerMsg::Failure {
                 call,
                 message: e.to_string(),

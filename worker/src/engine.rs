@@ -19,7 +19,8 @@ use crate::backend::Backend;
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::Cuda;
 use crate::cluster_link::{
-    ClusterLink, KvWork, LayerExchange, attn_answer, serve_pool_request, take_back_loans,
+    ClusterLink, KvWork, LayerExchange, PEER_TIMEOUT, attn_answer, serve_pool_request,
+    take_back_loans,
 };
 use crate::migrator::{Ctx, Migrator};
 use crate::model::llama::{Exchange, Llama, NoExchange};
@@ -589,6 +590,35 @@ fn serve_kv<B: Backend>(model: &Llama<B>, kv: &mut B::Kv, block_tokens: usize, w
                     call,
                     message: format!("a stored block has {} values, not {n}", data.len()),
                 });
+            }
+        }
+        KvWork::Move {
+            call,
+            blocks,
+            fetch,
+            reply,
+        } => {
+            let backend = model.backend();
+            let moved = match reply.link() {
+                // The home has queued its side: this side completes the pair at once.
+                Some(link) => {
+                    let done = backend
+                        .link_move(&link, kv, &blocks, fetch)
+                        .and_then(|()| backend.link_move_wait(&link, PEER_TIMEOUT));
+                    // Half a group may be queued: nothing may pair with it later.
+                    if done.is_err() {
+                        link.comm.abort();
+                    }
+                    done.map_err(|e| e.to_string())
+                }
+                None => Err("no direct link to this home".to_owned()),
+            };
+            match moved {
+                Ok(()) => reply.send(&PeerMsg::Moved { call }),
+                Err(message) => {
+                    tracing::warn!(error = %message, "a block move over the direct link failed");
+                    reply.send(&PeerMsg::Failure { call, message });
+                }
             }
         }
     }

@@ -2,6 +2,7 @@
 //! picks: reserve at the destination (a local block or a creditor's `Reserve`), copy (the
 //! backend's block read and write, `Fetch` from a creditor source, `Store` to a creditor
 //! destination), commit the block table, then free the source (locally or `ReleaseBlocks`).
+//! Between two GPUs with a direct link the blocks go over NCCL instead, device to device.
 //! Each step moves a few blocks only, so the requests keep decoding while their blocks move;
 //! while it waits for a peer the engine keeps answering other homes.
 
@@ -9,7 +10,7 @@ use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use crate::backend::Backend;
-use crate::cluster_link::ClusterLink;
+use crate::cluster_link::{ClusterLink, PEER_TIMEOUT};
 use crate::engine::{Inbox, Submitted, serve_home};
 use crate::migration::{
     self, BLOCKS_PER_REQUEST_STEP, BLOCKS_PER_STEP, EVACUATE_PATIENCE, Job, Move, Pick,
@@ -152,29 +153,36 @@ fn move_blocks<B: Backend>(
 ) -> Result<usize, Missed> {
     let seq = job.seq();
     let (dest, blocks) = reserve(cx, job, picks.len())?;
-    let mut moves = Vec::with_capacity(blocks.len());
-    for (&pick, &block) in picks.iter().zip(&blocks) {
-        let copied = copy(
-            cx,
-            seq,
-            pick.from,
-            BlockRef {
-                holder: dest,
-                block,
-            },
-        );
-        moves.push(Move {
-            pick,
-            to: BlockRef {
-                holder: dest,
-                block,
-            },
-            copied,
-        });
-        if !copied {
-            break;
+    let to = |block| BlockRef {
+        holder: dest,
+        block,
+    };
+    let moves: Vec<Move> = match copy_direct(cx, seq, picks, dest, &blocks) {
+        Some(copied) => picks
+            .iter()
+            .zip(&blocks)
+            .map(|(&pick, &block)| Move {
+                pick,
+                to: to(block),
+                copied,
+            })
+            .collect(),
+        None => {
+            let mut moves = Vec::with_capacity(blocks.len());
+            for (&pick, &block) in picks.iter().zip(&blocks) {
+                let copied = copy(cx, seq, pick.from, to(block));
+                moves.push(Move {
+                    pick,
+                    to: to(block),
+                    copied,
+                });
+                if !copied {
+                    break;
+                }
+            }
+            moves
         }
-    }
+    };
     let table = cx
         .scheduler
         .running_table_mut(seq)
@@ -234,6 +242,51 @@ fn reserve<B: Backend>(
         }
     }
     Err(Missed::NoRoom)
+}
+
+/// Phase two over the direct link (NCCL) with a creditor, every block in one group: from the
+/// creditor into local blocks, or from local blocks to the creditor. `None` where the move has
+/// no such link (no GPU, TCP forced, or creditor to creditor), for `copy`; otherwise whether
+/// every block landed.
+fn copy_direct<B: Backend>(
+    cx: &mut Ctx<'_, B>,
+    seq: SeqId,
+    picks: &[Pick],
+    dest: Holder,
+    blocks: &[u32],
+) -> Option<bool> {
+    let picks = &picks[..blocks.len()];
+    let source = picks.first()?.from.holder;
+    if picks.iter().any(|p| p.from.holder != source) {
+        return None;
+    }
+    let sources: Vec<u32> = picks.iter().map(|p| p.from.block).collect();
+    let (peer, fetch, local, remote) = match (source, dest) {
+        (Holder::Peer(p), Holder::Local) => (p, true, blocks.to_vec(), sources),
+        (Holder::Local, Holder::Peer(p)) => (p, false, sources, blocks.to_vec()),
+        _ => return None,
+    };
+    let link = cx.link.direct_link(peer)?;
+    let backend = cx.model.backend();
+    // The home's side goes first: the creditor completes the pair as soon as it is asked.
+    if let Err(e) = backend.link_move(&link, cx.kv, &local, !fetch) {
+        cx.link.lost(peer, &format!("a block move: {e}"));
+        return Some(false);
+    }
+    let moved = {
+        let (l, inbox, mut serve) = cx.split();
+        l.move_blocks(peer, seq, remote, fetch, inbox, &mut serve)
+    };
+    if !moved {
+        return Some(false);
+    }
+    match cx.model.backend().link_move_wait(&link, PEER_TIMEOUT) {
+        Ok(()) => Some(true),
+        Err(e) => {
+            cx.link.lost(peer, &format!("a block move: {e}"));
+            Some(false)
+        }
+    }
 }
 
 /// Phase two: the K/V of `from` into `to`; true once it landed.

@@ -175,7 +175,8 @@ async fn a_request_spanning_gpus_over_nccl_gives_one_gpus_text_and_survives_a_cr
         .unwrap();
     assert!(metric(&client, &home, "ilm_peer_losses_total").await >= 1.0);
     eprintln!(
-        "{workers} workers on {n} GPUs ({devices_flag}): kill -9 of a creditor, request done {:?} later",
-        killed.elapsed()
+        "{workers} workers on {n} GPUs ({devices_flag}): kill -9 of a creditor, request done {:?} later; the home migrated {} blocks",
+        killed.elapsed(),
+        metric(&client, &home, "ilm_kv_migrated_blocks_total").await
     );
 }

@@ -1196,6 +1196,20 @@ impl Backend for Cuda {
         self.serve_link(link, kv, layers, shape, seqs, slots)
     }
 
+    fn link_move(
+        &self,
+        link: &DeviceLink,
+        kv: &mut CudaKv,
+        blocks: &[u32],
+        send: bool,
+    ) -> Result<(), LinkError> {
+        self.move_blocks(link, kv, blocks, send)
+    }
+
+    fn link_moved(&self, link: &DeviceLink) -> Result<bool, LinkError> {
+        self.blocks_moved(link)
+    }
+
     fn stage_step(&self, kv: &CudaKv, positions: &[u32], slots: &[(u32, u32)], inv_freq: &[f32]) {
         {
             let mut s = self.scratch.borrow_mut();

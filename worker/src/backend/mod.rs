@@ -12,6 +12,7 @@ mod vector_math;
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::sampling::RowDraw;
 pub use nccl::LinkError;
@@ -271,6 +272,29 @@ pub trait Backend: Send + 'static {
     /// `links` ends the wait.
     fn link_settled(&self, _links: &[&DeviceLink]) -> Result<bool, LinkError> {
         Err(LinkError::Unsupported(self.name()))
+    }
+    /// Migration over a direct link: queues the K and V of every layer of `blocks` to go to
+    /// `link`'s other end (`send`) or to arrive from it, after the device's work so far. Both
+    /// ends name as many blocks, in the order they pair up. Leave the blocks alone until
+    /// `link_moved` says they moved.
+    fn link_move(
+        &self,
+        _link: &DeviceLink,
+        _kv: &mut Self::Kv,
+        _blocks: &[u32],
+        _send: bool,
+    ) -> Result<(), LinkError> {
+        Err(LinkError::Unsupported(self.name()))
+    }
+    /// Whether the moves `link_move` queued on `link` are done.
+    fn link_moved(&self, _link: &DeviceLink) -> Result<bool, LinkError> {
+        Err(LinkError::Unsupported(self.name()))
+    }
+    /// Waits for `link_moved`, at most `timeout`; a link that fails or runs out of time is
+    /// aborted, so nothing stays queued on it.
+    fn link_move_wait(&self, link: &DeviceLink, timeout: Duration) -> Result<(), LinkError> {
+        link.comm
+            .wait_until("a block move", timeout, || self.link_moved(link))
     }
     /// Creditor: queues a home's step over `link`: for each of `layers`, receive the step's
     /// `[rows, q|k|v]` rows (one row per slot), store the new K/V at `slots`, run

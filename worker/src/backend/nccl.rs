@@ -157,15 +157,26 @@ impl Comm {
 
     /// Waits until `ready`, at most `timeout`; gives the link up (aborts it) otherwise.
     pub fn wait_ready(&self, timeout: Duration) -> Result<(), LinkError> {
+        self.wait_until("the link", timeout, || self.ready())
+    }
+
+    /// Polls `done` until it says so, at most `timeout`. An error, or running out of time,
+    /// gives the link up (aborts it): its other end then fails too rather than waits.
+    pub fn wait_until(
+        &self,
+        what: &'static str,
+        timeout: Duration,
+        mut done: impl FnMut() -> Result<bool, LinkError>,
+    ) -> Result<(), LinkError> {
         let deadline = Instant::now() + timeout;
         loop {
-            match self.ready() {
+            match done() {
                 Ok(true) => return Ok(()),
                 Ok(false) if Instant::now() < deadline => std::thread::yield_now(),
                 Ok(false) => {
                     self.abort();
                     return Err(LinkError::Timeout {
-                        what: "the link",
+                        what,
                         after: timeout,
                     });
                 }
@@ -208,13 +219,13 @@ impl Drop for Comm {
     }
 }
 
-/// Enqueues point-to-point transfers of f32 buffers on several links as one NCCL group, on
-/// `stream`. Each op is (link, device pointer, count, send?).
+/// Enqueues point-to-point transfers on several links as one NCCL group, on `stream`. Each op
+/// is (link, device pointer, bytes, send?): point-to-point moves bytes, whatever they hold.
 ///
 /// # Safety
 /// `stream` is a live stream of the links' device, and each pointer names a device buffer of at
-/// least `count` f32 values that stays alive, and is not written by anything else, until the
-/// stream has passed the group.
+/// least `bytes` bytes that stays alive, and is not written by anything else, until the stream
+/// has passed the group.
 pub unsafe fn group(
     stream: sys::cudaStream_t,
     ops: &[(&Comm, u64, usize, bool)],
@@ -242,19 +253,19 @@ pub unsafe fn group(
     // SAFETY: group calls have no arguments.
     check("starting a group", unsafe { sys::ncclGroupStart() })?;
     let mut first_error = None;
-    for (comm, ptr, count, send) in ops {
+    for (comm, ptr, bytes, send) in ops {
         let at = comms
             .iter()
             .position(|k| std::ptr::eq(*k, *comm))
             .expect("collected above");
         let (raw, peer) = (raws[at], comm.peer_rank());
-        let ty = sys::ncclDataType_t::ncclFloat32;
+        let ty = sys::ncclDataType_t::ncclUint8;
         // SAFETY: the caller's promise.
         let code = unsafe {
             if *send {
-                sys::ncclSend(*ptr as *const _, *count, ty, peer, raw, stream)
+                sys::ncclSend(*ptr as *const _, *bytes, ty, peer, raw, stream)
             } else {
-                sys::ncclRecv(*ptr as *mut _, *count, ty, peer, raw, stream)
+                sys::ncclRecv(*ptr as *mut _, *bytes, ty, peer, raw, stream)
             }
         };
         if let Err(e) = check(if *send { "send" } else { "receive" }, code) {

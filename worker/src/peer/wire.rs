@@ -85,6 +85,18 @@ pub enum PeerMsg {
         seq: u64,
         blocks: Vec<u32>,
     },
+    /// Migration over the direct link: the K and V of every layer of `blocks`, lent for `seq`,
+    /// go to the home (`fetch`) or arrive from it, in this order; the home has queued its side.
+    MoveBlocks {
+        call: u64,
+        seq: u64,
+        blocks: Vec<u32>,
+        fetch: bool,
+    },
+    /// The creditor's side of a `MoveBlocks` is done.
+    Moved {
+        call: u64,
+    },
 }
 
 #[derive(Default)]
@@ -287,6 +299,22 @@ impl PeerMsg {
                 e.u64(*seq);
                 e.u32s(blocks);
             }
+            PeerMsg::MoveBlocks {
+                call,
+                seq,
+                blocks,
+                fetch,
+            } => {
+                e.u8(14);
+                e.u64(*call);
+                e.u64(*seq);
+                e.u32s(blocks);
+                e.u8(u8::from(*fetch));
+            }
+            PeerMsg::Moved { call } => {
+                e.u8(15);
+                e.u64(*call);
+            }
         }
         e.0
     }
@@ -402,6 +430,13 @@ impl PeerMsg {
                 seq: d.u64()?,
                 blocks: d.u32s()?,
             },
+            14 => PeerMsg::MoveBlocks {
+                call: d.u64()?,
+                seq: d.u64()?,
+                blocks: d.u32s()?,
+                fetch: d.u8()? != 0,
+            },
+            15 => PeerMsg::Moved { call: d.u64()? },
             t => return Err(malformed(&format!("unknown tag {t}"))),
         };
         if !d.buf.is_empty() {
@@ -521,6 +556,13 @@ mod tests {
             data: vec![1.5],
         });
         round_trip(PeerMsg::Stored { call: 9 });
+        round_trip(PeerMsg::MoveBlocks {
+            call: 10,
+            seq: 4,
+            blocks: vec![7, 2, 9],
+            fetch: true,
+        });
+        round_trip(PeerMsg::Moved { call: 10 });
         round_trip(PeerMsg::ReleaseBlocks {
             seq: 2,
             blocks: vec![5, 7],

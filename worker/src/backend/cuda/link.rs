@@ -17,6 +17,8 @@ use super::{Cuda, CudaKv, Lane, Scratch, Table, ok};
 use crate::backend::nccl::{self, Comm, LinkError};
 use crate::backend::{AttnSeq, AttnShape, DeviceLink, NO_SLOT};
 
+const F32: usize = std::mem::size_of::<f32>();
+
 /// What the device keeps per link.
 struct Slot {
     comm: Arc<Comm>,
@@ -35,6 +37,10 @@ struct Slot {
     /// receives: where each stream waits for the other.
     gathered: CudaEvent,
     received: CudaEvent,
+    /// Block moves queued whose end is not yet marked by `moved` (NCCL may still be enqueueing
+    /// them), and the mark.
+    moving: bool,
+    moved: CudaEvent,
 }
 
 /// Every link of this device.
@@ -101,6 +107,8 @@ impl Cuda {
                 scratch: Scratch::new(),
                 gathered: event()?,
                 received: event()?,
+                moving: false,
+                moved: event()?,
             },
         );
         Ok(DeviceLink { key, comm })
@@ -147,12 +155,12 @@ impl Cuda {
                 .wait(&slot.gathered)
                 .map_err(cuda("ordering the streams"))?;
             let from = if run {
-                let at = (first * width * std::mem::size_of::<f32>()) as u64;
+                let at = (first * width * F32) as u64;
                 x.device_ptr(&slot.stream).0 + at
             } else {
                 ptr(&slot.stream, &slot.rows_buf)
             };
-            let op = (&*slot.comm, from, rows.len() * width, true);
+            let op = (&*slot.comm, from, rows.len() * width * F32, true);
             // SAFETY: `x` (rows `first..` of it) or the gathered rows are only written again by
             // the next layer's projection or gather, which the compute stream runs after this
             // layer's merge, itself after the receive that follows this send on the link's
@@ -181,13 +189,13 @@ impl Cuda {
                 (
                     &*slot.comm,
                     ptr(&slot.stream, &slot.part_o),
-                    n * out_width,
+                    n * out_width * F32,
                     false,
                 ),
                 (
                     &*slot.comm,
                     ptr(&slot.stream, &slot.part_lse),
-                    n * heads,
+                    n * heads * F32,
                     false,
                 ),
             ];
@@ -254,6 +262,69 @@ impl Cuda {
         Ok(done)
     }
 
+    /// Queues the K and V of every layer of `blocks` to go to the link's other end (`send`) or
+    /// to arrive from it, one NCCL group on the link's stream, after the compute stream's work
+    /// so far. The other end queues the same blocks count in the same order: the i-th block
+    /// sent lands in the i-th block received.
+    pub(super) fn move_blocks(
+        &self,
+        link: &DeviceLink,
+        kv: &mut CudaKv,
+        blocks: &[u32],
+        send: bool,
+    ) -> Result<(), LinkError> {
+        let mut links = self.links.borrow_mut();
+        let slot = links.slots.get_mut(&link.key).ok_or(LinkError::Aborted)?;
+        slot.gathered
+            .record(&self.stream)
+            .map_err(cuda("recording"))?;
+        slot.stream
+            .wait(&slot.gathered)
+            .map_err(cuda("ordering the streams"))?;
+        let n = kv.shape.block_floats();
+        let bytes = n * std::mem::size_of::<u16>();
+        let (k, v) = (
+            kv.k.device_ptr(&slot.stream).0,
+            kv.v.device_ptr(&slot.stream).0,
+        );
+        let mut ops = Vec::with_capacity(blocks.len() * kv.shape.layers * 2);
+        for &block in blocks {
+            assert!(
+                (block as usize) < kv.shape.blocks,
+                "block {block} is out of the pool"
+            );
+            for layer in 0..kv.shape.layers {
+                let at = ((layer * kv.shape.blocks + block as usize) * bytes) as u64;
+                ops.push((&*slot.comm, k + at, bytes, send));
+                ops.push((&*slot.comm, v + at, bytes, send));
+            }
+        }
+        // SAFETY: each pointer names one layer's K or V of a block inside the pool, which
+        // lives as long as the device. The caller does not touch the blocks until
+        // `blocks_moved` says they moved.
+        unsafe { nccl::group(slot.stream.cu_stream() as _, &ops)? };
+        slot.moving = true;
+        Ok(())
+    }
+
+    /// Whether the block moves queued on `link` are done; an error on the link (an abort
+    /// included) is returned as such.
+    pub(super) fn blocks_moved(&self, link: &DeviceLink) -> Result<bool, LinkError> {
+        let mut links = self.links.borrow_mut();
+        let slot = links.slots.get_mut(&link.key).ok_or(LinkError::Aborted)?;
+        // The mark goes on the stream only once NCCL has put the transfers there.
+        if !slot.comm.ready()? {
+            return Ok(false);
+        }
+        if slot.moving {
+            slot.moved.record(&slot.stream).map_err(cuda("recording"))?;
+            slot.moving = false;
+        }
+        slot.moved
+            .try_is_complete()
+            .map_err(cuda("waiting on a link"))
+    }
+
     /// Creditor: queues a home's step on the link's stream: for each of `layers`, receive the
     /// rows (`[rows, q|k|v]`), store the new K/V at `slots`, attend over `seqs`' lent blocks
     /// and send the partials back.
@@ -292,7 +363,7 @@ impl Cuda {
         );
         let stores = slots.iter().any(|&s| s != NO_SLOT);
         for layer in layers {
-            let recv = (&**comm, x.device_ptr(stream).0, rows * width, false);
+            let recv = (&**comm, x.device_ptr(stream).0, rows * width * F32, false);
             // SAFETY: `x` holds rows * width values; the stream runs this step's kernels (and
             // the last step's) in order around the receive.
             unsafe { nccl::group(stream.cu_stream() as _, &[recv])? };
@@ -311,11 +382,11 @@ impl Cuda {
             };
             self.attention_on(lane, x, width, 0, kv, layer, shape, seqs, out, lse);
             let sends = [
-                (&**comm, out.device_ptr(stream).0, rows * qw, true),
+                (&**comm, out.device_ptr(stream).0, rows * qw * F32, true),
                 (
                     &**comm,
                     lse.device_ptr(stream).0,
-                    rows * shape.q_heads,
+                    rows * shape.q_heads * F32,
                     true,
                 ),
             ];
