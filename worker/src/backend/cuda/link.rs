@@ -43,6 +43,16 @@ struct Slot {
     moved: CudaEvent,
 }
 
+impl Slot {
+    /// Makes what is queued next on the link's stream wait for `compute`'s work so far.
+    fn follow(&self, compute: &CudaStream) -> Result<(), LinkError> {
+        self.gathered.record(compute).map_err(cuda("recording"))?;
+        self.stream
+            .wait(&self.gathered)
+            .map_err(cuda("ordering the streams"))
+    }
+}
+
 /// Every link of this device.
 #[derive(Default)]
 pub(super) struct Links {
@@ -148,12 +158,7 @@ impl Cuda {
             at_least(&self.stream, &mut slot.part_lse, rows.len() * heads)?;
             // The send starts after `x` is written (and the gather, and so after the last
             // merge that read the receive buffers).
-            slot.gathered
-                .record(&self.stream)
-                .map_err(cuda("recording"))?;
-            slot.stream
-                .wait(&slot.gathered)
-                .map_err(cuda("ordering the streams"))?;
+            slot.follow(&self.stream)?;
             let from = if run {
                 let at = (first * width * F32) as u64;
                 x.device_ptr(&slot.stream).0 + at
@@ -275,12 +280,7 @@ impl Cuda {
     ) -> Result<(), LinkError> {
         let mut links = self.links.borrow_mut();
         let slot = links.slots.get_mut(&link.key).ok_or(LinkError::Aborted)?;
-        slot.gathered
-            .record(&self.stream)
-            .map_err(cuda("recording"))?;
-        slot.stream
-            .wait(&slot.gathered)
-            .map_err(cuda("ordering the streams"))?;
+        slot.follow(&self.stream)?;
         let n = kv.shape.block_floats();
         let bytes = n * std::mem::size_of::<u16>();
         let (k, v) = (
