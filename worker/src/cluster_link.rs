@@ -925,3 +925,56 @@ impl LayerExchange<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// A responder on a real loopback connection, and the home's end to read answers from.
+    fn responder() -> (Responder, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let home = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (creditor, _) = listener.accept().unwrap();
+        (Responder::new(creditor), home)
+    }
+
+    fn move_blocks(seq: SeqId, blocks: Vec<u32>) -> PeerMsg {
+        PeerMsg::MoveBlocks {
+            call: 7,
+            seq,
+            blocks,
+            fetch: true,
+        }
+    }
+
+    #[test]
+    fn a_creditor_moves_only_blocks_lent_to_that_home_and_request() {
+        let mut rm = RManager::new(8, 1.0);
+        let lent = rm.lend_up_to(("w1".into(), 1), 3).unwrap();
+        let other = rm.lend_up_to(("w2".into(), 1), 1).unwrap();
+
+        let (reply, _home) = responder();
+        let work = serve_pool_request(&mut rm, "w1".into(), move_blocks(1, lent.clone()), reply);
+        match work {
+            Some(KvWork::Move { blocks, fetch, .. }) => {
+                assert_eq!((blocks, fetch), (lent.clone(), true));
+            }
+            _ => panic!("a move of lent blocks is work for the KV cache"),
+        }
+
+        for (home, seq, blocks) in [("w1", 1, other.clone()), ("w1", 2, lent.clone())] {
+            let (reply, mut at_home) = responder();
+            let msg = move_blocks(seq, blocks);
+            assert!(serve_pool_request(&mut rm, home.into(), msg, reply).is_none());
+            match PeerMsg::read_from(&mut at_home).unwrap() {
+                PeerMsg::Failure { call, message } => {
+                    assert_eq!(call, 7);
+                    assert!(message.contains("not lent"), "{message}");
+                }
+                other => panic!("expected a failure, got {other:?}"),
+            }
+        }
+    }
+}

@@ -49,7 +49,7 @@ pub struct Responder {
 }
 
 impl Responder {
-    fn new(stream: TcpStream) -> Self {
+    pub(crate) fn new(stream: TcpStream) -> Self {
         Self {
             stream: Arc::new(Mutex::new(stream)),
             link: Arc::default(),
