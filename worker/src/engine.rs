@@ -186,7 +186,7 @@ pub(crate) enum Inbox {
 struct Shared {
     accepting: AtomicBool,
     draining: AtomicBool,
-    /// Submitted but not yet taken in by the engine thread.
+    /// Submitted and not yet counted in the published `waiting`.
     queued: AtomicUsize,
     next_id: std::sync::atomic::AtomicU64,
     /// Tokens the local pool holds; borrowing adds what creditors can lend.
@@ -359,6 +359,7 @@ fn start_with<B: Backend>(
         reclaimed: false,
         recomputed_blocks: 0,
         migrator: Migrator::default(),
+        admitted: 0,
         me: opts.cluster.as_ref().map(|c| c.worker_id.clone()),
         deferred: Vec::new(),
     };
@@ -536,6 +537,8 @@ struct Runner<B: Backend> {
     reclaimed: bool,
     recomputed_blocks: u64,
     migrator: Migrator,
+    /// Requests taken in since the last `publish`, still counted in `Shared::queued`.
+    admitted: usize,
     /// This worker's id in the pool, naming its own blocks in the placements.
     me: Option<String>,
     /// Block copies other homes asked for during the last step, served after it.
@@ -849,7 +852,7 @@ impl<B: Backend> Runner<B> {
     }
 
     fn admit(&mut self, s: Submitted) {
-        self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+        self.admitted += 1;
         self.scheduler
             .add(s.id, s.req.prompt_tokens.clone(), s.req.sampling.max_tokens);
         self.active.insert(
@@ -991,7 +994,7 @@ impl<B: Backend> Runner<B> {
         true
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         let s = &self.scheduler;
         if let (Some(link), Some(me)) = (&self.link, &self.me) {
             let placements = s
@@ -1029,5 +1032,10 @@ impl<B: Backend> Runner<B> {
             peer_direct_links: self.link.as_ref().map_or(0, |l| l.direct_links_up()),
             draining: self.shared.draining.load(Ordering::Acquire),
         });
+        // Only now that `waiting` counts them: in between, `submit` would see a request in
+        // neither count and let one too many in.
+        self.shared
+            .queued
+            .fetch_sub(std::mem::take(&mut self.admitted), Ordering::AcqRel);
     }
 }

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use infinite_llm_worker::demo_model::{DemoModelSpec, write_demo_model_if_missing};
-use local_support::{Pool, metric, post_greedy, prompt, start_pool};
+use local_support::{Pool, metric, post_greedy, prompt, start_pool, until_zero};
 use serde_json::Value;
 
 const BLOCK_TOKENS: usize = 16;
@@ -26,24 +26,6 @@ async fn greedy(client: &reqwest::Client, base: &str, prompt: &[u32], max_tokens
 /// Waits until every worker's `name` gauge reads 0; panics after a generous deadline.
 async fn all_zero(client: &reqwest::Client, pool: &Pool, name: &str) {
     until_zero(client, &pool.workers, name).await;
-}
-
-async fn until_zero(client: &reqwest::Client, workers: &[String], name: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut left = Vec::new();
-        for w in workers {
-            let v = metric(client, w, name).await;
-            if v != 0.0 {
-                left.push(format!("{w}: {v}"));
-            }
-        }
-        if left.is_empty() {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{name} stays non-zero: {left:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Every process of the pool is still up and answers.

@@ -8,7 +8,7 @@ mod local_support;
 
 use std::time::{Duration, Instant};
 
-use local_support::{demo_model, greedy_text, metric, pool_view, prompt, start_pool};
+use local_support::{demo_model, greedy_text, metric, pool_view, prompt, start_pool, until_zero};
 
 /// 49 blocks of prompt each: two of them leave 30 of the home's 128 blocks free.
 const LONG_PROMPT: usize = 780;
@@ -72,11 +72,8 @@ async fn planned_moves_put_a_debtors_blocks_on_an_idle_worker() {
         0.0,
         "the idle worker only received blocks"
     );
-    assert_eq!(
-        metric(&client, &idle, "ilm_kv_blocks_lent").await,
-        0.0,
-        "the moved blocks went back when their requests ended"
-    );
+    // The moved blocks go back when their requests end (the release trails the answer).
+    until_zero(&client, std::slice::from_ref(&idle), "ilm_kv_blocks_lent").await;
     // The next heartbeat carries the figure to the gManager.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -233,6 +233,29 @@ pub async fn until_metric(
     }
 }
 
+/// Waits until the `name` gauge of every one of `workers` reads 0; panics after a generous
+/// deadline (gauges are published after the step that changes them, so they lag answers).
+pub async fn until_zero(client: &reqwest::Client, workers: &[String], name: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let mut left = Vec::new();
+        for w in workers {
+            let v = metric(client, w, name).await;
+            if v != 0.0 {
+                left.push(format!("{w}: {v}"));
+            }
+        }
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} stays non-zero: {left:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// The index, among `candidates`, of the first worker seen lending blocks.
 pub async fn lender(client: &reqwest::Client, pool: &Pool, candidates: &[usize]) -> usize {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
