@@ -2,14 +2,14 @@
 //! picks: reserve at the destination (a local block or a creditor's `Reserve`), copy (the
 //! backend's block read and write, `Fetch` from a creditor source, `Store` to a creditor
 //! destination), commit the block table, then free the source (locally or `ReleaseBlocks`).
-//! Between two GPUs with a direct link the blocks go over NCCL instead, device to device.
+//! Between GPUs with direct links the blocks go over NCCL instead, device to device.
 //! Each step moves a few blocks only, so the requests keep decoding while their blocks move;
 //! while it waits for a peer the engine keeps answering other homes.
 
 use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, DeviceLink};
 use crate::cluster_link::{ClusterLink, PEER_TIMEOUT};
 use crate::engine::{Inbox, Submitted, serve_home};
 use crate::migration::{
@@ -244,10 +244,11 @@ fn reserve<B: Backend>(
     Err(Missed::NoRoom)
 }
 
-/// Phase two over the direct link (NCCL) with a creditor, every block in one group: from the
-/// creditor into local blocks, or from local blocks to the creditor. `None` where the move has
-/// no such link (no GPU, TCP forced, or creditor to creditor), for `copy`; otherwise whether
-/// every block landed.
+/// Phase two over direct links (NCCL), every block in one group a link: from a creditor into
+/// local blocks, from local blocks to a creditor, or from one creditor to another through
+/// transit blocks of the home's pool (free again before the next step). `None` where a link is
+/// missing (no GPU, TCP forced, not up yet) or no transit block is free, for `copy`; otherwise
+/// whether every block landed.
 fn copy_direct<B: Backend>(
     cx: &mut Ctx<'_, B>,
     seq: SeqId,
@@ -261,30 +262,66 @@ fn copy_direct<B: Backend>(
         return None;
     }
     let sources: Vec<u32> = picks.iter().map(|p| p.from.block).collect();
-    let (peer, fetch, local, remote) = match (source, dest) {
-        (Holder::Peer(p), Holder::Local) => (p, true, blocks.to_vec(), sources),
-        (Holder::Local, Holder::Peer(p)) => (p, false, sources, blocks.to_vec()),
-        _ => return None,
-    };
-    let link = cx.link.direct_link(peer)?;
-    let backend = cx.model.backend();
+    match (source, dest) {
+        (Holder::Peer(p), Holder::Local) => {
+            let link = cx.link.direct_link(p)?;
+            Some(move_over(cx, &link, p, seq, blocks, sources, true))
+        }
+        (Holder::Local, Holder::Peer(p)) => {
+            let link = cx.link.direct_link(p)?;
+            Some(move_over(
+                cx,
+                &link,
+                p,
+                seq,
+                &sources,
+                blocks.to_vec(),
+                false,
+            ))
+        }
+        (Holder::Peer(from), Holder::Peer(to)) => {
+            let (a, b) = (cx.link.direct_link(from)?, cx.link.direct_link(to)?);
+            let transit = cx.scheduler.rmanager_mut().alloc_local(blocks.len());
+            let done = (transit.len() == blocks.len()).then(|| {
+                move_over(cx, &a, from, seq, &transit, sources, true)
+                    && move_over(cx, &b, to, seq, &transit, blocks.to_vec(), false)
+            });
+            cx.scheduler.rmanager_mut().release_local(&transit);
+            done
+        }
+        (Holder::Local, Holder::Local) => None,
+    }
+}
+
+/// One group over `link`: `remote`, lent for `seq` on `peer`, into `local` (`fetch`), or
+/// `local` into `remote`; true once both sides are done. A failure loses the peer: the home's
+/// side may be left queued with nothing to pair with.
+fn move_over<B: Backend>(
+    cx: &mut Ctx<'_, B>,
+    link: &DeviceLink,
+    peer: u16,
+    seq: SeqId,
+    local: &[u32],
+    remote: Vec<u32>,
+    fetch: bool,
+) -> bool {
     // The home's side goes first: the creditor completes the pair as soon as it is asked.
-    if let Err(e) = backend.link_move(&link, cx.kv, &local, !fetch) {
+    if let Err(e) = cx.model.backend().link_move(link, cx.kv, local, !fetch) {
         cx.link.lost(peer, &format!("a block move: {e}"));
-        return Some(false);
+        return false;
     }
     let moved = {
         let (l, inbox, mut serve) = cx.split();
         l.move_blocks(peer, seq, remote, fetch, inbox, &mut serve)
     };
     if !moved {
-        return Some(false);
+        return false;
     }
-    match cx.model.backend().link_move_wait(&link, PEER_TIMEOUT) {
-        Ok(()) => Some(true),
+    match cx.model.backend().link_move_wait(link, PEER_TIMEOUT) {
+        Ok(()) => true,
         Err(e) => {
             cx.link.lost(peer, &format!("a block move: {e}"));
-            Some(false)
+            false
         }
     }
 }
