@@ -195,13 +195,7 @@ fn move_blocks<B: Backend>(
         }
         Err(e) => {
             tracing::warn!(seq, error = %e, "migration abandoned; the blocks stay where they were");
-            let reserved: Vec<BlockRef> = blocks
-                .iter()
-                .map(|&block| BlockRef {
-                    holder: dest,
-                    block,
-                })
-                .collect();
+            let reserved: Vec<BlockRef> = blocks.iter().map(|&b| to(b)).collect();
             free(cx, seq, &reserved);
             Err(Missed::Failed)
         }
