@@ -604,16 +604,11 @@ fn serve_kv<B: Backend>(model: &Llama<B>, kv: &mut B::Kv, block_tokens: usize, w
             let backend = model.backend();
             let moved = match reply.link() {
                 // The home has queued its side: this side completes the pair at once.
-                Some(link) => {
-                    let done = backend
-                        .link_move(&link, kv, &blocks, fetch)
-                        .and_then(|()| backend.link_move_wait(&link, PEER_TIMEOUT));
-                    // Half a group may be queued: nothing may pair with it later.
-                    if done.is_err() {
-                        link.comm.abort();
-                    }
-                    done.map_err(|e| e.to_string())
-                }
+                // A failure aborts the link (in the group or in the wait).
+                Some(link) => backend
+                    .link_move(&link, kv, &blocks, fetch)
+                    .and_then(|()| backend.link_move_wait(&link, PEER_TIMEOUT))
+                    .map_err(|e| e.to_string()),
                 None => Err("no direct link to this home".to_owned()),
             };
             match moved {

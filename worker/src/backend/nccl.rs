@@ -220,7 +220,8 @@ impl Drop for Comm {
 }
 
 /// Enqueues point-to-point transfers on several links as one NCCL group, on `stream`. Each op
-/// is (link, device pointer, bytes, send?): point-to-point moves bytes, whatever they hold.
+/// is (link, device pointer, bytes, send?): point-to-point moves bytes, whatever they hold. A
+/// group that fails aborts its links.
 ///
 /// # Safety
 /// `stream` is a live stream of the links' device, and each pointer names a device buffer of at
@@ -275,10 +276,15 @@ pub unsafe fn group(
     // SAFETY: closes the group opened above.
     let end = check("ending a group", unsafe { sys::ncclGroupEnd() });
     drop(guards);
-    if let Some(e) = first_error {
-        return Err(e);
-    }
     // Enqueueing may go on in the background (until the peer posts its side): callers wait
     // for `Comm::wait_enqueued` before they queue work that must follow the transfers.
-    end.map(|_| ())
+    let done = match first_error {
+        Some(e) => Err(e),
+        None => end.map(|_| ()),
+    };
+    // Part of the group may be queued, and nothing will ever pair with it.
+    if done.is_err() {
+        comms.iter().for_each(|c| c.abort());
+    }
+    done
 }
