@@ -71,12 +71,13 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         client: client.clone(),
         metrics: metrics.clone(),
         settings: config.settings.clone(),
-        gmanager: gmanager::GManager::new(
+        gmanager: gmanager::GManager::with_pods(
             gmanager::GManagerConfig {
                 placement: config.placement.clone(),
                 ..gmanager::GManagerConfig::default()
             },
             gmanager::Tokens::default(),
+            reconciler::pod_lookup(client.clone()),
         ),
     });
     let namespace = config.namespace.clone();

@@ -71,11 +71,20 @@ pub async fn run(
     .owns(api::<NetworkPolicy>(&client, namespace), owned.clone())
     .watches(api::<Pod>(&client, namespace), owned, pod_owner)
     .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, ctx)
-    .for_each(|result| async move {
-        match result {
-            Ok((obj, _)) => debug!(cluster = %obj.name, namespace = ?obj.namespace, "reconciled"),
-            Err(e) => debug!(error = %e, "reconcile did not run"),
+    .run(reconcile, error_policy, ctx.clone())
+    .for_each(|result| {
+        // A cluster deleted without a finalizer is not reconciled again; the deletion of
+        // its children still asks for it, and that is when its token stops being accepted.
+        if let Err(kube::runtime::controller::Error::ObjectNotFound(gone)) = &result
+            && let Some(ns) = &gone.namespace
+        {
+            ctx.gmanager.forget(&gmanager_cluster(ns, &Names::new(&gone.name)));
+        }
+        async move {
+            match result {
+                Ok((obj, _)) => debug!(cluster = %obj.name, namespace = ?obj.namespace, "reconciled"),
+                Err(e) => debug!(error = %e, "reconcile did not run"),
+            }
         }
     })
     .await;
@@ -103,6 +112,10 @@ async fn reconcile(ilc: Arc<InfiniteLLMCluster>, ctx: Arc<Context>) -> Result<Ac
     let _timer = ctx.metrics.reconcile();
     if ilc.meta().deletion_timestamp.is_some() {
         // Garbage collection is removing the children; applying them now would recreate them.
+        if let Some(ns) = ilc.namespace() {
+            ctx.gmanager
+                .forget(&gmanager_cluster(&ns, &Names::new(&ilc.name_any())));
+        }
         return Ok(Action::await_change());
     }
     let ns = ilc
@@ -169,6 +182,28 @@ async fn reconcile(ilc: Arc<InfiniteLLMCluster>, ctx: Arc<Context>) -> Result<Ac
     } else {
         RESYNC
     }))
+}
+
+/// Finds a cluster's pod by worker id (its pod name) for the gManager's identity check: the
+/// pod's IP, if the pod carries the cluster's labels and has one.
+pub fn pod_lookup(client: Client) -> crate::gmanager::PodLookup {
+    Arc::new(move |cluster: String, worker: String| {
+        let client = client.clone();
+        Box::pin(async move {
+            let (ns, name) = cluster.split_once('/')?;
+            let pods = Api::<Pod>::namespaced(client, ns)
+                .list(
+                    &ListParams::default()
+                        .labels(&Names::new(name).selector_string())
+                        .fields(&format!("metadata.name={worker}")),
+                )
+                .await
+                .inspect_err(|e| warn!(cluster, worker, error = %e, "looking up a worker's pod"))
+                .ok()?;
+            let ip = pods.items.first()?.status.as_ref()?.pod_ip.as_ref()?;
+            ip.parse().ok()
+        })
+    })
 }
 
 /// The gManager's name for a cluster: its token selects this ledger.

@@ -20,8 +20,9 @@ fn member(id: &str, kv_blocks: usize) -> EngineOptions {
         cluster: Some(ClusterOptions {
             worker_id: id.into(),
             peer_listen: "127.0.0.1:0".parse().unwrap(),
-            token: "bench".into(),
+            token: infinite_llm_worker::server::Secret::new("bench"),
             transport: Default::default(),
+            rejects: Default::default(),
         }),
         ..EngineOptions::default()
     }

@@ -699,10 +699,7 @@ pub fn serve_pool_request(
                     .map(|s| s.block)
                     .chain(p.appends.iter().map(|a| a.block));
                 if let Err(e) = rm.check_lent(&(from.clone(), p.seq), blocks) {
-                    reply.send(&PeerMsg::Failure {
-                        call,
-                        message: e.to_string(),
-                    });
+                    reply.refuse(call, e.to_string(), "not_lent");
                     return None;
                 }
             }
@@ -739,10 +736,7 @@ fn lent_for(
             | KvWork::Fetch { call, reply, .. }
             | KvWork::Store { call, reply, .. }
             | KvWork::Move { call, reply, .. }) = work;
-            reply.send(&PeerMsg::Failure {
-                call,
-                message: e.to_string(),
-            });
+            reply.refuse(call, e.to_string(), "not_lent");
             None
         }
     }

@@ -221,7 +221,9 @@ pub fn serve_call<B: Backend>(
 }
 
 /// Folds a creditor's partials into the home's attention output (`[rows, q_heads * head_dim]`)
-/// and log-sum-exp (`[rows, q_heads]`), which hold the local partials.
+/// and log-sum-exp (`[rows, q_heads]`), which hold the local partials. An answer that does not
+/// fit the call (a part too many or too few, rows of the wrong size) is refused whole, before
+/// anything is merged.
 pub fn merge_call(
     out: &mut [f32],
     lse: &mut [f32],
@@ -229,8 +231,24 @@ pub fn merge_call(
     seqs: &[AttnSeq],
     parts: &[&RemotePart],
     results: &[PartOut],
-) {
+) -> Result<(), String> {
     let (h, hd) = (shape.q_heads, shape.head_dim);
+    if parts.len() != results.len() {
+        return Err(format!(
+            "a creditor answered {} parts to a call of {}",
+            results.len(),
+            parts.len()
+        ));
+    }
+    for (part, res) in parts.iter().zip(results) {
+        let rows = seqs[part.attn].rows.len();
+        if res.lse.len() != rows * h || res.o.len() != rows * h * hd {
+            return Err(format!(
+                "a creditor answered {} values for a part of {rows} rows",
+                res.lse.len()
+            ));
+        }
+    }
     for (part, res) in parts.iter().zip(results) {
         for (i, row) in seqs[part.attn].rows.clone().enumerate() {
             for head in 0..h {
@@ -245,4 +263,5 @@ pub fn merge_call(
             }
         }
     }
+    Ok(())
 }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 use std::time::Duration;
 
 use infinite_llm_protocol::gmanager::{Creditor, PlannedMove};
+use infinite_llm_protocol::secret::Secret;
 
 use tokio::sync::{mpsc, watch};
 
@@ -22,9 +23,11 @@ use crate::cluster_link::{
     ClusterLink, KvWork, LayerExchange, PEER_TIMEOUT, attn_answer, serve_pool_request,
     take_back_loans,
 };
+use crate::liveness::Liveness;
 use crate::migrator::{Ctx, Migrator};
 use crate::model::llama::{Exchange, Llama, NoExchange};
-use crate::peer::tcp::TcpPeers;
+use crate::peer::frame_checks::{FrameLimits, Rejects};
+use crate::peer::tcp::{Guard, TcpPeers};
 use crate::peer::{Incoming, PeerMsg, Transport};
 use crate::rblock_pool::Holder;
 use crate::request::{Event, FinishReason, GenerateRequest, SubmitError};
@@ -111,9 +114,11 @@ pub struct ClusterOptions {
     /// Where homes that borrow from this worker connect.
     pub peer_listen: SocketAddr,
     /// The cluster token peers must present.
-    pub token: String,
+    pub token: Secret,
     /// How attention's rows and partials travel to and from peers.
     pub transport: Transport,
+    /// Where refused peer frames are counted.
+    pub rejects: Rejects,
 }
 
 impl Default for EngineOptions {
@@ -214,6 +219,7 @@ pub struct EngineHandle {
     shared: Arc<Shared>,
     submit: std_mpsc::Sender<Inbox>,
     stats: watch::Receiver<EngineStats>,
+    liveness: Liveness,
 }
 
 /// Loads the model folder onto the chosen device and starts the engine thread.
@@ -300,12 +306,21 @@ fn start_with<B: Backend>(
                     ));
                 }
             };
+            let guard = Guard {
+                limits: FrameLimits {
+                    kv: model.kv_shape(blocks, opts.block_tokens),
+                    q_heads: model.config().num_attention_heads,
+                    max_rows: opts.max_batched_tokens,
+                },
+                rejects: c.rejects.clone(),
+            };
             let (peers, bound) = TcpPeers::listen(
                 c.peer_listen,
                 c.worker_id.clone(),
                 c.token.clone(),
                 sink,
                 direct_links,
+                guard,
             )
             .map_err(EngineError::Thread)?;
             (
@@ -363,13 +378,19 @@ fn start_with<B: Backend>(
         me: opts.cluster.as_ref().map(|c| c.worker_id.clone()),
         deferred: Vec::new(),
     };
+    let liveness = Liveness::default();
+    let watch = liveness.watch();
     std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || runner.run(submit_rx))?;
+        .spawn(move || {
+            let _watch = watch;
+            runner.run(submit_rx)
+        })?;
     Ok(EngineHandle {
         shared,
         submit: submit_tx,
         stats: stats_rx,
+        liveness,
     })
 }
 
@@ -416,6 +437,11 @@ impl EngineHandle {
             return Err(SubmitError::ShuttingDown);
         }
         Ok(rx)
+    }
+
+    /// Why the engine thread is gone (it panicked), if it is: the worker is then unhealthy.
+    pub fn failure(&self) -> Option<String> {
+        self.liveness.failure()
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -965,7 +991,7 @@ impl<B: Backend> Runner<B> {
             };
             a.generated += 1;
             let sent = a.tx.send(Event::Token { id: token, logprob });
-            let eos = !a.req.sampling.ignore_eos && a.req.stop_token_ids.contains(&token);
+            let eos = a.req.ends_on(token);
             let done = if eos {
                 Some(FinishReason::Stop)
             } else if a.generated >= a.req.sampling.max_tokens {

@@ -10,7 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 use infinite_llm_worker::demo_model::{DemoModelSpec, write_demo_model_if_missing};
 use infinite_llm_worker::local::{self, LocalArgs};
-use infinite_llm_worker::server::{self, DEMO_MODEL_DIR, Secret, ServeArgs};
+use infinite_llm_worker::server::{self, DEMO_MODEL_DIR, ServeArgs};
 
 #[derive(Debug, Parser)]
 #[command(name = "infinite-llm-worker", version, about)]
@@ -84,7 +84,7 @@ async fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Drain { port, token_file } => {
-            let token = Secret::from_file(&token_file)?;
+            let token = server::secret_from_file(&token_file)?;
             server::request_drain(&format!("http://127.0.0.1:{port}"), &token).await?;
             tracing::info!(port, "worker drained");
             Ok(())

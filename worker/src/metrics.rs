@@ -13,6 +13,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::engine::EngineStats;
+use crate::peer::frame_checks::Rejects;
 
 /// The `Content-Type` of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -61,6 +62,7 @@ pub struct Metrics {
     inter_token_latency: Histogram,
     e2e_request_latency: Histogram,
     remote_attention: Histogram,
+    peer_rejects: Rejects,
 }
 
 impl Default for Metrics {
@@ -96,6 +98,7 @@ impl Metrics {
             inter_token_latency: Histogram::new(ITL_BUCKETS),
             e2e_request_latency: Histogram::new(E2E_BUCKETS),
             remote_attention: Histogram::new(ITL_BUCKETS),
+            peer_rejects: Rejects::default(),
             registry: Registry::default(),
         };
         // Counters get their `_total` suffix from the encoder, histograms their `_seconds` unit.
@@ -170,6 +173,11 @@ impl Metrics {
             metrics.peer_direct_links.clone(),
         );
         registry.register(
+            "peer_frames_rejected",
+            "Frames refused on the peer port, by reason (bad values, out of turn, too large, not authenticated, blocks not lent to the sender)",
+            metrics.peer_rejects.family(),
+        );
+        registry.register(
             "draining",
             "1 while this worker drains: no new requests, nothing more lent",
             metrics.draining.clone(),
@@ -235,6 +243,11 @@ impl Metrics {
     /// The histogram the engine records remote attention waits in.
     pub fn remote_attention(&self) -> Histogram {
         self.remote_attention.clone()
+    }
+
+    /// Where the peer transport counts the frames it refuses.
+    pub fn peer_rejects(&self) -> Rejects {
+        self.peer_rejects.clone()
     }
 
     pub fn next_token(&self, since_previous: Duration) {

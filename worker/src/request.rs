@@ -1,6 +1,9 @@
 //! What a client asks the engine for, and what the engine streams back.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::logit_adjust::LogitAdjust;
 
 /// How the next token is chosen. Validated by the API layer before it reaches the engine.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,6 +21,13 @@ pub struct SamplingParams {
     pub logprobs: Option<usize>,
     /// Keep generating past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// Tokens that end the request besides end-of-sequence (even with `ignore_eos`).
+    pub stop_token_ids: Vec<u32>,
+    /// Logit changes before the draw (bias, penalties, `min_p`, `min_tokens`).
+    pub adjust: Option<Arc<LogitAdjust>>,
+    /// Test hook (`/debug/panic-engine`): the engine thread panics on this request's first
+    /// draw. Never set by the OpenAI API.
+    pub panic_for_test: bool,
 }
 
 impl Default for SamplingParams {
@@ -30,6 +40,9 @@ impl Default for SamplingParams {
             max_tokens: 16,
             logprobs: None,
             ignore_eos: false,
+            stop_token_ids: Vec::new(),
+            adjust: None,
+            panic_for_test: false,
         }
     }
 }
@@ -43,6 +56,13 @@ pub struct GenerateRequest {
 }
 
 impl GenerateRequest {
+    /// Whether `token` ends the request: one of its `stop_token_ids`, or an end-of-sequence
+    /// token unless it ignores them.
+    pub fn ends_on(&self, token: u32) -> bool {
+        self.sampling.stop_token_ids.contains(&token)
+            || (!self.sampling.ignore_eos && self.stop_token_ids.contains(&token))
+    }
+
     /// Greedy decoding of exactly `max_tokens` tokens, end-of-sequence or not: what benchmarks
     /// and tests that compare outputs want.
     pub fn greedy(prompt_tokens: Vec<u32>, max_tokens: usize) -> Self {

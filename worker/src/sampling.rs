@@ -5,6 +5,9 @@
 //! the k-th largest (top-k; ties at the cut stay), then, among those, the largest ones whose
 //! probability at the temperature reaches `top_p` (the cut's ties stay too), and draw by
 //! inverse CDF in token-id order with one uniform number from the request's own generator.
+//! A request with logit adjustments (`logit_adjust`) draws on the host, from adjusted logits.
+
+use std::collections::HashMap;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -48,6 +51,9 @@ pub struct Sampler {
     rng: ChaCha8Rng,
     /// The number of the draw not yet used by an emitted token.
     pending_u: Option<f32>,
+    /// Tokens drawn so far, by count (for the penalties), and how many.
+    output: HashMap<u32, u32>,
+    generated: usize,
 }
 
 impl Sampler {
@@ -57,13 +63,17 @@ impl Sampler {
             params,
             rng: ChaCha8Rng::seed_from_u64(seed),
             pending_u: None,
+            output: HashMap::new(),
+            generated: 0,
         }
     }
 
-    /// Whether the token alone is wanted (no log-probabilities), so the backend can pick it
-    /// where the logits are.
+    /// Whether the token alone is wanted (no log-probabilities, no logit adjustments), so the
+    /// backend can pick it where the logits are.
     pub fn wants_token_only(&self) -> bool {
         self.params.logprobs.is_none()
+            && self.params.adjust.as_ref().is_none_or(|a| a.is_noop())
+            && !self.params.panic_for_test
     }
 
     /// The next token's draw; takes one number from the generator unless greedy. It stays the
@@ -93,8 +103,22 @@ impl Sampler {
     /// Picks a token from one row of logits and, if asked, its log-probability under the model
     /// (before temperature and cuts, as OpenAI reports it) with the top alternatives.
     pub fn sample(&mut self, logits: &[f32]) -> (u32, Option<TokenLogprob>) {
-        let id = draw(logits, &self.next_draw());
+        assert!(
+            !self.params.panic_for_test,
+            "test hook: an engine panic was asked for"
+        );
+        let d = self.next_draw();
+        let id = match self.params.adjust.as_deref().filter(|a| !a.is_noop()) {
+            Some(a) => {
+                let mut adjusted = logits.to_vec();
+                a.apply(&mut adjusted, &self.output, self.generated, d.temperature);
+                draw(&adjusted, &d)
+            }
+            None => draw(logits, &d),
+        };
         self.taken();
+        *self.output.entry(id).or_default() += 1;
+        self.generated += 1;
         let logprob = self.params.logprobs.map(|n| token_logprob(logits, id, n));
         (id, logprob)
     }

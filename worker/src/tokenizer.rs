@@ -53,6 +53,7 @@ pub struct TextTokenizer {
     bos_token: Option<String>,
     eos_token: Option<String>,
     chat_template: Option<ChatTemplate>,
+    max_token_bytes: usize,
 }
 
 #[derive(Default, Deserialize)]
@@ -154,8 +155,16 @@ impl TextTokenizer {
         let mut seen = std::collections::HashSet::new();
         eos_token_ids.retain(|id| seen.insert(*id));
 
+        let max_token_bytes = inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1);
         Ok(Self {
             dir: dir.to_path_buf(),
+            max_token_bytes,
             inner: Arc::new(inner),
             eos_token_ids,
             bos_token,
@@ -188,6 +197,12 @@ impl TextTokenizer {
     /// tokenizer's eos token, without duplicates.
     pub fn eos_token_ids(&self) -> &[u32] {
         &self.eos_token_ids
+    }
+
+    /// Bytes of the longest token in the vocabulary, as written there (at least as long as
+    /// the text it stands for): a text of `n` bytes has at least `n / max_token_bytes` tokens.
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
     }
 
     /// Number of token ids, added tokens included. The model's embedding may be larger.

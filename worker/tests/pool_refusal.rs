@@ -22,8 +22,9 @@ fn options(id: &str, kv_blocks: usize, lend_fraction: f64) -> EngineOptions {
         cluster: Some(ClusterOptions {
             worker_id: id.into(),
             peer_listen: "127.0.0.1:0".parse().unwrap(),
-            token: "test".into(),
+            token: infinite_llm_worker::server::Secret::new("test"),
             transport: Default::default(),
+            rejects: Default::default(),
         }),
         ..EngineOptions::default()
     }

@@ -4,6 +4,7 @@
 //! the greedy placement round every heartbeat interval. Its state is soft: after a restart,
 //! workers re-register when their heartbeat gets 404, and the ledger rebuilds.
 
+mod identity;
 pub(crate) mod ledger;
 mod metrics;
 #[cfg(test)]
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use infinite_llm_protocol::gmanager::PoolView;
 use tokio::net::TcpListener;
 
+pub use identity::PodLookup;
 pub use tokens::Tokens;
 
 /// Port the gManager listens on unless told otherwise.
@@ -71,10 +73,20 @@ pub struct GManager {
 }
 
 impl GManager {
+    /// A gManager that admits any worker holding a cluster's token (local mode).
     pub fn new(config: GManagerConfig, tokens: Tokens) -> Self {
+        Self::build(config, tokens, None)
+    }
+
+    /// A gManager that admits a worker only under its own pod's identity (`identity`).
+    pub fn with_pods(config: GManagerConfig, tokens: Tokens, pods: PodLookup) -> Self {
+        Self::build(config, tokens, Some(pods))
+    }
+
+    fn build(config: GManagerConfig, tokens: Tokens, pods: Option<PodLookup>) -> Self {
         let interval = config.heartbeat_interval;
         GManager {
-            service: service::Service::new(config, tokens),
+            service: service::Service::new(config, tokens, pods),
             interval,
         }
     }
@@ -82,6 +94,11 @@ impl GManager {
     /// The tokens requests are accepted with, for whoever learns them.
     pub fn tokens(&self) -> &Tokens {
         self.service.tokens()
+    }
+
+    /// Forgets a deleted cluster: its token is refused from now on and its ledger dropped.
+    pub fn forget(&self, cluster: &str) {
+        self.service.forget(cluster);
     }
 
     /// The cluster's pool as `GET /v1/pool` would show it; `None` until a worker of the
@@ -108,8 +125,13 @@ impl GManager {
                 }
             })
         };
-        let served = axum::serve(listener, self.service.router())
-            .with_graceful_shutdown(shutdown)
+        let served = axum::serve(
+            listener,
+            self.service
+                .router()
+                .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
             .await;
         sweeper.abort();
         served

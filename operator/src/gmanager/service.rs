@@ -2,11 +2,12 @@
 //! ledger per cluster, behind the cluster's bearer token; `/healthz` and `/metrics` are open.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -20,6 +21,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use super::GManagerConfig;
+use super::identity::{IdentityError, PodLookup, check_registration};
 use super::ledger::{Ledger, LedgerError};
 use super::metrics::Metrics;
 use super::tokens::Tokens;
@@ -35,17 +37,49 @@ struct Inner {
     tokens: Tokens,
     ledgers: Mutex<BTreeMap<String, Ledger>>,
     metrics: Metrics,
+    /// In Kubernetes: the pods a worker id may register from (`identity`).
+    pods: Option<PodLookup>,
+    /// The address each worker (by cluster and id) registered from, when `pods` is set.
+    addresses: Mutex<BTreeMap<(String, String), IpAddr>>,
 }
 
 impl Service {
-    pub(super) fn new(config: GManagerConfig, tokens: Tokens) -> Self {
+    pub(super) fn new(config: GManagerConfig, tokens: Tokens, pods: Option<PodLookup>) -> Self {
         Service {
             inner: Arc::new(Inner {
                 config,
                 tokens,
                 ledgers: Mutex::new(BTreeMap::new()),
                 metrics: Metrics::default(),
+                pods,
+                addresses: Mutex::default(),
             }),
+        }
+    }
+
+    /// Forgets a deleted cluster: its token stops working and its ledger goes.
+    pub(super) fn forget(&self, cluster: &str) {
+        self.inner.tokens.remove(cluster);
+        self.ledgers().remove(cluster);
+        self.addresses().retain(|(c, _), _| c != cluster);
+    }
+
+    fn addresses(&self) -> MutexGuard<'_, BTreeMap<(String, String), IpAddr>> {
+        self.inner.addresses.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// With pods to check against: `caller` must be where `worker` registered from.
+    fn check_caller(&self, cluster: &str, worker: &str, caller: Option<IpAddr>) -> Result<(), ApiError> {
+        if self.inner.pods.is_none() {
+            return Ok(());
+        }
+        match self.addresses().get(&(cluster.to_owned(), worker.to_owned())) {
+            Some(&pod) if Some(pod) != caller => Err(ApiError::Identity(IdentityError::WrongCaller {
+                worker: worker.to_owned(),
+                pod,
+                caller: caller.map_or_else(|| "an unknown address".to_owned(), |c| c.to_string()),
+            })),
+            _ => Ok(()),
         }
     }
 
@@ -153,6 +187,22 @@ impl FromRequestParts<Service> for Cluster {
     }
 }
 
+/// The address a request came from, where the server records it.
+struct Caller(Option<IpAddr>);
+
+impl FromRequestParts<Service> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &Service) -> Result<Self, ApiError> {
+        Ok(Caller(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip()),
+        ))
+    }
+}
+
 fn bearer(value: &str) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     scheme
@@ -164,10 +214,18 @@ fn bearer(value: &str) -> Option<&str> {
 async fn register(
     State(s): State<Service>,
     Cluster(cluster): Cluster,
+    Caller(caller): Caller,
     body: Result<Json<Register>, JsonRejection>,
 ) -> Result<Json<Registered>, ApiError> {
     let Json(r) = body?;
     let (worker, peer) = (r.worker_id.clone(), r.peer_addr.clone());
+    if let Some(pods) = &s.inner.pods {
+        let pod = pods(cluster.clone(), worker.clone()).await;
+        let ip = check_registration(&worker, pod, caller, &peer).inspect_err(|e| {
+            warn!(cluster, worker, error = %e, "registration refused");
+        })?;
+        s.addresses().insert((cluster.clone(), worker.clone()), ip);
+    }
     let epoch = s.with_ledger(&cluster, |l, now| l.register(r, now))?;
     info!(cluster, worker, peer_addr = peer, epoch, "worker joined");
     Ok(Json(Registered {
@@ -180,10 +238,12 @@ async fn register(
 async fn heartbeat(
     State(s): State<Service>,
     Cluster(cluster): Cluster,
+    Caller(caller): Caller,
     Path(id): Path<String>,
     body: Result<Json<HeartbeatBody>, JsonRejection>,
 ) -> Result<Json<HeartbeatAck>, ApiError> {
     let Json(hb) = body?;
+    s.check_caller(&cluster, &id, caller)?;
     let (epoch, moves) = s.with_ledger(&cluster, |l, now| {
         let epoch = l.heartbeat(&id, hb.beat.pool, &hb.placements, now)?;
         l.report_migrated(&id, hb.migrated_blocks);
@@ -202,8 +262,10 @@ async fn heartbeat(
 async fn leave(
     State(s): State<Service>,
     Cluster(cluster): Cluster,
+    Caller(caller): Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    s.check_caller(&cluster, &id, caller)?;
     let epoch = s.with_ledger(&cluster, |l, _| l.leave(&id))?;
     info!(cluster, worker = id, epoch, "worker left");
     Ok(StatusCode::NO_CONTENT)
@@ -250,6 +312,8 @@ enum ApiError {
     Ledger(#[from] LedgerError),
     #[error("invalid request body: {0}")]
     Body(#[from] JsonRejection),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
 }
 
 impl IntoResponse for ApiError {
@@ -281,6 +345,11 @@ impl IntoResponse for ApiError {
             ApiError::Body(rejection) => {
                 (rejection.status(), "invalid_request_error", "invalid_body")
             }
+            ApiError::Identity(_) => (
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                "wrong_worker_identity",
+            ),
         };
         let body = json!({"error": {"message": self.to_string(), "type": kind, "code": code}});
         (status, Json(body)).into_response()

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use subtle::ConstantTimeEq;
+use infinite_llm_protocol::secret::tokens_match;
 
 /// Cluster tokens, shared between the gManager and whoever learns them (the reconciler
 /// reads each cluster's Secret; local mode reads a file). Cloning shares the same set.
@@ -38,7 +38,7 @@ impl Tokens {
         let map = self.by_cluster.read().unwrap_or_else(|e| e.into_inner());
         let mut found = None;
         for (cluster, token) in map.iter() {
-            if bool::from(token.as_bytes().ct_eq(presented.as_bytes())) {
+            if tokens_match(presented.as_bytes(), token.as_bytes()) {
                 found = Some(cluster.clone());
             }
         }

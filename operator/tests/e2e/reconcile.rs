@@ -660,16 +660,41 @@ async fn status_reports_the_pool_the_workers_heartbeat() {
     .await;
     let base = format!("http://{}", s.operator.gmanager_addr);
     let http = reqwest::Client::new();
+    // The worker Pods run here, on loopback: that is the address they register from.
+    s.pods_ready("llm", 2).await;
+    for id in ["llm-0", "llm-1"] {
+        let ip = serde_json::json!({"status": {"podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]}});
+        s.api::<Pod>()
+            .patch_status(id, &PatchParams::default(), &Patch::Merge(&ip))
+            .await
+            .unwrap();
+    }
+    let register = |id: &str| Register {
+        worker_id: id.to_owned(),
+        api_url: "http://127.0.0.1:8000".to_owned(),
+        peer_addr: "127.0.0.1:8101".to_owned(),
+        block_tokens: 16,
+        pool: figures(100, 0, 0, 0),
+    };
+
+    // A holder of the token cannot register a worker that is not one of the cluster's pods,
+    // nor a pod under an address other than its own.
+    let mut elsewhere = register("llm-0");
+    elsewhere.peer_addr = "10.9.9.9:8101".to_owned();
+    for body in [register("llm-7"), elsewhere] {
+        let r = http
+            .post(format!("{base}/v1/workers"))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), reqwest::StatusCode::FORBIDDEN, "{:?}", body.worker_id);
+    }
 
     // Workers register with the token their Secret holds, as a worker Pod would.
     for id in ["llm-0", "llm-1"] {
-        let body = Register {
-            worker_id: id.to_owned(),
-            api_url: format!("http://{id}:8000"),
-            peer_addr: format!("{id}:8101"),
-            block_tokens: 16,
-            pool: figures(100, 0, 0, 0),
-        };
+        let body = register(id);
         eventually(
             &format!("{id} registers with the gManager"),
             LIMIT,
@@ -766,4 +791,17 @@ async fn status_reports_the_pool_the_workers_heartbeat() {
     )
     .await;
     w0.abort();
+
+    // Once the cluster is deleted, its token opens nothing.
+    api.delete("llm", &Default::default()).await.unwrap();
+    eventually("the deleted cluster's token is refused", LIMIT, || async {
+        let r = http
+            .get(format!("{base}/v1/pool"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .ok()?;
+        (r.status() == reqwest::StatusCode::UNAUTHORIZED).then_some(())
+    })
+    .await;
 }

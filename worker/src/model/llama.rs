@@ -493,7 +493,19 @@ impl<B: Backend> Llama<B> {
                 for (peer, results) in replies {
                     let parts: Vec<&RemotePart> =
                         input.remote.iter().filter(|p| p.peer == peer).collect();
-                    dist_attention::merge_call(&mut o, &mut l, shape, input.seqs, &parts, &results);
+                    let merged = dist_attention::merge_call(
+                        &mut o,
+                        &mut l,
+                        shape,
+                        input.seqs,
+                        &parts,
+                        &results,
+                    );
+                    if let Err(e) = merged {
+                        // The creditor is as good as lost: its requests recompute.
+                        exchange.link_failed(peer, &e);
+                        return Err(RemoteError(e));
+                    }
                 }
                 b.upload(&o, &mut s.attn);
             }

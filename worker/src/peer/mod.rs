@@ -2,6 +2,9 @@
 //! connection also sets up a direct device link (NCCL, `backend::nccl`), which then carries
 //! attention's rows and partials while the connection carries the calls.
 
+pub mod frame_checks;
+#[cfg(test)]
+mod fuzz_tests;
 pub mod tcp;
 pub mod wire;
 
@@ -9,6 +12,8 @@ use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 
 pub use wire::PeerMsg;
+
+use frame_checks::Rejects;
 
 use crate::backend::DeviceLink;
 
@@ -46,6 +51,7 @@ pub enum Incoming {
 pub struct Responder {
     stream: Arc<Mutex<TcpStream>>,
     link: Arc<Mutex<Option<DeviceLink>>>,
+    rejects: Rejects,
 }
 
 impl Responder {
@@ -53,7 +59,20 @@ impl Responder {
         Self {
             stream: Arc::new(Mutex::new(stream)),
             link: Arc::default(),
+            rejects: Rejects::default(),
         }
+    }
+
+    /// Counts the frames it refuses in `rejects`.
+    pub(crate) fn with_rejects(mut self, rejects: Rejects) -> Self {
+        self.rejects = rejects;
+        self
+    }
+
+    /// Answers a refused frame with `Failure` and counts it under `reason`.
+    pub fn refuse(&self, call: u64, message: String, reason: &'static str) {
+        self.rejects.count(reason);
+        self.send(&PeerMsg::Failure { call, message });
     }
 
     /// The direct device link to this home, once one was accepted.

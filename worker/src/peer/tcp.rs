@@ -6,13 +6,22 @@
 //! engine declares lost is shut down, which also ends its reader thread. A lost connection is
 //! never reused: talking to that worker again opens a new one under a new index, so blocks
 //! held under the old index can never be mistaken for blocks of the new connection.
+//!
+//! Before its `Hello` is checked, a connection may send one small frame within a deadline, and
+//! only a few such connections are served at once; after it, frames are bounded by what the
+//! cache's geometry allows, and each is checked (`frame_checks`) before the engine sees it.
 
 use std::collections::HashMap;
 use std::io::BufReader;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use infinite_llm_protocol::secret::Secret;
+
+use super::frame_checks::{FrameLimits, Rejects};
+use super::wire::{CONNECTION_CALL, FrameTooLarge, PROTOCOL_VERSION};
 use super::{Incoming, PeerError, PeerMsg, Responder};
 
 /// Where incoming messages go (the engine's inbox).
@@ -22,6 +31,19 @@ pub type Sink = Arc<dyn Fn(Incoming) + Send + Sync>;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A write that cannot go out for this long (the peer stopped reading) fails.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection must have sent its `Hello` within this long.
+const HELLO_DEADLINE: Duration = Duration::from_secs(5);
+/// Largest `Hello`: a worker id and a token fit many times over.
+const HELLO_MAX_FRAME: usize = 4 << 10;
+/// Connections served at once before their `Hello` is checked; more are closed at once.
+const MAX_UNAUTHENTICATED: usize = 16;
+
+/// What every connection is checked against, and where refusals are counted.
+#[derive(Clone)]
+pub struct Guard {
+    pub limits: FrameLimits,
+    pub rejects: Rejects,
+}
 
 struct Conn {
     worker: String,
@@ -37,10 +59,11 @@ pub struct TcpPeers {
     /// Whether attention may move over direct device links (NCCL) with peers that can.
     pub direct_links: bool,
     me: String,
-    token: String,
+    token: Secret,
     conns: Vec<Conn>,
     sink: Sink,
     homes: Homes,
+    guard: Guard,
 }
 
 impl TcpPeers {
@@ -48,17 +71,25 @@ impl TcpPeers {
     pub fn listen(
         addr: SocketAddr,
         me: String,
-        token: String,
+        token: Secret,
         sink: Sink,
         direct_links: bool,
+        guard: Guard,
     ) -> std::io::Result<(Self, SocketAddr)> {
         let listener = TcpListener::bind(addr)?;
         let bound = listener.local_addr()?;
         let homes = Homes::default();
-        let (tok, s, h) = (token.clone(), sink.clone(), homes.clone());
+        let home_side = HomeSide {
+            token: token.clone(),
+            sink: sink.clone(),
+            homes: homes.clone(),
+            direct_links,
+            guard: guard.clone(),
+            unauthenticated: Arc::default(),
+        };
         std::thread::Builder::new()
             .name("peer-accept".into())
-            .spawn(move || accept_loop(listener, tok, s, h, direct_links))?;
+            .spawn(move || accept_loop(listener, home_side))?;
         Ok((
             Self {
                 direct_links,
@@ -67,6 +98,7 @@ impl TcpPeers {
                 conns: Vec::new(),
                 sink,
                 homes,
+                guard,
             },
             bound,
         ))
@@ -96,6 +128,7 @@ impl TcpPeers {
             .map_err(connect_err)?;
         let mut w = stream.try_clone().map_err(connect_err)?;
         PeerMsg::Hello {
+            version: PROTOCOL_VERSION,
             home: self.me.clone(),
             token: self.token.clone(),
         }
@@ -104,23 +137,10 @@ impl TcpPeers {
         let peer = self.conns.len() as u16;
         // Buffered: a frame's length and body then come in one read, not two.
         let mut r = BufReader::new(stream.try_clone().map_err(connect_err)?);
-        let sink = self.sink.clone();
+        let (sink, guard) = (self.sink.clone(), self.guard.clone());
         std::thread::Builder::new()
             .name(format!("peer-{peer}"))
-            .spawn(move || {
-                loop {
-                    match PeerMsg::read_from(&mut r) {
-                        Ok(msg) => sink(Incoming::Reply { peer, msg }),
-                        Err(e) => {
-                            sink(Incoming::Lost {
-                                peer,
-                                error: e.to_string(),
-                            });
-                            return;
-                        }
-                    }
-                }
-            })
+            .spawn(move || read_creditor(&mut r, peer, &sink, &guard))
             .map_err(connect_err)?;
         self.conns.push(Conn {
             worker: worker.to_string(),
@@ -186,69 +206,179 @@ impl TcpPeers {
     }
 }
 
-fn accept_loop(listener: TcpListener, token: String, sink: Sink, homes: Homes, direct_links: bool) {
+/// Reads a creditor's answers until the connection ends or sends what no creditor may:
+/// then the engine hears the connection is lost.
+fn read_creditor(r: &mut BufReader<TcpStream>, peer: u16, sink: &Sink, guard: &Guard) {
+    let max = guard.limits.max_frame();
+    let error = loop {
+        let msg = match PeerMsg::read_capped(r, max) {
+            Ok(msg) => msg,
+            Err(e) => break e.to_string(),
+        };
+        if let Err(e) = guard.limits.check_reply(&msg) {
+            guard.rejects.count(e.reason);
+            break format!("the creditor sent a bad frame: {e}");
+        }
+        match msg {
+            PeerMsg::Failure { call, message } if call == CONNECTION_CALL => break message,
+            msg => sink(Incoming::Reply { peer, msg }),
+        }
+    };
+    let _ = r.get_ref().shutdown(Shutdown::Both);
+    sink(Incoming::Lost { peer, error });
+}
+
+/// What serving the homes that connect here takes.
+#[derive(Clone)]
+struct HomeSide {
+    token: Secret,
+    sink: Sink,
+    homes: Homes,
+    direct_links: bool,
+    guard: Guard,
+    /// Connections whose `Hello` has not been checked yet.
+    unauthenticated: Arc<AtomicUsize>,
+}
+
+fn accept_loop(listener: TcpListener, side: HomeSide) {
     for (conn, stream) in listener.incoming().enumerate() {
         let Ok(stream) = stream else { continue };
-        let (token, sink, homes) = (token.clone(), sink.clone(), homes.clone());
+        let pending = Pending::enter(&side.unauthenticated);
+        if pending.is_none() {
+            side.guard.rejects.count("busy");
+            tracing::warn!(peer = ?stream.peer_addr().ok(), "peer refused: too many connections not yet authenticated");
+            continue;
+        }
+        let side = side.clone();
         let _ = std::thread::Builder::new()
             .name("peer-home".into())
-            .spawn(move || serve_home(stream, &token, sink, conn, homes, direct_links));
+            .spawn(move || serve_home(stream, &side, conn, pending));
     }
 }
 
+/// One connection not yet authenticated, counted while it lives.
+struct Pending(Arc<AtomicUsize>);
+
+impl Pending {
+    fn enter(count: &Arc<AtomicUsize>) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_UNAUTHENTICATED).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Pending(count.clone()))
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The home a connection's first frame names, once its token and version are right.
+fn authenticate(
+    r: &mut BufReader<TcpStream>,
+    side: &HomeSide,
+    reply: &Responder,
+) -> Result<String, &'static str> {
+    let hello = PeerMsg::read_capped(r, HELLO_MAX_FRAME).map_err(|e| {
+        use std::io::ErrorKind::{TimedOut, WouldBlock};
+        match e.kind() {
+            TimedOut | WouldBlock => "hello_timeout",
+            _ if e.get_ref().is_some_and(|i| i.is::<FrameTooLarge>()) => "too_large",
+            _ => "malformed",
+        }
+    })?;
+    let PeerMsg::Hello {
+        version,
+        home,
+        token,
+    } = hello
+    else {
+        return Err("before_hello");
+    };
+    if !side.token.matches(token.expose()) {
+        return Err("unauthenticated");
+    }
+    if version != PROTOCOL_VERSION {
+        let message = format!(
+            "peer protocol version mismatch: this worker speaks version {PROTOCOL_VERSION}, home {home} version {version}"
+        );
+        tracing::warn!("{message}");
+        reply.send(&PeerMsg::Failure {
+            call: CONNECTION_CALL,
+            message,
+        });
+        return Err("version");
+    }
+    Ok(home)
+}
+
 /// Reads one home's requests until it hangs up, then reports it gone. The first frame must
-/// carry the cluster token.
-fn serve_home(
-    stream: TcpStream,
-    token: &str,
-    sink: Sink,
-    conn: usize,
-    homes: Homes,
-    direct_links: bool,
-) {
+/// carry the cluster token and this protocol's version.
+fn serve_home(stream: TcpStream, side: &HomeSide, conn: usize, pending: Option<Pending>) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let _ = stream.set_read_timeout(Some(HELLO_DEADLINE));
     let Ok(w) = stream.try_clone() else { return };
+    let peer_addr = w.peer_addr().ok();
+    let reply = Responder::new(w).with_rejects(side.guard.rejects.clone());
     let mut r = BufReader::new(stream);
-    let home = match PeerMsg::read_from(&mut r) {
-        Ok(PeerMsg::Hello { home, token: t })
-            if constant_time_eq(t.as_bytes(), token.as_bytes()) =>
-        {
-            home
-        }
-        _ => {
-            tracing::warn!(peer = ?w.peer_addr().ok(), "peer refused: no valid cluster token");
+    let home = match authenticate(&mut r, side, &reply) {
+        Ok(home) => home,
+        Err(reason) => {
+            side.guard.rejects.count(reason);
+            tracing::warn!(peer = ?peer_addr, reason, "peer refused before its Hello was accepted");
+            let _ = r.get_ref().shutdown(Shutdown::Both);
             return;
         }
     };
-    let reply = Responder::new(w);
+    drop(pending);
+    let _ = r.get_ref().set_read_timeout(None);
     tracing::info!(home = %home, "a home connected");
     // Loans are held per connection: a home that reconnects (say, restarted under the same
     // name) never has its new loans taken back with the old connection's.
     let from = format!("{home}#{conn}");
-    let lock = || homes.lock().unwrap_or_else(|e| e.into_inner());
+    let lock = || side.homes.lock().unwrap_or_else(|e| e.into_inner());
     lock().insert(from.clone(), reply.clone());
-    while let Ok(msg) = PeerMsg::read_from(&mut r) {
-        if matches!(msg, PeerMsg::LinkOffer { .. }) && !direct_links {
+    let max = side.guard.limits.max_frame();
+    loop {
+        let msg = match PeerMsg::read_capped(&mut r, max) {
+            Ok(msg) => msg,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                let reason = if e.get_ref().is_some_and(|i| i.is::<FrameTooLarge>()) {
+                    "too_large"
+                } else {
+                    "malformed"
+                };
+                reply.refuse(CONNECTION_CALL, e.to_string(), reason);
+                break;
+            }
+            Err(_) => break,
+        };
+        if let Err(e) = side.guard.limits.check_request(&msg) {
+            tracing::warn!(home = %home, error = %e, "bad frame refused");
+            reply.refuse(msg.call().unwrap_or(CONNECTION_CALL), e.to_string(), e.reason);
+            continue;
+        }
+        if matches!(msg, PeerMsg::LinkOffer { .. }) && !side.direct_links {
             reply.send(&PeerMsg::LinkAnswer {
                 accepted: false,
                 reason: "this worker uses TCP only".into(),
             });
             continue;
         }
-        sink(Incoming::Request {
+        (side.sink)(Incoming::Request {
             from: from.clone(),
             msg,
             reply: reply.clone(),
         });
     }
     tracing::info!(home = %home, "a home disconnected");
+    let _ = r.get_ref().shutdown(Shutdown::Both);
     // Before the engine hears of it: a transfer it waits on must not wait for a dead home.
     reply.abort_link();
     lock().remove(&from);
-    sink(Incoming::Gone { from });
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    (side.sink)(Incoming::Gone { from });
 }

@@ -3,18 +3,32 @@
 
 use std::io::{self, Read, Write};
 
+use infinite_llm_protocol::secret::Secret;
+
 use crate::backend::KvSegment;
 use crate::dist_attention::{Append, AttnCall, PartIn, PartOut};
 
-/// Frames above this are refused rather than allocated: a corrupt length never exhausts memory.
-const MAX_FRAME: usize = 1 << 30;
+/// The version of this protocol, carried in `Hello`. Workers of two versions (a rolling update
+/// half done) refuse each other by name rather than misreading each other's frames. Version 1
+/// had no version field (its `Hello` is still recognised, to name it).
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The `call` of a `Failure` about the connection itself rather than one call (a refused
+/// `Hello`, a frame that named no call).
+pub const CONNECTION_CALL: u64 = u64::MAX;
+
+/// Tags of the two `Hello` layouts: version 1's (no version field) and the current one.
+const TAG_HELLO_V1: u8 = 1;
+const TAG_HELLO: u8 = 16;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum PeerMsg {
-    /// First frame of a connection: who the home is, and the cluster token.
+    /// First frame of a connection: the protocol version, who the home is, and the cluster
+    /// token (`Debug` shows it redacted).
     Hello {
+        version: u32,
         home: String,
-        token: String,
+        token: Secret,
     },
     /// Two-phase borrowing, phase one: reserve up to `blocks` for the home's request `seq`
     /// (the creditor grants what it can lend; the home gives back a round that falls short).
@@ -191,10 +205,15 @@ impl PeerMsg {
         let mut e = Enc::default();
         e.u32(0);
         match self {
-            PeerMsg::Hello { home, token } => {
-                e.u8(1);
+            PeerMsg::Hello {
+                version,
+                home,
+                token,
+            } => {
+                e.u8(TAG_HELLO);
+                e.u32(*version);
                 e.str(home);
-                e.str(token);
+                e.str(token.expose());
             }
             PeerMsg::Reserve { call, seq, blocks } => {
                 e.u8(2);
@@ -319,12 +338,19 @@ impl PeerMsg {
         e.0
     }
 
-    fn decode(buf: &[u8]) -> io::Result<Self> {
+    /// One frame's body (without its length).
+    pub fn decode(buf: &[u8]) -> io::Result<Self> {
         let mut d = Dec { buf };
         let msg = match d.u8()? {
-            1 => PeerMsg::Hello {
+            TAG_HELLO_V1 => PeerMsg::Hello {
+                version: 1,
                 home: d.str()?,
-                token: d.str()?,
+                token: Secret::new(d.str()?),
+            },
+            TAG_HELLO => PeerMsg::Hello {
+                version: d.u32()?,
+                home: d.str()?,
+                token: Secret::new(d.str()?),
             },
             2 => PeerMsg::Reserve {
                 call: d.u64()?,
@@ -452,16 +478,69 @@ impl PeerMsg {
         w.write_all(&frame)
     }
 
-    pub fn read_from(r: &mut impl Read) -> io::Result<Self> {
+    /// Reads one frame of at most `max_frame` bytes. Memory grows with the bytes that actually
+    /// arrive, never with what the length prefix claims.
+    pub fn read_capped(r: &mut impl Read, max_frame: usize) -> io::Result<Self> {
         let mut len = [0u8; 4];
         r.read_exact(&mut len)?;
         let len = u32::from_le_bytes(len) as usize;
-        if len > MAX_FRAME {
-            return Err(malformed("frame too large"));
+        if len > max_frame {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                FrameTooLarge {
+                    len,
+                    max: max_frame,
+                },
+            ));
         }
-        let mut body = vec![0u8; len];
-        r.read_exact(&mut body)?;
+        let mut body = Vec::with_capacity(len.min(READ_CHUNK));
+        r.take(len as u64).read_to_end(&mut body)?;
+        if body.len() < len {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
         Self::decode(&body)
+    }
+
+    /// Reads one frame of up to 1 MiB, for tests.
+    #[cfg(test)]
+    pub fn read_from(r: &mut impl Read) -> io::Result<Self> {
+        Self::read_capped(r, 1 << 20)
+    }
+}
+
+/// What a frame is given room for before its bytes arrive.
+const READ_CHUNK: usize = 64 << 10;
+
+/// A length prefix above what the connection allows.
+#[derive(Debug, thiserror::Error)]
+#[error("a frame of {len} bytes, above the {max} this connection allows")]
+pub struct FrameTooLarge {
+    pub len: usize,
+    pub max: usize,
+}
+
+impl PeerMsg {
+    /// The call a message belongs to, if it names one.
+    pub fn call(&self) -> Option<u64> {
+        match self {
+            PeerMsg::Reserve { call, .. }
+            | PeerMsg::Reserved { call, .. }
+            | PeerMsg::Attn { call, .. }
+            | PeerMsg::AttnOut { call, .. }
+            | PeerMsg::Failure { call, .. }
+            | PeerMsg::Fetch { call, .. }
+            | PeerMsg::Fetched { call, .. }
+            | PeerMsg::Store { call, .. }
+            | PeerMsg::Stored { call }
+            | PeerMsg::MoveBlocks { call, .. }
+            | PeerMsg::Moved { call } => Some(*call),
+            PeerMsg::Hello { .. }
+            | PeerMsg::Release { .. }
+            | PeerMsg::Reclaim
+            | PeerMsg::LinkOffer { .. }
+            | PeerMsg::LinkAnswer { .. }
+            | PeerMsg::ReleaseBlocks { .. } => None,
+        }
     }
 }
 
@@ -477,13 +556,16 @@ mod tests {
         for cut in 0..buf.len() {
             assert!(PeerMsg::read_from(&mut &buf[..cut]).is_err());
         }
+        // So is a frame above the connection's cap.
+        assert!(PeerMsg::read_capped(&mut buf.as_slice(), buf.len() - 5).is_err());
     }
 
     #[test]
     fn every_message_round_trips_and_truncation_is_refused() {
         round_trip(PeerMsg::Hello {
+            version: PROTOCOL_VERSION,
             home: "w0".into(),
-            token: "t".into(),
+            token: Secret::new("t"),
         });
         round_trip(PeerMsg::Reserve {
             call: 1,
@@ -577,5 +659,27 @@ mod tests {
         assert!(PeerMsg::read_from(&mut frame.as_slice()).is_err());
         let huge = (u32::MAX).to_le_bytes();
         assert!(PeerMsg::read_from(&mut huge.as_slice()).is_err());
+    }
+
+    #[test]
+    fn a_version_1_hello_is_read_as_version_1() {
+        let mut e = Enc::default();
+        e.u8(TAG_HELLO_V1);
+        e.str("w0");
+        e.str("t");
+        match PeerMsg::decode(&e.0).unwrap() {
+            PeerMsg::Hello { version, home, .. } => assert_eq!((version, home.as_str()), (1, "w0")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_token_is_redacted_in_debug() {
+        let hello = PeerMsg::Hello {
+            version: PROTOCOL_VERSION,
+            home: "w0".into(),
+            token: Secret::new("very-secret"),
+        };
+        assert!(!format!("{hello:?}").contains("very-secret"));
     }
 }

@@ -10,10 +10,11 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use super::errors::ApiError;
-use super::extract::JsonBody;
-use super::generation::Delta;
+use super::extract::OpenAiBody;
+use super::generation::{Delta, TokenInfo};
 use super::openai_types::{
-    ChatChoice, ChatChunkChoice, ChatDelta, ChatMessageIn, ChatMessageOut, ChatRequest,
+    ChatChoice, ChatChunkChoice, ChatDelta, ChatFields, ChatLogprobs, ChatMessageIn,
+    ChatMessageOut, ChatTokenLogprob, ChatTopLogprob, CommonFields,
 };
 use super::params;
 use super::sse::{self, ChunkFormat, ResponseMeta};
@@ -21,36 +22,37 @@ use super::state::{AppState, PromptField, request_id, unix_now};
 use crate::tokenizer::ChatMessage;
 
 const ASSISTANT: &str = "assistant";
+/// OpenAI's bound on `top_logprobs`.
+const MAX_TOP_LOGPROBS: i64 = 20;
 
 pub async fn create(
     State(state): State<Arc<AppState>>,
-    JsonBody(request): JsonBody<ChatRequest>,
+    OpenAiBody(common, request): OpenAiBody<ChatFields>,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let id = request_id("chatcmpl");
     let span = tracing::info_span!("chat_completion", id = %id);
-    handle(state, request, id, arrived).instrument(span).await
+    handle(state, common, request, id, arrived)
+        .instrument(span)
+        .await
 }
 
 async fn handle(
     state: Arc<AppState>,
-    request: ChatRequest,
+    common: CommonFields,
+    request: ChatFields,
     id: String,
     arrived: Instant,
 ) -> Result<Response, ApiError> {
-    let model = state.model(&request.common.model)?;
-    if request.logprobs == Some(true) {
-        return Err(ApiError::invalid_param(
-            "logprobs",
-            "logprobs are not supported on chat completions; use /v1/completions.",
-        ));
-    }
-    let max_tokens = match (request.max_completion_tokens, request.common.max_tokens) {
+    let model = state.model(&common.model)?;
+    let logprobs = logprobs(&request)?;
+    let max_tokens = match (request.max_completion_tokens, common.max_tokens) {
         (Some(v), _) => Some((v, "max_completion_tokens")),
         (None, Some(v)) => Some((v, "max_tokens")),
         (None, None) => None,
     };
-    let params = params::validate(&request.common, max_tokens, None)?;
+    let vocab = model.tokenizer.vocab_size();
+    let params = params::validate(&common, max_tokens, logprobs, vocab)?;
     let prompt = model.encode_chat(chat_messages(request.messages)?).await?;
     // As in vLLM: without a limit, a reply may fill whatever context the prompt leaves.
     let max_tokens = params.max_tokens.unwrap_or_else(|| {
@@ -71,12 +73,15 @@ async fn handle(
     let meta = ResponseMeta {
         id,
         created: unix_now(),
-        model: request.common.model,
+        model: common.model,
+    };
+    let format = ChatFormat {
+        logprobs: logprobs.is_some(),
     };
     if params.stream {
         return Ok(sse::respond(
             generation,
-            ChatFormat,
+            format,
             meta,
             params.include_usage,
         ));
@@ -88,11 +93,29 @@ async fn handle(
             role: ASSISTANT,
             content: done.text,
         },
+        logprobs: format.logprobs(done.tokens),
         finish_reason: done.reason,
     };
     let mut body = meta.envelope("chat.completion", vec![choice]);
     body.usage = Some(Some(done.usage));
     Ok(Json(body).into_response())
+}
+
+/// How many alternatives each token's logprobs list (`None`: no logprobs): `logprobs: true`
+/// with `top_logprobs` from 0 to 20.
+fn logprobs(request: &ChatFields) -> Result<Option<usize>, ApiError> {
+    match (request.logprobs.unwrap_or(false), request.top_logprobs) {
+        (_, Some(n)) if !(0..=MAX_TOP_LOGPROBS).contains(&n) => Err(ApiError::invalid_param(
+            "top_logprobs",
+            format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {n}."),
+        )),
+        (false, Some(_)) => Err(ApiError::invalid_param(
+            "top_logprobs",
+            "top_logprobs needs logprobs set to true.",
+        )),
+        (true, n) => Ok(Some(n.unwrap_or(0) as usize)),
+        (false, None) => Ok(None),
+    }
 }
 
 /// Message content is a string or a list of `{"type": "text", "text": ...}` parts, joined.
@@ -142,7 +165,33 @@ fn text_parts(parts: &[Value]) -> Option<String> {
         .collect()
 }
 
-struct ChatFormat;
+struct ChatFormat {
+    logprobs: bool,
+}
+
+impl ChatFormat {
+    fn logprobs(&self, tokens: Vec<TokenInfo>) -> Option<ChatLogprobs> {
+        self.logprobs.then(|| ChatLogprobs {
+            content: tokens
+                .into_iter()
+                .map(|t| ChatTokenLogprob {
+                    bytes: t.text.as_bytes().to_vec(),
+                    top_logprobs: t
+                        .top
+                        .into_iter()
+                        .map(|(token, logprob)| ChatTopLogprob {
+                            bytes: token.as_bytes().to_vec(),
+                            token,
+                            logprob,
+                        })
+                        .collect(),
+                    token: t.text,
+                    logprob: t.logprob,
+                })
+                .collect(),
+        })
+    }
+}
 
 impl ChunkFormat for ChatFormat {
     type Choice = ChatChunkChoice;
@@ -155,6 +204,7 @@ impl ChunkFormat for ChatFormat {
                 role: Some(ASSISTANT),
                 content: Some(String::new()),
             },
+            logprobs: None,
             finish_reason: None,
         })
     }
@@ -166,6 +216,7 @@ impl ChunkFormat for ChatFormat {
                 role: None,
                 content: Some(delta.text),
             },
+            logprobs: self.logprobs(delta.tokens),
             finish_reason: None,
         }
     }
@@ -174,6 +225,7 @@ impl ChunkFormat for ChatFormat {
         ChatChunkChoice {
             index: 0,
             delta: ChatDelta::default(),
+            logprobs: None,
             finish_reason: Some(reason),
         }
     }

@@ -10,9 +10,11 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use super::errors::ApiError;
-use super::extract::JsonBody;
+use super::extract::OpenAiBody;
 use super::generation::{Delta, TokenInfo};
-use super::openai_types::{CompletionChoice, CompletionLogprobs, CompletionRequest, TopLogprobs};
+use super::openai_types::{
+    CommonFields, CompletionChoice, CompletionFields, CompletionLogprobs, TopLogprobs,
+};
 use super::params;
 use super::sse::{self, ChunkFormat, ResponseMeta};
 use super::state::{AppState, PromptField, request_id, unix_now};
@@ -28,21 +30,24 @@ enum Prompt {
 
 pub async fn create(
     State(state): State<Arc<AppState>>,
-    JsonBody(request): JsonBody<CompletionRequest>,
+    OpenAiBody(common, request): OpenAiBody<CompletionFields>,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let id = request_id("cmpl");
     let span = tracing::info_span!("completion", id = %id);
-    handle(state, request, id, arrived).instrument(span).await
+    handle(state, common, request, id, arrived)
+        .instrument(span)
+        .await
 }
 
 async fn handle(
     state: Arc<AppState>,
-    request: CompletionRequest,
+    common: CommonFields,
+    request: CompletionFields,
     id: String,
     arrived: Instant,
 ) -> Result<Response, ApiError> {
-    let model = state.model(&request.common.model)?;
+    let model = state.model(&common.model)?;
     reject_unsupported(&request)?;
     let logprobs = match request.logprobs {
         Some(n) if !(0..=MAX_LOGPROBS).contains(&n) => {
@@ -53,8 +58,9 @@ async fn handle(
         }
         other => other.map(|n| n as usize),
     };
-    let max_tokens = request.common.max_tokens.map(|v| (v, "max_tokens"));
-    let params = params::validate(&request.common, max_tokens, logprobs)?;
+    let max_tokens = common.max_tokens.map(|v| (v, "max_tokens"));
+    let vocab = model.tokenizer.vocab_size();
+    let params = params::validate(&common, max_tokens, logprobs, vocab)?;
     let prompt = match parse_prompt(request.prompt)? {
         Prompt::Text(text) => model.encode(text).await?,
         Prompt::Tokens(ids) => {
@@ -73,7 +79,7 @@ async fn handle(
     let meta = ResponseMeta {
         id,
         created: unix_now(),
-        model: request.common.model,
+        model: common.model,
     };
     let format = CompletionFormat {
         logprobs: logprobs.is_some(),
@@ -88,7 +94,7 @@ async fn handle(
     Ok(Json(body).into_response())
 }
 
-fn reject_unsupported(request: &CompletionRequest) -> Result<(), ApiError> {
+fn reject_unsupported(request: &CompletionFields) -> Result<(), ApiError> {
     if request.echo == Some(true) {
         return Err(ApiError::invalid_param("echo", "echo is not supported."));
     }

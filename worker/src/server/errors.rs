@@ -73,6 +73,18 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, INVALID_REQUEST, message).with_param(param)
     }
 
+    /// Marks a prompt error as the context being too small for it.
+    pub fn context_length_exceeded(self) -> Self {
+        self.with_code("context_length_exceeded")
+    }
+
+    /// Too much work queued: come back after `retry_after`.
+    pub fn overloaded(message: impl Into<String>, retry_after: Duration) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+            .with_code("server_overloaded")
+            .with_retry_after(retry_after)
+    }
+
     pub fn payload_too_large() -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -143,6 +155,16 @@ impl ApiError {
             .with_retry_after(retry_after)
     }
 
+    /// The engine thread is gone: the worker cannot serve until it restarts.
+    pub fn engine_dead(why: &str) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            SERVER_ERROR,
+            format!("The engine is not running ({why}); this worker needs a restart."),
+        )
+        .with_code("engine_dead")
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, SERVER_ERROR, message)
     }
@@ -153,14 +175,10 @@ impl ApiError {
         let message = err.to_string();
         match err {
             SubmitError::ContextLengthExceeded { .. } => {
-                Self::invalid_param(prompt_param, message).with_code("context_length_exceeded")
+                Self::invalid_param(prompt_param, message).context_length_exceeded()
             }
             SubmitError::EmptyPrompt => Self::invalid_param(prompt_param, message),
-            SubmitError::Overloaded { retry_after, .. } => {
-                Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
-                    .with_code("server_overloaded")
-                    .with_retry_after(retry_after)
-            }
+            SubmitError::Overloaded { retry_after, .. } => Self::overloaded(message, retry_after),
             SubmitError::ShuttingDown => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, SERVER_ERROR, message)
                     .with_code("shutting_down")
@@ -176,6 +194,10 @@ impl ApiError {
         } else {
             Self::internal(message)
         }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
     }
 
     pub fn body(&self) -> &ErrorBody {

@@ -5,6 +5,7 @@
 //! /v1/completions, /v1/chat/completions, /v1/models   API key (optional)
 //! /health, /ready, /metrics                           open (probes, Prometheus)
 //! /drain                                              cluster token
+//! /debug/panic-engine (only with ILM_TEST_HOOKS set)   cluster token
 //! ```
 
 mod auth;
@@ -17,10 +18,12 @@ mod generation;
 mod openai_types;
 mod ops;
 mod params;
+mod request_fields;
 mod serve;
 mod sse;
 mod state;
 mod stop_strings;
+mod tokenize_gate;
 
 use std::sync::Arc;
 
@@ -32,7 +35,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use tracing::{Instrument, Span};
 
-pub use auth::{Secret, SecretError};
+pub use auth::{Secret, SecretError, secret_from_file};
 pub use drain::{DrainError, request_drain};
 pub use errors::ApiError;
 pub use serve::{
@@ -42,6 +45,10 @@ pub use serve::{
 use crate::engine::EngineHandle;
 use crate::tokenizer::TextTokenizer;
 use state::{AppState, LoadedModel};
+
+/// Set (to anything) in tests only: routes `POST /debug/panic-engine` (cluster token), which
+/// makes the engine thread panic.
+pub const TEST_HOOKS_ENV: &str = "ILM_TEST_HOOKS";
 
 /// Request bodies larger than this are refused with 413.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 << 20;
@@ -82,6 +89,7 @@ impl Server {
         self.state.install(LoadedModel {
             engine,
             tokenizer: Arc::new(tokenizer),
+            tokenize: Default::default(),
         });
     }
 
@@ -110,9 +118,11 @@ impl Server {
                 config.api_key.clone(),
                 auth::require_api_key,
             ));
-        let internal = Router::new()
-            .route("/drain", post(drain::handle))
-            .route_layer(from_fn_with_state(
+        let mut internal = Router::new().route("/drain", post(drain::handle));
+        if std::env::var_os(TEST_HOOKS_ENV).is_some() {
+            internal = internal.route("/debug/panic-engine", post(ops::panic_engine));
+        }
+        let internal = internal.route_layer(from_fn_with_state(
                 config.cluster_token.clone(),
                 auth::require_cluster_token,
             ));

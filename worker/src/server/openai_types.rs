@@ -5,6 +5,8 @@
 
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
+use std::collections::BTreeMap;
+
 use serde_json::Value;
 
 /// Sampling and streaming fields shared by `/v1/completions` and `/v1/chat/completions`.
@@ -23,8 +25,15 @@ pub struct CommonFields {
     pub n: Option<i64>,
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
+    /// Token id (as a string) to a bias from -100 to 100.
+    pub logit_bias: Option<BTreeMap<String, f64>>,
     /// Extension (as in vLLM): keep generating past end-of-sequence tokens.
     pub ignore_eos: Option<bool>,
+    /// Extensions (as in vLLM).
+    pub repetition_penalty: Option<f64>,
+    pub min_p: Option<f64>,
+    pub min_tokens: Option<i64>,
+    pub stop_token_ids: Option<Vec<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -32,10 +41,9 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
+/// The fields only `/v1/completions` takes.
 #[derive(Debug, Deserialize)]
-pub struct CompletionRequest {
-    #[serde(flatten)]
-    pub common: CommonFields,
+pub struct CompletionFields {
     pub prompt: Value,
     pub logprobs: Option<i64>,
     pub echo: Option<bool>,
@@ -43,14 +51,14 @@ pub struct CompletionRequest {
     pub suffix: Option<String>,
 }
 
+/// The fields only `/v1/chat/completions` takes.
 #[derive(Debug, Deserialize)]
-pub struct ChatRequest {
-    #[serde(flatten)]
-    pub common: CommonFields,
+pub struct ChatFields {
     pub messages: Vec<ChatMessageIn>,
     /// The newer name of `max_tokens`; wins when both are given.
     pub max_completion_tokens: Option<i64>,
     pub logprobs: Option<bool>,
+    pub top_logprobs: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,7 +133,30 @@ impl Serialize for TopLogprobs {
 pub struct ChatChoice {
     pub index: u32,
     pub message: ChatMessageOut,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: &'static str,
+}
+
+/// Chat's logprobs object: one entry per generated token.
+#[derive(Debug, Default, Serialize)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    /// The most likely tokens at this position, best first.
+    pub top_logprobs: Vec<ChatTopLogprob>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatTopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
 }
 
 #[derive(Debug, Serialize)]
@@ -138,6 +169,7 @@ pub struct ChatMessageOut {
 pub struct ChatChunkChoice {
     pub index: u32,
     pub delta: ChatDelta,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<&'static str>,
 }
 

@@ -191,7 +191,7 @@ pub fn folder_name(dir: &Path) -> String {
 }
 
 fn read_secret(path: Option<&Path>) -> anyhow::Result<Option<Secret>> {
-    path.map(Secret::from_file).transpose().map_err(Into::into)
+    path.map(super::secret_from_file).transpose().map_err(Into::into)
 }
 
 /// Runs a worker until it is told to stop, then drains it.
@@ -223,8 +223,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             peer_listen: listen
                 .parse()
                 .with_context(|| format!("peer address {listen}"))?,
-            token: token.expose().to_string(),
+            token: token.clone(),
             transport: args.transport,
+            rejects: Default::default(),
         });
     }
     let served_model_name = args
@@ -241,6 +242,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         worker_id: Some(worker_id.clone()),
     });
     options.remote_attention = Some(server.metrics().remote_attention());
+    if let Some(c) = &mut options.cluster {
+        c.rejects = server.metrics().peer_rejects();
+    }
     // Listen before loading, so liveness probes pass (and readiness reports 503) during a long load.
     let listener = TcpListener::bind((args.host.as_str(), args.port))
         .await

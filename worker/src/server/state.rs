@@ -11,6 +11,7 @@ use super::ServerConfig;
 use super::errors::ApiError;
 use super::generation::{Generation, GenerationSetup};
 use super::params::Params;
+use super::tokenize_gate::TokenizeGate;
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
 use crate::request::GenerateRequest;
@@ -29,6 +30,8 @@ pub struct AppState {
 pub struct LoadedModel {
     pub engine: EngineHandle,
     pub tokenizer: Arc<TextTokenizer>,
+    /// Bounds how many long prompts tokenize at once.
+    pub tokenize: TokenizeGate,
 }
 
 /// Where a request's prompt came from, so errors about it name the right field.
@@ -120,6 +123,18 @@ impl AppState {
     ) -> Result<Generation, ApiError> {
         let mut sampling = params.sampling.clone();
         sampling.max_tokens = max_tokens;
+        if let Some(adjust) = &mut sampling.adjust {
+            let adjust = Arc::make_mut(adjust);
+            adjust.stops = sampling.stop_token_ids.clone();
+            if !sampling.ignore_eos {
+                adjust.stops.extend(model.tokenizer.eos_token_ids());
+            }
+            if adjust.repetition_penalty != 1.0 {
+                adjust.prompt = prompt.clone();
+                adjust.prompt.sort_unstable();
+                adjust.prompt.dedup();
+            }
+        }
         let decoder = model.tokenizer.incremental_decoder(&prompt);
         let prompt_tokens = prompt.len();
         let request = GenerateRequest {
@@ -148,38 +163,54 @@ impl AppState {
 }
 
 impl LoadedModel {
-    /// Tokenizes off the async threads: a prompt can be megabytes long.
+    /// Tokenizes off the async threads, after the length check and under the gate: a prompt
+    /// can be megabytes long.
     pub async fn encode(&self, text: String) -> Result<Vec<u32>, ApiError> {
+        self.check_length(text.len(), PromptField::Prompt)?;
         let tokenizer = self.tokenizer.clone();
-        run_blocking(move || {
-            tokenizer
-                .encode(&text, true)
-                .map_err(|err| ApiError::internal(format!("Tokenizing the prompt: {err}")))
-        })
-        .await
+        self.tokenize
+            .run(text.len(), move || {
+                tokenizer
+                    .encode(&text, true)
+                    .map_err(|err| ApiError::internal(format!("Tokenizing the prompt: {err}")))
+            })
+            .await
     }
 
     /// Renders the chat template and tokenizes the result (the template adds special tokens).
     pub async fn encode_chat(&self, messages: Vec<ChatMessage>) -> Result<Vec<u32>, ApiError> {
+        let bytes = messages.iter().map(|m| m.content.len()).sum();
+        self.check_length(bytes, PromptField::Messages)?;
         let tokenizer = self.tokenizer.clone();
-        run_blocking(move || {
-            let text = tokenizer
-                .apply_chat_template(&messages, true)
-                .map_err(|err| match err {
-                    TokenizerError::NoChatTemplate { .. } => ApiError::invalid_param(
-                        "messages",
-                        "This model has no chat template; use /v1/completions instead.",
-                    ),
-                    err => ApiError::invalid_param(
-                        "messages",
-                        format!("The chat template rejected the messages: {err}"),
-                    ),
-                })?;
-            tokenizer
-                .encode(&text, false)
-                .map_err(|err| ApiError::internal(format!("Tokenizing the messages: {err}")))
-        })
-        .await
+        self.tokenize
+            .run(bytes, move || {
+                let text = tokenizer
+                    .apply_chat_template(&messages, true)
+                    .map_err(|err| match err {
+                        TokenizerError::NoChatTemplate { .. } => ApiError::invalid_param(
+                            "messages",
+                            "This model has no chat template; use /v1/completions instead.",
+                        ),
+                        err => ApiError::invalid_param(
+                            "messages",
+                            format!("The chat template rejected the messages: {err}"),
+                        ),
+                    })?;
+                tokenizer
+                    .encode(&text, false)
+                    .map_err(|err| ApiError::internal(format!("Tokenizing the messages: {err}")))
+            })
+            .await
+    }
+
+    /// Refuses, before tokenizing, a text too long for the context whatever its tokens.
+    fn check_length(&self, bytes: usize, field: PromptField) -> Result<(), ApiError> {
+        TokenizeGate::check_length(
+            bytes,
+            self.tokenizer.max_token_bytes(),
+            self.engine.max_context_tokens(),
+            field.name(),
+        )
     }
 
     /// Token ids sent by the client must exist in the vocabulary.
@@ -193,14 +224,6 @@ impl LoadedModel {
             None => Ok(()),
         }
     }
-}
-
-async fn run_blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|err| ApiError::internal(format!("Tokenizer task failed: {err}")))?
 }
 
 /// A fresh id such as `cmpl-3f2a…`.
