@@ -78,11 +78,14 @@ pub async fn run(
         if let Err(kube::runtime::controller::Error::ObjectNotFound(gone)) = &result
             && let Some(ns) = &gone.namespace
         {
-            ctx.gmanager.forget(&gmanager_cluster(ns, &Names::new(&gone.name)));
+            ctx.gmanager
+                .forget(&gmanager_cluster(ns, &Names::new(&gone.name)));
         }
         async move {
             match result {
-                Ok((obj, _)) => debug!(cluster = %obj.name, namespace = ?obj.namespace, "reconciled"),
+                Ok((obj, _)) => {
+                    debug!(cluster = %obj.name, namespace = ?obj.namespace, "reconciled")
+                }
                 Err(e) => debug!(error = %e, "reconcile did not run"),
             }
         }

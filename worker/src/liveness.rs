@@ -56,7 +56,10 @@ mod tests {
             panic!("boom");
         })
         .join();
-        assert_eq!(live.failure().as_deref(), Some("the engine thread panicked"));
+        assert_eq!(
+            live.failure().as_deref(),
+            Some("the engine thread panicked")
+        );
 
         let live = Liveness::default();
         drop(live.watch());

@@ -81,7 +81,9 @@ impl LogitAdjust {
             let mut seen: Vec<u32> = self.prompt.iter().chain(output.keys()).copied().collect();
             seen.sort_unstable();
             seen.dedup();
-            each(&mut seen.into_iter(), &|l| if l > 0.0 { l / p } else { l * p });
+            each(&mut seen.into_iter(), &|l| {
+                if l > 0.0 { l / p } else { l * p }
+            });
         }
         if self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 {
             for (&id, &n) in output {
@@ -107,7 +109,12 @@ mod tests {
 
     fn adjusted(a: &LogitAdjust, output: &[(u32, u32)], generated: usize) -> Vec<f32> {
         let mut logits = vec![1.0, 2.0, -1.0, 0.5];
-        a.apply(&mut logits, &output.iter().copied().collect(), generated, 1.0);
+        a.apply(
+            &mut logits,
+            &output.iter().copied().collect(),
+            generated,
+            1.0,
+        );
         logits
     }
 

@@ -100,7 +100,11 @@ fn body(rng: &mut ChaCha8Rng, chat: bool) -> Vec<u8> {
     }
     // A generated length must not ask a small model for its whole context.
     for limit in ["max_tokens", "max_completion_tokens", "min_tokens"] {
-        if obj.get(limit).and_then(Value::as_i64).is_some_and(|v| v > 3 && v < 100_000) {
+        if obj
+            .get(limit)
+            .and_then(Value::as_i64)
+            .is_some_and(|v| v > 3 && v < 100_000)
+        {
             obj.insert(limit.to_owned(), json!(3));
         }
     }
@@ -164,12 +168,12 @@ async fn generated_bodies_get_answers_or_openai_errors_naming_their_field() {
                     for key in ["message", "type", "param", "code"] {
                         assert!(e.get(key).is_some(), "case {i}: {key} missing in {text}");
                     }
-                    let object = serde_json::from_slice::<Value>(&bytes)
-                        .is_ok_and(|b| b.is_object());
+                    let object =
+                        serde_json::from_slice::<Value>(&bytes).is_ok_and(|b| b.is_object());
                     if object && status != 429 {
-                        let param = e["param"].as_str().unwrap_or_else(|| {
-                            panic!("case {i}: no param for {sent}: {text}")
-                        });
+                        let param = e["param"]
+                            .as_str()
+                            .unwrap_or_else(|| panic!("case {i}: no param for {sent}: {text}"));
                         assert!(!param.is_empty(), "case {i}");
                     }
                 }
@@ -187,5 +191,8 @@ async fn generated_bodies_get_answers_or_openai_errors_naming_their_field() {
         started.elapsed().as_secs_f64()
     );
     assert!(statuses.get(&200).is_some_and(|&n| n > 100), "{statuses:?}");
-    assert!(statuses.get(&400).is_some_and(|&n| n > 1000), "{statuses:?}");
+    assert!(
+        statuses.get(&400).is_some_and(|&n| n > 1000),
+        "{statuses:?}"
+    );
 }

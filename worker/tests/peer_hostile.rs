@@ -163,7 +163,10 @@ async fn a_worker_survives_every_kind_of_bad_peer_frame() {
 
         // A well-formed call over its own block is answered.
         assert!(matches!(
-            a.call(|call| PeerMsg::Attn { call, attn: attn(0, own) }),
+            a.call(|call| PeerMsg::Attn {
+                call,
+                attn: attn(0, own)
+            }),
             PeerMsg::AttnOut { .. }
         ));
         // Each bad value gets a Failure that names it; the connection stays usable.
@@ -223,7 +226,10 @@ async fn a_worker_survives_every_kind_of_bad_peer_frame() {
         }));
         assert!(message.contains("holds 7 values"), "{message}");
         assert!(matches!(
-            a.call(|call| PeerMsg::Attn { call, attn: attn(LAYERS - 1, own) }),
+            a.call(|call| PeerMsg::Attn {
+                call,
+                attn: attn(LAYERS - 1, own)
+            }),
             PeerMsg::AttnOut { .. }
         ));
 
@@ -242,7 +248,10 @@ async fn a_worker_survives_every_kind_of_bad_peer_frame() {
         a.stream.write_all(&lie).unwrap();
         let message = failure(PeerMsg::read_capped(&mut a.stream, 1 << 20).unwrap());
         assert!(message.contains("malformed"), "{message}");
-        assert!(closed(&mut a.stream), "a malformed frame ends the connection");
+        assert!(
+            closed(&mut a.stream),
+            "a malformed frame ends the connection"
+        );
 
         // A 1 GiB length prefix after Hello: refused without allocating it, then closed.
         let mut big = Home::connect(&addr, "big", &tok);
@@ -258,7 +267,9 @@ async fn a_worker_survives_every_kind_of_bad_peer_frame() {
             b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
             {
                 let mut f = Vec::new();
-                hello(PROTOCOL_VERSION, "x", "wrong-token").write_to(&mut f).unwrap();
+                hello(PROTOCOL_VERSION, "x", "wrong-token")
+                    .write_to(&mut f)
+                    .unwrap();
                 f
             },
             {
@@ -308,7 +319,10 @@ async fn a_worker_survives_every_kind_of_bad_peer_frame() {
                 closed(s)
             })
             .count();
-        assert!(refused_at_once >= 7, "{refused_at_once} of 8 refused at once");
+        assert!(
+            refused_at_once >= 7,
+            "{refused_at_once} of 8 refused at once"
+        );
         assert!(closed(&mut silent[0]));
         let waited = started.elapsed();
         assert!(

@@ -14,7 +14,8 @@ use futures::future::BoxFuture;
 
 /// The IP of the pod named `worker_id` in `cluster` (`namespace/name`), if it is one of that
 /// cluster's pods and has an IP.
-pub type PodLookup = Arc<dyn Fn(String, String) -> BoxFuture<'static, Option<IpAddr>> + Send + Sync>;
+pub type PodLookup =
+    Arc<dyn Fn(String, String) -> BoxFuture<'static, Option<IpAddr>> + Send + Sync>;
 
 /// Why a caller may not act as a worker.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -132,7 +132,7 @@ impl GManager {
                 .into_make_service_with_connect_info::<std::net::SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown)
-            .await;
+        .await;
         sweeper.abort();
         served
     }

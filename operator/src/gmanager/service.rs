@@ -65,20 +65,34 @@ impl Service {
     }
 
     fn addresses(&self) -> MutexGuard<'_, BTreeMap<(String, String), IpAddr>> {
-        self.inner.addresses.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner
+            .addresses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// With pods to check against: `caller` must be where `worker` registered from.
-    fn check_caller(&self, cluster: &str, worker: &str, caller: Option<IpAddr>) -> Result<(), ApiError> {
+    fn check_caller(
+        &self,
+        cluster: &str,
+        worker: &str,
+        caller: Option<IpAddr>,
+    ) -> Result<(), ApiError> {
         if self.inner.pods.is_none() {
             return Ok(());
         }
-        match self.addresses().get(&(cluster.to_owned(), worker.to_owned())) {
-            Some(&pod) if Some(pod) != caller => Err(ApiError::Identity(IdentityError::WrongCaller {
-                worker: worker.to_owned(),
-                pod,
-                caller: caller.map_or_else(|| "an unknown address".to_owned(), |c| c.to_string()),
-            })),
+        match self
+            .addresses()
+            .get(&(cluster.to_owned(), worker.to_owned()))
+        {
+            Some(&pod) if Some(pod) != caller => {
+                Err(ApiError::Identity(IdentityError::WrongCaller {
+                    worker: worker.to_owned(),
+                    pod,
+                    caller: caller
+                        .map_or_else(|| "an unknown address".to_owned(), |c| c.to_string()),
+                }))
+            }
             _ => Ok(()),
         }
     }

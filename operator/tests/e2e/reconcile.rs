@@ -663,7 +663,8 @@ async fn status_reports_the_pool_the_workers_heartbeat() {
     // The worker Pods run here, on loopback: that is the address they register from.
     s.pods_ready("llm", 2).await;
     for id in ["llm-0", "llm-1"] {
-        let ip = serde_json::json!({"status": {"podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]}});
+        let ip =
+            serde_json::json!({"status": {"podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]}});
         s.api::<Pod>()
             .patch_status(id, &PatchParams::default(), &Patch::Merge(&ip))
             .await
@@ -689,7 +690,12 @@ async fn status_reports_the_pool_the_workers_heartbeat() {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), reqwest::StatusCode::FORBIDDEN, "{:?}", body.worker_id);
+        assert_eq!(
+            r.status(),
+            reqwest::StatusCode::FORBIDDEN,
+            "{:?}",
+            body.worker_id
+        );
     }
 
     // Workers register with the token their Secret holds, as a worker Pod would.

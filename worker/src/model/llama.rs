@@ -494,12 +494,7 @@ impl<B: Backend> Llama<B> {
                     let parts: Vec<&RemotePart> =
                         input.remote.iter().filter(|p| p.peer == peer).collect();
                     let merged = dist_attention::merge_call(
-                        &mut o,
-                        &mut l,
-                        shape,
-                        input.seqs,
-                        &parts,
-                        &results,
+                        &mut o, &mut l, shape, input.seqs, &parts, &results,
                     );
                     if let Err(e) = merged {
                         // The creditor is as good as lost: its requests recompute.

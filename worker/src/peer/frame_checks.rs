@@ -95,7 +95,9 @@ impl FrameLimits {
     pub fn check_request(&self, msg: &PeerMsg) -> Result<(), FrameError> {
         let blocks = self.kv.blocks;
         match msg {
-            PeerMsg::Reserve { blocks: n, .. } => below("blocks", "reserve count", *n as u64, blocks + 1),
+            PeerMsg::Reserve { blocks: n, .. } => {
+                below("blocks", "reserve count", *n as u64, blocks + 1)
+            }
             PeerMsg::Release { .. } => Ok(()),
             PeerMsg::ReleaseBlocks { blocks: ids, .. } => self.block_list(ids),
             PeerMsg::MoveBlocks { blocks: ids, .. } => {
@@ -159,7 +161,12 @@ impl FrameLimits {
     }
 
     fn block_list(&self, ids: &[u32]) -> Result<(), FrameError> {
-        below("blocks", "block count", ids.len() as u64, self.kv.blocks + 1)?;
+        below(
+            "blocks",
+            "block count",
+            ids.len() as u64,
+            self.kv.blocks + 1,
+        )?;
         ids.iter()
             .try_for_each(|&b| below("blocks", "block", u64::from(b), self.kv.blocks))
     }
@@ -173,7 +180,12 @@ impl FrameLimits {
             segments += p.segments.len();
             // Checked as they add up: a part's own checks size nothing by its claims.
             below("rows", "rows in the call", rows, self.max_rows + 1)?;
-            below("blocks", "segments in the call", segments as u64, self.kv.blocks + 1)?;
+            below(
+                "blocks",
+                "segments in the call",
+                segments as u64,
+                self.kv.blocks + 1,
+            )?;
             self.check_part(p, call.linked)?;
         }
         Ok(())
@@ -187,7 +199,11 @@ impl FrameLimits {
         if p.first_row_pos.checked_add(p.rows).is_none() {
             return Err(refuse("position", "row positions overflow"));
         }
-        let q = if linked { 0 } else { p.rows as usize * self.q_width() };
+        let q = if linked {
+            0
+        } else {
+            p.rows as usize * self.q_width()
+        };
         length("q", p.q.len(), q)?;
         for s in &p.segments {
             below("blocks", "segment block", u64::from(s.block), blocks)?;
@@ -202,7 +218,12 @@ impl FrameLimits {
                 ));
             }
         }
-        below("rows", "appends", p.appends.len() as u64, p.rows as usize + 1)?;
+        below(
+            "rows",
+            "appends",
+            p.appends.len() as u64,
+            p.rows as usize + 1,
+        )?;
         let kv = if linked { 0 } else { self.kv_width() };
         for a in &p.appends {
             below("rows", "append row", u64::from(a.row), p.rows as usize)?;
@@ -218,7 +239,10 @@ impl FrameLimits {
 fn unexpected(msg: &PeerMsg, from: &str) -> FrameError {
     let name = format!("{msg:?}");
     let kind = name.split([' ', '{', '(']).next().unwrap_or("?");
-    refuse("unexpected", format!("{kind} is not something {from} sends"))
+    refuse(
+        "unexpected",
+        format!("{kind} is not something {from} sends"),
+    )
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -289,7 +313,10 @@ mod tests {
             }],
         };
         edit(&mut call);
-        PeerMsg::Attn { call: 4, attn: call }
+        PeerMsg::Attn {
+            call: 4,
+            attn: call,
+        }
     }
 
     #[test]
@@ -318,7 +345,14 @@ mod tests {
                     data: vec![0.0; 3],
                 },
             ),
-            ("blocks", PeerMsg::Fetch { call: 1, seq: 1, block: 99 }),
+            (
+                "blocks",
+                PeerMsg::Fetch {
+                    call: 1,
+                    seq: 1,
+                    block: 99,
+                },
+            ),
             (
                 "blocks",
                 PeerMsg::MoveBlocks {
@@ -382,7 +416,13 @@ mod tests {
         assert_eq!(l.check_reply(&out(2 * 16, 8)), Ok(()));
         assert!(l.check_reply(&out(2 * 16, 7)).is_err());
         assert!(l.check_reply(&out(2 * 16 - 1, 8)).is_err());
-        assert!(l.check_reply(&PeerMsg::Fetched { call: 1, data: vec![0.0; 5] }).is_err());
+        assert!(
+            l.check_reply(&PeerMsg::Fetched {
+                call: 1,
+                data: vec![0.0; 5]
+            })
+            .is_err()
+        );
         assert!(l.check_reply(&PeerMsg::Release { seq: 1 }).is_err());
     }
 }

@@ -227,11 +227,17 @@ fn the_creditor_serves_only_checked_frames_and_never_panics() {
                 }
             }
             KvWork::Fetch { block, .. } => {
-                assert_eq!(backend.kv_read_block(&kv, block).len(), LIMITS.block_values());
+                assert_eq!(
+                    backend.kv_read_block(&kv, block).len(),
+                    LIMITS.block_values()
+                );
             }
             KvWork::Store { block, data, .. } => backend.kv_write_block(&mut kv, block, &data),
             KvWork::Move { .. } => {}
         }
     }
-    assert!(refused > FRAMES / 10 && served > FRAMES / 10, "{refused} refused, {served} served");
+    assert!(
+        refused > FRAMES / 10 && served > FRAMES / 10,
+        "{refused} refused, {served} served"
+    );
 }

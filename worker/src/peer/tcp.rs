@@ -359,7 +359,11 @@ fn serve_home(stream: TcpStream, side: &HomeSide, conn: usize, pending: Option<P
         };
         if let Err(e) = side.guard.limits.check_request(&msg) {
             tracing::warn!(home = %home, error = %e, "bad frame refused");
-            reply.refuse(msg.call().unwrap_or(CONNECTION_CALL), e.to_string(), e.reason);
+            reply.refuse(
+                msg.call().unwrap_or(CONNECTION_CALL),
+                e.to_string(),
+                e.reason,
+            );
             continue;
         }
         if matches!(msg, PeerMsg::LinkOffer { .. }) && !side.direct_links {

@@ -79,12 +79,7 @@ async fn handle(
         logprobs: logprobs.is_some(),
     };
     if params.stream {
-        return Ok(sse::respond(
-            generation,
-            format,
-            meta,
-            params.include_usage,
-        ));
+        return Ok(sse::respond(generation, format, meta, params.include_usage));
     }
     let done = generation.collect().await?;
     let choice = ChatChoice {

@@ -32,7 +32,11 @@ where
         })?;
         let body = match serde_json::from_slice(&bytes) {
             Ok(Value::Object(body)) => body,
-            Ok(_) => return Err(ApiError::malformed("The request body must be a JSON object.")),
+            Ok(_) => {
+                return Err(ApiError::malformed(
+                    "The request body must be a JSON object.",
+                ));
+            }
             Err(err) => return Err(ApiError::malformed(format!("Invalid JSON body: {err}"))),
         };
         screen(&body, &[field_names::<CommonFields>(), field_names::<E>()])?;

@@ -123,9 +123,9 @@ impl Server {
             internal = internal.route("/debug/panic-engine", post(ops::panic_engine));
         }
         let internal = internal.route_layer(from_fn_with_state(
-                config.cluster_token.clone(),
-                auth::require_cluster_token,
-            ));
+            config.cluster_token.clone(),
+            auth::require_cluster_token,
+        ));
         Router::new()
             .merge(openai)
             .merge(internal)

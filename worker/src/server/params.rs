@@ -198,7 +198,12 @@ fn logit_adjust(
         logit_bias,
         repetition_penalty: repetition_penalty as f32,
         presence_penalty: within("presence_penalty", fields.presence_penalty, 0.0, -2.0..=2.0)?,
-        frequency_penalty: within("frequency_penalty", fields.frequency_penalty, 0.0, -2.0..=2.0)?,
+        frequency_penalty: within(
+            "frequency_penalty",
+            fields.frequency_penalty,
+            0.0,
+            -2.0..=2.0,
+        )?,
         min_p: within("min_p", fields.min_p, 0.0, 0.0..=1.0)?,
         min_tokens,
         ..LogitAdjust::default()
@@ -296,17 +301,23 @@ mod tests {
         }
         let err = validate(&fields(json!({})), Some((-1, "max_tokens")), None).unwrap_err();
         assert_eq!(param_of(err).as_deref(), Some("max_tokens"));
-        let err =
-            validate(&fields(json!({"min_tokens": 5})), Some((4, "max_tokens")), None).unwrap_err();
+        let err = validate(
+            &fields(json!({"min_tokens": 5})),
+            Some((4, "max_tokens")),
+            None,
+        )
+        .unwrap_err();
         assert_eq!(param_of(err).as_deref(), Some("min_tokens"));
     }
 
     #[test]
     fn the_extra_sampling_fields_reach_the_engine() {
         let p = validate(
-            &fields(json!({"logit_bias": {"7": -100}, "min_p": 0.1, "min_tokens": 2,
+            &fields(
+                json!({"logit_bias": {"7": -100}, "min_p": 0.1, "min_tokens": 2,
                            "repetition_penalty": 1.2, "stop_token_ids": [3],
-                           "presence_penalty": 0.5})),
+                           "presence_penalty": 0.5}),
+            ),
             None,
             None,
         )

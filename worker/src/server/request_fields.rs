@@ -31,10 +31,7 @@ const REFUSED: &[(&str, &str)] = &[
         "response_format",
         "JSON mode and structured outputs are not supported; leave response_format out or use {\"type\": \"text\"}.",
     ),
-    (
-        "tools",
-        "Tool calling is not supported; leave tools out.",
-    ),
+    ("tools", "Tool calling is not supported; leave tools out."),
     (
         "tool_choice",
         "Tool calling is not supported; leave tool_choice out or set it to \"none\".",
@@ -47,7 +44,10 @@ const REFUSED: &[(&str, &str)] = &[
     ),
     ("audio", "Audio output is not supported."),
     ("prediction", "Predicted outputs are not supported."),
-    ("reasoning_effort", "This model has no reasoning effort setting."),
+    (
+        "reasoning_effort",
+        "This model has no reasoning effort setting.",
+    ),
     ("web_search_options", "Web search is not supported."),
 ];
 
@@ -58,7 +58,9 @@ fn asks_nothing(field: &str, value: &Value) -> bool {
             "response_format" => value.get("type").and_then(Value::as_str) == Some("text"),
             "tools" | "functions" => value.as_array().is_some_and(Vec::is_empty),
             "tool_choice" => value.as_str() == Some("none"),
-            "modalities" => value.as_array().is_some_and(|m| m == &[Value::from("text")]),
+            "modalities" => value
+                .as_array()
+                .is_some_and(|m| m == &[Value::from("text")]),
             _ => false,
         }
 }
@@ -171,10 +173,20 @@ mod tests {
     #[test]
     fn unknown_fields_are_refused_by_name_and_harmless_ones_pass() {
         let known = [field_names::<Sample>()];
-        assert!(screen(&object(json!({"model": "m", "user": "u", "store": false})), &known).is_ok());
+        assert!(
+            screen(
+                &object(json!({"model": "m", "user": "u", "store": false})),
+                &known
+            )
+            .is_ok()
+        );
         let err = screen(&object(json!({"model": "m", "max_token": 5})), &known).unwrap_err();
         assert_eq!(err.body().param.as_deref(), Some("max_token"));
-        assert!(err.body().message.contains("Unrecognized request argument supplied: max_token"));
+        assert!(
+            err.body()
+                .message
+                .contains("Unrecognized request argument supplied: max_token")
+        );
         for refused in [
             json!({"response_format": {"type": "json_object"}}),
             json!({"tools": [{"type": "function"}]}),

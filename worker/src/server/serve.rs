@@ -191,7 +191,9 @@ pub fn folder_name(dir: &Path) -> String {
 }
 
 fn read_secret(path: Option<&Path>) -> anyhow::Result<Option<Secret>> {
-    path.map(super::secret_from_file).transpose().map_err(Into::into)
+    path.map(super::secret_from_file)
+        .transpose()
+        .map_err(Into::into)
 }
 
 /// Runs a worker until it is told to stop, then drains it.

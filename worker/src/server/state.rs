@@ -184,18 +184,19 @@ impl LoadedModel {
         let tokenizer = self.tokenizer.clone();
         self.tokenize
             .run(bytes, move || {
-                let text = tokenizer
-                    .apply_chat_template(&messages, true)
-                    .map_err(|err| match err {
-                        TokenizerError::NoChatTemplate { .. } => ApiError::invalid_param(
-                            "messages",
-                            "This model has no chat template; use /v1/completions instead.",
-                        ),
-                        err => ApiError::invalid_param(
-                            "messages",
-                            format!("The chat template rejected the messages: {err}"),
-                        ),
-                    })?;
+                let text =
+                    tokenizer
+                        .apply_chat_template(&messages, true)
+                        .map_err(|err| match err {
+                            TokenizerError::NoChatTemplate { .. } => ApiError::invalid_param(
+                                "messages",
+                                "This model has no chat template; use /v1/completions instead.",
+                            ),
+                            err => ApiError::invalid_param(
+                                "messages",
+                                format!("The chat template rejected the messages: {err}"),
+                            ),
+                        })?;
                 tokenizer
                     .encode(&text, false)
                     .map_err(|err| ApiError::internal(format!("Tokenizing the messages: {err}")))
