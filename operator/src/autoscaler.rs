@@ -32,11 +32,10 @@ pub async fn reconcile(
     let Some(desired) = desired else {
         return remove(ilc, names, api, metrics).await.map(|note| (None, note));
     };
-    let bounds = desired
-        .spec
-        .as_ref()
-        .map(|s| (s.min_replicas.unwrap_or(1), s.max_replicas))
-        .unwrap_or_default();
+    let bounds = (
+        desired.spec.min_replicas.unwrap_or(1),
+        desired.spec.max_replicas,
+    );
     let target = ilc
         .spec
         .autoscaling

@@ -29,7 +29,7 @@ pub fn build(ilc: &InfiniteLLMCluster, names: &Names) -> Option<HorizontalPodAut
     let spec = ilc.spec.autoscaling.as_ref()?;
     Some(HorizontalPodAutoscaler {
         metadata: super::metadata(ilc, names.autoscaler(), &names.labels()),
-        spec: Some(HorizontalPodAutoscalerSpec {
+        spec: HorizontalPodAutoscalerSpec {
             scale_target_ref: CrossVersionObjectReference {
                 api_version: Some(InfiniteLLMCluster::api_version(&()).into_owned()),
                 kind: InfiniteLLMCluster::kind(&()).into_owned(),
@@ -42,7 +42,7 @@ pub fn build(ilc: &InfiniteLLMCluster, names: &Names) -> Option<HorizontalPodAut
                 spec,
                 ilc.spec.workers.termination_grace_period_seconds,
             )),
-        }),
+        },
         status: None,
     })
 }
@@ -141,7 +141,7 @@ pub fn conditions(hpa: &HorizontalPodAutoscaler, generation: Option<i64>) -> Vec
 /// What the HPA last measured, for the Event of a scale it made: "ilm_pool_used_percent
 /// 92500m (target 80)".
 pub fn measured(hpa: &HorizontalPodAutoscaler) -> Option<String> {
-    let spec = hpa.spec.as_ref()?;
+    let spec = &hpa.spec;
     let current = hpa.status.as_ref()?.current_metrics.as_ref()?;
     let figures: Vec<String> = current
         .iter()
@@ -199,7 +199,7 @@ mod tests {
     fn the_hpa_carries_the_spec() {
         let ilc = cluster(Some(serde_json::json!({"minReplicas": 2, "maxReplicas": 5})));
         let hpa = build(&ilc, &Names::new("llm")).unwrap();
-        let spec = hpa.spec.unwrap();
+        let spec = hpa.spec;
         assert_eq!(spec.scale_target_ref.kind, "InfiniteLLMCluster");
         assert_eq!(
             spec.scale_target_ref.api_version.as_deref(),
@@ -237,7 +237,7 @@ mod tests {
             "targetWaitingRequestsPerWorker": 4,
             "scaleUpStabilizationSeconds": 15, "scaleDownStabilizationSeconds": 45
         })));
-        let spec = build(&ilc, &Names::new("llm")).unwrap().spec.unwrap();
+        let spec = build(&ilc, &Names::new("llm")).unwrap().spec;
         let metrics = spec.metrics.unwrap();
         let waiting = metrics[1].external.as_ref().unwrap();
         assert_eq!(waiting.metric.name, "ilm_requests_waiting");

@@ -46,14 +46,17 @@ pub struct Tls {
     key: PrivateKeyDer<'static>,
 }
 
+/// Adapter for `map_err` naming the file that could not be read.
+fn pem(path: &Path) -> impl Fn(rustls::pki_types::pem::Error) -> TlsError {
+    let path = path.to_owned();
+    move |source| TlsError::Pem {
+        path: path.clone(),
+        source,
+    }
+}
+
 impl Tls {
     pub fn load(cert_file: &Path, key_file: &Path) -> Result<Tls, TlsError> {
-        let pem = |path: &Path| {
-            move |source| TlsError::Pem {
-                path: path.to_owned(),
-                source,
-            }
-        };
         let certs = CertificateDer::pem_file_iter(cert_file)
             .map_err(pem(cert_file))?
             .collect::<Result<Vec<_>, _>>()
