@@ -304,7 +304,9 @@ fn default_high_watermark() -> f64 {
     0.9
 }
 
-/// Bounds for an external autoscaler (HPA or KEDA) that drives the scale subresource.
+/// Autoscaling: the operator creates and owns a HorizontalPodAutoscaler that drives the
+/// cluster's scale subresource from the pool figures it serves on the external metrics API.
+/// Without this block no HPA exists and `kubectl scale` stays the user's.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must be <= autoscaling.maxReplicas"))]
@@ -313,14 +315,33 @@ pub struct AutoscalingSpec {
     pub min_replicas: i32,
     #[schemars(range(min = 1, max = 1024))]
     pub max_replicas: i32,
-    /// Pool use (percent of all KV blocks) the autoscaler aims for.
+    /// Pool use (percent of all KV blocks holding KV, as status.pool.usedPercent) the
+    /// autoscaler aims for.
     #[serde(default = "default_target_utilization")]
     #[schemars(range(min = 1, max = 100))]
     pub target_pool_utilization_percent: i32,
+    /// Requests waiting for room, per worker, the autoscaler also aims for; the pool's use
+    /// alone drives it when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub target_waiting_requests_per_worker: Option<i32>,
+    /// Seconds the figures must call for more workers before a scale-up (0: at once).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_up_stabilization_seconds: i32,
+    /// Seconds the figures must allow fewer workers before a scale-in. Workers leave one at
+    /// a time, at most one per terminationGracePeriodSeconds, each draining first.
+    #[serde(default = "default_scale_down_stabilization")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: i32,
 }
 
 fn default_target_utilization() -> i32 {
     80
+}
+
+fn default_scale_down_stabilization() -> i32 {
+    300
 }
 
 /// The OpenAI-compatible API the client Service exposes.

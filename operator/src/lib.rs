@@ -2,9 +2,11 @@
 //! StatefulSets and their Services, policies and token, under leader election.
 
 pub mod apply;
+pub mod autoscaler;
 pub mod children;
 pub mod crd;
 mod error;
+pub mod external_metrics;
 pub mod gmanager;
 pub mod leader;
 pub mod metrics;
@@ -43,6 +45,8 @@ pub struct Config {
     pub gmanager_addr: SocketAddr,
     /// The gManager's placement policy and cost model.
     pub placement: gmanager::placement::PlacementConfig,
+    /// Where the leader serves the external metrics API; not served when unset.
+    pub metrics_api: Option<external_metrics::Config>,
 }
 
 /// Runs the operator until `shutdown` flips to true.
@@ -82,6 +86,8 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     });
     let namespace = config.namespace.clone();
     let gmanager_addr = config.gmanager_addr;
+    let metrics_api = config.metrics_api.clone();
+    let api_client = client.clone();
     leader::run(
         client,
         &config.election,
@@ -93,9 +99,19 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
             // re-registering with whichever replica leads.
             let ended = futures::FutureExt::shared(ended);
             let gmanager = ctx.gmanager.clone();
+            // So are the pool figures of the external metrics API: a standby has none.
+            let figures = {
+                let (gmanager, ended) = (gmanager.clone(), ended.clone());
+                async move {
+                    if let Some(api) = metrics_api {
+                        external_metrics::serve(api, api_client, gmanager, ended).await;
+                    }
+                }
+            };
             tokio::join!(
                 reconciler::run(ctx, namespace.as_deref(), ended.clone()),
                 serve_gmanager(gmanager_addr, gmanager, ended),
+                figures,
             );
         },
     )

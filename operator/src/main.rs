@@ -7,7 +7,7 @@ use infinite_llm_operator::children::Settings;
 use infinite_llm_operator::gmanager::placement::{CostModelError, Measured, PlacementConfig};
 use infinite_llm_operator::gmanager::{self, GManagerConfig, Tokens};
 use infinite_llm_operator::leader::Election;
-use infinite_llm_operator::{Config, crd};
+use infinite_llm_operator::{Config, crd, external_metrics};
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
@@ -112,6 +112,15 @@ struct RunArgs {
     /// JSON file of measured figures for the gManager's cost model (see `gmanager --help`).
     #[arg(long, env = "ILM_COST_MODEL")]
     cost_model: Option<PathBuf>,
+    /// Where the leader serves the external metrics API (HTTPS), when given a certificate.
+    #[arg(long, env = "ILM_METRICS_API_ADDR", default_value = "0.0.0.0:6443")]
+    metrics_api_addr: SocketAddr,
+    /// PEM serving certificate of the external metrics API; the API is off without it.
+    #[arg(long, env = "ILM_METRICS_API_CERT_FILE", requires = "metrics_api_key_file")]
+    metrics_api_cert_file: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    #[arg(long, env = "ILM_METRICS_API_KEY_FILE", requires = "metrics_api_cert_file")]
+    metrics_api_key_file: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -194,6 +203,14 @@ async fn main() -> std::process::ExitCode {
         metrics_addr: args.metrics_addr,
         gmanager_addr: args.gmanager_addr,
         settings: Settings { gmanager_url },
+        metrics_api: args
+            .metrics_api_cert_file
+            .zip(args.metrics_api_key_file)
+            .map(|(cert_file, key_file)| external_metrics::Config {
+                addr: args.metrics_api_addr,
+                cert_file,
+                key_file,
+            }),
         placement: match placement(args.cost_model.as_deref()) {
             Ok(p) => p,
             Err(e) => {

@@ -50,6 +50,11 @@ impl Names {
         self.cluster.clone()
     }
 
+    /// The HorizontalPodAutoscaler of a cluster with `spec.autoscaling`.
+    pub fn autoscaler(&self) -> String {
+        self.cluster.clone()
+    }
+
     pub fn network_policy(&self) -> String {
         format!("{}-peers", self.cluster)
     }

@@ -34,6 +34,11 @@ const RECONCILER: &[(&str, &str, &[&str])] = &[
         "networkpolicies",
         &["get", "list", "watch", "create", "patch"],
     ),
+    (
+        "autoscaling",
+        "horizontalpodautoscalers",
+        &["get", "list", "watch", "create", "patch", "delete"],
+    ),
     ("", "secrets", &["get", "create", "patch"]),
     ("", "pods", &["list", "watch"]),
     ("events.k8s.io", "events", &["create", "patch"]),

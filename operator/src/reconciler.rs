@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -24,7 +25,8 @@ use crate::children::{Desired, Settings};
 use crate::crd::{InfiniteLLMCluster, InfiniteLLMClusterStatus, Phase};
 use crate::metrics::Metrics;
 use crate::names::{self, CLUSTER_LABEL, FIELD_MANAGER, Names};
-use crate::{status, token};
+use crate::children::hpa;
+use crate::{autoscaler, status, token};
 
 /// Everything a reconcile needs, shared by all of them.
 pub struct Context {
@@ -69,6 +71,7 @@ pub async fn run(
         owned.clone(),
     )
     .owns(api::<NetworkPolicy>(&client, namespace), owned.clone())
+    .owns(api::<HorizontalPodAutoscaler>(&client, namespace), owned.clone())
     .watches(api::<Pod>(&client, namespace), owned, pod_owner)
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx.clone())
@@ -146,6 +149,18 @@ async fn reconcile(ilc: Arc<InfiniteLLMCluster>, ctx: Arc<Context>) -> Result<Ac
     )
     .await?;
 
+    let (autoscaler, note) = autoscaler::reconcile(
+        &ilc,
+        &names,
+        &Api::namespaced(client.clone(), &ns),
+        desired.autoscaler,
+        metrics,
+    )
+    .await?;
+    if let Some(n) = note {
+        publish(&ctx, &ilc, n.type_, n.reason, n.note).await;
+    }
+
     let template = desired
         .statefulset
         .spec
@@ -157,7 +172,7 @@ async fn reconcile(ilc: Arc<InfiniteLLMCluster>, ctx: Arc<Context>) -> Result<Ac
         metrics,
     )
     .await?;
-    announce_statefulset(&ilc, &sts, template.as_ref(), &ctx).await;
+    announce_statefulset(&ilc, &sts, template.as_ref(), autoscaler.as_ref(), &ctx).await;
 
     let pods = Api::<Pod>::namespaced(client.clone(), &ns)
         .list(&ListParams::default().labels(&names.selector_string()))
@@ -170,10 +185,14 @@ async fn reconcile(ilc: Arc<InfiniteLLMCluster>, ctx: Arc<Context>) -> Result<Ac
             .unwrap_or_else(|_| Timestamp::now()),
     );
     let pool = ctx.gmanager.pool(&gmanager_cluster(&ns, &names));
-    let next = status::with_pool(
+    let mut next = status::with_pool(
         status::compute(&ilc, Some(sts.object()), &pods.items, &now),
         pool.as_ref(),
     );
+    if let Some(hpa) = &autoscaler {
+        next.conditions
+            .extend(hpa::conditions(hpa, ilc.metadata.generation));
+    }
     if ilc.status.as_ref() != Some(&next) {
         write_status(&ilc, &ns, &next, &ctx).await?;
     }
@@ -261,6 +280,7 @@ async fn announce_statefulset(
     ilc: &InfiniteLLMCluster,
     outcome: &Outcome<StatefulSet>,
     template: Option<&k8s_openapi::api::core::v1::PodTemplateSpec>,
+    autoscaler: Option<&HorizontalPodAutoscaler>,
     ctx: &Context,
 ) {
     let replicas = |s: &StatefulSet| s.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
@@ -278,9 +298,19 @@ async fn announce_statefulset(
         Outcome::Updated { before, after } => {
             let (from, to) = (replicas(before), replicas(after));
             if from != to {
-                let note = format!("Scaling workers from {from} to {to}");
+                // The HPA is the one scaling when there is one: say on what figures.
+                let (reason, note) = match autoscaler {
+                    Some(hpa) => (
+                        "Autoscaled",
+                        format!(
+                            "The autoscaler scales workers from {from} to {to}{}",
+                            hpa::measured(hpa).map_or(String::new(), |m| format!(": {m}"))
+                        ),
+                    ),
+                    None => ("Scaled", format!("Scaling workers from {from} to {to}")),
+                };
                 info!(cluster = %ilc.name_any(), namespace = ?ilc.namespace(), "{note}");
-                publish(ctx, ilc, EventType::Normal, "Scaled", note).await;
+                publish(ctx, ilc, EventType::Normal, reason, note).await;
             }
             let old = before.spec.as_ref().map(|s| &s.template);
             let rolled = match (old, template) {

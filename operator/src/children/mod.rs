@@ -1,6 +1,7 @@
 //! Pure builders of the objects an `InfiniteLLMCluster` owns. No I/O here, so every child
 //! can be checked in unit tests; `apply` does the writing.
 
+pub mod hpa;
 pub mod network_policy;
 pub mod pdb;
 pub mod service;
@@ -9,6 +10,7 @@ pub mod statefulset;
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -33,6 +35,8 @@ pub struct Desired {
     pub client_service: Service,
     pub pdb: PodDisruptionBudget,
     pub network_policy: NetworkPolicy,
+    /// Only with `spec.autoscaling`.
+    pub autoscaler: Option<HorizontalPodAutoscaler>,
 }
 
 impl Desired {
@@ -44,6 +48,7 @@ impl Desired {
             client_service: service::client(ilc, &names),
             pdb: pdb::build(ilc, &names),
             network_policy: network_policy::build(ilc, &names),
+            autoscaler: hpa::build(ilc, &names),
         }
     }
 }

@@ -107,6 +107,11 @@ impl GManager {
         self.service.pool(cluster, Instant::now())
     }
 
+    /// The clusters ("namespace/name") whose workers have reached this gManager.
+    pub fn clusters(&self) -> Vec<String> {
+        self.service.clusters()
+    }
+
     /// Serves until `shutdown` resolves.
     pub async fn serve(
         &self,

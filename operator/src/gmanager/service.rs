@@ -118,6 +118,10 @@ impl Service {
         self.ledgers().get(cluster).map(|l| l.view(now))
     }
 
+    pub(super) fn clusters(&self) -> Vec<String> {
+        self.ledgers().keys().cloned().collect()
+    }
+
     /// Expires silent workers of every cluster, so that expiry is logged and counted even
     /// when no request comes in, and runs a placement round on what is left.
     pub(super) fn sweep(&self, now: Instant) {

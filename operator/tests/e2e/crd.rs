@@ -100,6 +100,15 @@ async fn invalid_specs_are_refused_with_a_message() {
             message: "autoscaling.minReplicas must be <= autoscaling.maxReplicas",
         },
         Invalid {
+            what: "a scale-down window above an hour",
+            edit: |s| {
+                s["autoscaling"] = serde_json::json!({
+                    "minReplicas": 1, "maxReplicas": 2, "scaleDownStabilizationSeconds": 4000
+                })
+            },
+            message: "spec.autoscaling.scaleDownStabilizationSeconds: Invalid value: 4000",
+        },
+        Invalid {
             what: "block size not a power of two",
             edit: |s| s["kvCache"]["blockTokens"] = 24.into(),
             message: "kvCache.blockTokens must be a power of two",

@@ -1,8 +1,10 @@
 //! A real control plane for the tests, started the way controller-runtime's envtest does:
 //! etcd, kube-apiserver (TLS from a throwaway CA, RBAC authorization, a service-account
 //! signing key) and kube-controller-manager (so the StatefulSet controller and the garbage
-//! collector are the real ones), on free loopback ports. No kubelet runs; tests mark Pods
-//! Ready through the status subresource.
+//! collector are the real ones, and the HPA controller), on free loopback ports, with the
+//! aggregation layer configured (front-proxy certificates) so that an APIService can be
+//! proxied to an operator process. No kubelet runs; tests mark Pods Ready through the
+//! status subresource.
 //!
 //! One control plane serves every test of this binary. It is stopped, and its temp dir
 //! removed, when it drops or when the test process exits, whether tests passed or not.
@@ -153,6 +155,17 @@ impl ControlPlane {
                 // operator's RBAC must then grant.
                 "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
                 "--allow-privileged=true",
+                // The aggregation layer, for the operator's external metrics API.
+                &format!(
+                    "--requestheader-client-ca-file={}",
+                    pki.front_proxy_ca.display()
+                ),
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                &format!("--proxy-client-cert-file={}", pki.front_proxy_cert.display()),
+                &format!("--proxy-client-key-file={}", pki.front_proxy_key.display()),
                 "--v=0",
             ]),
         );
@@ -171,7 +184,9 @@ impl ControlPlane {
                 &format!("--authentication-kubeconfig={kubeconfig_arg}"),
                 &format!("--authorization-kubeconfig={kubeconfig_arg}"),
                 "--leader-elect=false",
-                "--controllers=statefulset-controller,garbage-collector-controller,serviceaccount-controller",
+                "--controllers=statefulset-controller,garbage-collector-controller,serviceaccount-controller,horizontal-pod-autoscaler-controller",
+                // Autoscaling tests wait for the HPA; its default period is 15 s.
+                "--horizontal-pod-autoscaler-sync-period=2s",
                 &format!("--secure-port={kcm_port}"),
                 "--bind-address=127.0.0.1",
                 &format!("--cert-dir={}", root.join("kcm").display()),
@@ -382,7 +397,7 @@ fn find_kubectl(bin: &Path) -> PathBuf {
         .expect("kubectl is neither on PATH nor in the tools bin; run `make tools`")
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -423,6 +438,9 @@ struct Pki {
     admin_key: PathBuf,
     sa_key: PathBuf,
     sa_pub: PathBuf,
+    front_proxy_ca: PathBuf,
+    front_proxy_cert: PathBuf,
+    front_proxy_key: PathBuf,
 }
 
 impl Pki {
@@ -480,6 +498,27 @@ impl Pki {
 
         let sa_key = KeyPair::generate().unwrap();
 
+        // The aggregator's client identity has a CA of its own, as kubeadm sets it up.
+        let fp_ca_key = KeyPair::generate().unwrap();
+        let mut fp_ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        fp_ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "envtest-front-proxy-ca");
+        fp_ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        fp_ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let fp_ca_cert = fp_ca_params.self_signed(&fp_ca_key).unwrap();
+        let fp_issuer = Issuer::new(fp_ca_params, fp_ca_key);
+        let fp_key = KeyPair::generate().unwrap();
+        let mut fp = CertificateParams::new(Vec::<String>::new()).unwrap();
+        fp.distinguished_name
+            .push(DnType::CommonName, "front-proxy-client");
+        fp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let fp_cert = fp.signed_by(&fp_key, &fp_issuer).unwrap();
+
         Pki {
             ca_cert: write("ca.crt", ca_cert.pem()),
             serving_cert: write("apiserver.crt", serving_cert.pem()),
@@ -488,6 +527,9 @@ impl Pki {
             admin_key: write("admin.key", admin_key.serialize_pem()),
             sa_key: write("sa.key", sa_key.serialize_pem()),
             sa_pub: write("sa.pub", sa_key.public_key_pem()),
+            front_proxy_ca: write("front-proxy-ca.crt", fp_ca_cert.pem()),
+            front_proxy_cert: write("front-proxy-client.crt", fp_cert.pem()),
+            front_proxy_key: write("front-proxy-client.key", fp_key.serialize_pem()),
         }
     }
 }

@@ -51,7 +51,7 @@ fn documents(yaml: &str) -> Vec<serde_json::Value> {
 }
 
 /// `helm template` of the chart; panics with Helm's message when it fails.
-fn render(cp: &ControlPlane, release: &str, ns: &str, extra: &[&str]) -> Vec<serde_json::Value> {
+pub fn render(cp: &ControlPlane, release: &str, ns: &str, extra: &[&str]) -> Vec<serde_json::Value> {
     let chart = chart();
     let mut args = vec!["template", release, chart.as_str(), "--namespace", ns];
     args.extend_from_slice(extra);
@@ -60,7 +60,7 @@ fn render(cp: &ControlPlane, release: &str, ns: &str, extra: &[&str]) -> Vec<ser
     documents(&stdout(&out))
 }
 
-fn kubectl_apply(cp: &ControlPlane, objects: &[serde_json::Value], extra: &[&str]) -> String {
+pub fn kubectl_apply(cp: &ControlPlane, objects: &[serde_json::Value], extra: &[&str]) -> String {
     // A stream of JSON objects rather than a v1 List, which kubectl validates client-side
     // even with --server-side, and the CRD's nullable enums fail that.
     let stream: Vec<String> = objects.iter().map(|o| o.to_string()).collect();
@@ -282,6 +282,8 @@ async fn helm_install_runs_the_operator_and_uninstall_keeps_the_clusters() {
     let fullname = format!("{release}-operator");
     let chart = chart();
     adopt_crd(cp, release, release_ns);
+    // The APIService of the metrics API is cluster-wide, and the autoscale tests own it on
+    // this control plane (autoscale.rs checks the chart's).
     let out = cp.helm(&[
         "install",
         release,
@@ -289,6 +291,8 @@ async fn helm_install_runs_the_operator_and_uninstall_keeps_the_clusters() {
         "--namespace",
         release_ns,
         "--create-namespace",
+        "--set",
+        "metricsApi.enabled=false",
     ]);
     assert!(out.status.success(), "helm install: {}", stderr(&out));
     assert!(
@@ -413,7 +417,15 @@ async fn helm_install_runs_the_operator_and_uninstall_keeps_the_clusters() {
     .await;
 
     // The kept CRD still carries the release's name, so installing again adopts it.
-    let out = cp.helm(&["install", release, &chart, "--namespace", release_ns]);
+    let out = cp.helm(&[
+        "install",
+        release,
+        &chart,
+        "--namespace",
+        release_ns,
+        "--set",
+        "metricsApi.enabled=false",
+    ]);
     assert!(out.status.success(), "helm install again: {}", stderr(&out));
     let out = cp.helm(&["uninstall", release, "--namespace", release_ns]);
     assert!(out.status.success(), "{}", stderr(&out));

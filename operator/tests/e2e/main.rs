@@ -2,6 +2,7 @@
 //! kube-controller-manager (see `harness`). Each test works in its own namespace and runs
 //! its own operator processes restricted to it, so tests can share one control plane.
 
+mod autoscale;
 mod crd;
 mod harness;
 mod helm;
