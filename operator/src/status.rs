@@ -2,8 +2,9 @@
 //! is unit-tested; the reconciler writes the result only when it differs.
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Event, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::SignedDuration;
 use kube::ResourceExt;
 
 use infinite_llm_protocol::gmanager::PoolView;
@@ -26,10 +27,19 @@ const FAILING_REASONS: &[&str] = &[
     "RunContainerError",
 ];
 
+/// A refusal to create a worker Pod (admission, quota) older than this is taken as resolved.
+const CREATE_FAILURE_MEMORY: SignedDuration = SignedDuration::from_secs(300);
+/// Longest text of one failure in a condition message; kubelet messages can run long.
+const MAX_FAILURE_TEXT: usize = 600;
+
+/// `warnings` are the namespace's Warning Events: those about the StatefulSet and its Pods say
+/// why a worker is not coming up when the Pods themselves do not (a volume that does not
+/// mount, a Pod that admission refused).
 pub fn compute(
     ilc: &InfiniteLLMCluster,
     sts: Option<&StatefulSet>,
     pods: &[Pod],
+    warnings: &[Event],
     now: &Time,
 ) -> InfiniteLLMClusterStatus {
     let names = Names::new(&ilc.name_any());
@@ -42,7 +52,13 @@ pub fn compute(
     // The StatefulSet controller has not yet looked at our latest template.
     let stale = sts.is_some_and(|s| sts_status.observed_generation < s.metadata.generation);
 
-    let failing: Vec<String> = pods.iter().filter_map(failing_reason).collect();
+    let mut failing: Vec<String> = pods
+        .iter()
+        .filter_map(|pod| failing_reason(pod, warnings))
+        .collect();
+    if let Some(sts) = sts.filter(|_| pods.len() < usize::try_from(desired).unwrap_or(0)) {
+        failing.extend(refused_creation(sts, warnings, now));
+    }
 
     let progressing = if sts.is_none() {
         Some(("Creating", "creating the worker StatefulSet".to_owned()))
@@ -161,14 +177,102 @@ pub fn with_pool(
     status
 }
 
-fn failing_reason(pod: &Pod) -> Option<String> {
-    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
-    statuses.iter().find_map(|cs| {
-        let reason = cs.state.as_ref()?.waiting.as_ref()?.reason.as_deref()?;
-        FAILING_REASONS
-            .contains(&reason)
-            .then(|| format!("{}: {reason}", pod.name_any()))
+/// Why a worker Pod is not coming up, when it is stuck rather than on its way: its container
+/// fails (with the message it left, such as a model that does not load), the scheduler
+/// cannot place it, or the kubelet cannot start it (a volume that does not mount).
+fn failing_reason(pod: &Pod, warnings: &[Event]) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    let name = pod.name_any();
+    let crashing = status.container_statuses.iter().flatten().find_map(|cs| {
+        let waiting = cs.state.as_ref()?.waiting.as_ref()?;
+        let reason = waiting.reason.as_deref()?;
+        if !FAILING_REASONS.contains(&reason) {
+            return None;
+        }
+        let last_words = cs
+            .last_state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .and_then(|t| t.message.as_deref())
+            .or(waiting.message.as_deref());
+        Some(describe(&name, reason, last_words))
+    });
+    if crashing.is_some() {
+        return crashing;
+    }
+    let unschedulable = status.conditions.iter().flatten().find(|c| {
+        c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable")
+    });
+    if let Some(c) = unschedulable {
+        return Some(describe(&name, "Unschedulable", c.message.as_deref()));
+    }
+    let starting = status.phase.as_deref() == Some("Pending")
+        && status
+            .conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == "PodScheduled" && c.status == "True");
+    if !starting {
+        return None;
+    }
+    let uid = pod.uid()?;
+    latest(warnings.iter().filter(|e| {
+        e.involved_object.uid.as_deref() == Some(uid.as_str())
+    }))
+    .map(|e| describe(&name, e.reason.as_deref().unwrap_or("Warning"), e.message.as_deref()))
+}
+
+/// The StatefulSet controller's latest recent refusal to create a worker Pod, which leaves
+/// no Pod behind to look at (admission refused it, a quota ran out).
+fn refused_creation(sts: &StatefulSet, warnings: &[Event], now: &Time) -> Option<String> {
+    let uid = sts.uid()?;
+    let event = latest(warnings.iter().filter(|e| {
+        e.involved_object.uid.as_deref() == Some(uid.as_str())
+            && e.reason.as_deref() == Some("FailedCreate")
+    }))?;
+    let seen = last_seen(event)?;
+    (now.0.duration_since(seen) < CREATE_FAILURE_MEMORY).then(|| {
+        describe(
+            &format!("StatefulSet {}", sts.name_any()),
+            "FailedCreate",
+            event.message.as_deref(),
+        )
     })
+}
+
+fn last_seen(event: &Event) -> Option<k8s_openapi::jiff::Timestamp> {
+    event
+        .series
+        .as_ref()
+        .and_then(|s| s.last_observed_time.as_ref())
+        .map(|t| t.0)
+        .or_else(|| event.last_timestamp.as_ref().map(|t| t.0))
+        .or_else(|| event.event_time.as_ref().map(|t| t.0))
+        .or_else(|| event.metadata.creation_timestamp.as_ref().map(|t| t.0))
+}
+
+fn latest<'a>(events: impl Iterator<Item = &'a Event>) -> Option<&'a Event> {
+    events.max_by_key(|e| last_seen(e))
+}
+
+/// `<who>: <reason>[: <message>]`, the message on one line and bounded.
+fn describe(who: &str, reason: &str, message: Option<&str>) -> String {
+    let message = message.map(str::trim).filter(|m| !m.is_empty());
+    match message {
+        None => format!("{who}: {reason}"),
+        Some(m) => {
+            let mut line = m.split_whitespace().collect::<Vec<_>>().join(" ");
+            if line.len() > MAX_FAILURE_TEXT {
+                let cut = (0..=MAX_FAILURE_TEXT)
+                    .rev()
+                    .find(|&i| line.is_char_boundary(i))
+                    .unwrap_or(0);
+                line.truncate(cut);
+                line.push('…');
+            }
+            format!("{who}: {reason}: {line}")
+        }
+    }
 }
 
 fn condition(

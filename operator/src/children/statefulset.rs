@@ -4,10 +4,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, HTTPGetAction,
-    HostPathVolumeSource, ImageVolumeSource, Lifecycle, LifecycleHandler, ObjectFieldSelector,
-    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SecretKeySelector, SecretVolumeSource, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    ExecAction, HTTPGetAction, HostPathVolumeSource, ImageVolumeSource, Lifecycle,
+    LifecycleHandler, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -21,6 +22,15 @@ const WORKER_BIN: &str = "infinite-llm-worker";
 const TOKEN_DIR: &str = "/var/run/infinite-llm/token";
 const MODEL_DIR: &str = "/models";
 const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// The worker image's user (the Dockerfile's `USER 65532:65532`), numeric so that the kubelet
+/// can check runAsNonRoot.
+const WORKER_UID: i64 = 65532;
+/// How much sooner than the Pod's grace period the worker stops waiting for its requests and
+/// loans, so that it still leaves the gManager before the kubelet kills it.
+const EXIT_MARGIN_SECS: i64 = 5;
+/// Seconds the preStop hook keeps the worker serving before it drains: the time kube-proxy
+/// and load balancers take to stop sending new requests to a Pod being deleted.
+const DRAIN_DELAY_SECS: u32 = 5;
 
 pub fn build(ilc: &InfiniteLLMCluster, names: &Names, settings: &Settings) -> StatefulSet {
     let spec = &ilc.spec;
@@ -40,7 +50,7 @@ pub fn build(ilc: &InfiniteLLMCluster, names: &Names, settings: &Settings) -> St
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
-                    containers: vec![worker_container(ilc, names, settings)],
+                    containers: vec![worker_container(ilc, settings)],
                     volumes: Some(volumes(ilc, names)),
                     termination_grace_period_seconds: Some(
                         workers.termination_grace_period_seconds,
@@ -51,6 +61,19 @@ pub fn build(ilc: &InfiniteLLMCluster, names: &Names, settings: &Settings) -> St
                     priority_class_name: workers.priority_class_name.clone(),
                     // Service env vars would only shadow the ILM_* configuration.
                     enable_service_links: Some(false),
+                    // Workers never call the Kubernetes API.
+                    automount_service_account_token: Some(false),
+                    // What the `restricted` Pod Security Standard asks for.
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(WORKER_UID),
+                        run_as_group: Some(WORKER_UID),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            localhost_profile: None,
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
                     ..PodSpec::default()
                 }),
             },
@@ -60,7 +83,7 @@ pub fn build(ilc: &InfiniteLLMCluster, names: &Names, settings: &Settings) -> St
     }
 }
 
-fn worker_container(ilc: &InfiniteLLMCluster, names: &Names, settings: &Settings) -> Container {
+fn worker_container(ilc: &InfiniteLLMCluster, settings: &Settings) -> Container {
     let spec = &ilc.spec;
     let port = spec.api.port;
     let token_file = format!("{TOKEN_DIR}/{TOKEN_KEY}");
@@ -82,7 +105,7 @@ fn worker_container(ilc: &InfiniteLLMCluster, names: &Names, settings: &Settings
             .image_pull_policy
             .map(|p| p.as_str().to_owned()),
         command: Some(vec![WORKER_BIN.to_owned(), "serve".to_owned()]),
-        env: Some(env(ilc, names, settings, &token_file)),
+        env: Some(env(ilc, settings, &token_file)),
         ports: Some(vec![
             ContainerPort {
                 name: Some("http".to_owned()),
@@ -114,6 +137,8 @@ fn worker_container(ilc: &InfiniteLLMCluster, names: &Names, settings: &Settings
                         port.to_string(),
                         "--token-file".to_owned(),
                         token_file.clone(),
+                        "--delay-secs".to_owned(),
+                        DRAIN_DELAY_SECS.to_string(),
                     ]),
                 }),
                 ..LifecycleHandler::default()
@@ -130,17 +155,28 @@ fn worker_container(ilc: &InfiniteLLMCluster, names: &Names, settings: &Settings
             VolumeMount {
                 name: "model".to_owned(),
                 mount_path: MODEL_DIR.to_owned(),
-                read_only: Some(true),
+                // The demo model is written there at start.
+                read_only: Some(spec.model.source.demo.is_none()),
                 ..VolumeMount::default()
             },
         ]),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                add: None,
+            }),
+            ..SecurityContext::default()
+        }),
+        // The worker writes why it stopped (a model that does not load, say) to the
+        // termination message; a crash that leaves none shows its last log lines instead.
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
         ..Container::default()
     }
 }
 
 fn env(
     ilc: &InfiniteLLMCluster,
-    names: &Names,
     settings: &Settings,
     token_file: &str,
 ) -> Vec<EnvVar> {
@@ -181,11 +217,13 @@ fn env(
         ),
         value("ILM_LEND_FRACTION", kv.lend_fraction.to_string()),
         value("ILM_LONG_HOME_SHARE", kv.long_home_share.to_string()),
-        value("ILM_HIGH_WATERMARK", kv.high_watermark.to_string()),
         value("ILM_TRANSPORT", kv.transport.as_str().to_owned()),
         value("ILM_GMANAGER_URL", settings.gmanager_url.clone()),
         value("ILM_TOKEN_FILE", token_file.to_owned()),
-        value("ILM_CLUSTER", names.cluster.clone()),
+        value(
+            "ILM_GRACE_PERIOD_SECS",
+            (spec.workers.termination_grace_period_seconds - EXIT_MARGIN_SECS).to_string(),
+        ),
         field("ILM_WORKER_ID", "metadata.name"),
         // The worker listens on all interfaces, so it must be told the address its peers and
         // the gManager reach it at: its own Pod IP, which NetworkPolicies match on.
@@ -194,8 +232,8 @@ fn env(
     if let Some(blocks) = kv.max_blocks {
         env.push(value("ILM_KV_BLOCKS", blocks.to_string()));
     }
-    if let Some(dtype) = spec.model.dtype {
-        env.push(value("ILM_DTYPE", dtype.as_str().to_owned()));
+    if spec.model.source.demo.is_some() {
+        env.push(value("ILM_WRITE_DEMO_MODEL", "true".to_owned()));
     }
     if let Some(key) = &spec.api.api_key_secret {
         env.push(EnvVar {
@@ -216,6 +254,9 @@ fn env(
 
 /// Where the model folder appears inside the container.
 fn model_dir(source: &ModelSource) -> String {
+    if source.demo.is_some() {
+        return format!("{MODEL_DIR}/demo");
+    }
     let sub = source
         .pvc
         .as_ref()
@@ -267,6 +308,8 @@ fn volumes(ilc: &InfiniteLLMCluster, names: &Names) -> Vec<Volume> {
             reference: Some(image.reference.clone()),
             pull_policy: image.pull_policy.map(|p| p.as_str().to_owned()),
         });
+    } else if source.demo.is_some() {
+        model.empty_dir = Some(EmptyDirVolumeSource::default());
     }
     vec![
         Volume {

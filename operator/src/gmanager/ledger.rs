@@ -106,6 +106,11 @@ impl Ledger {
         self.epoch
     }
 
+    /// Counts on from `epoch` when it is ahead: the epoch a previous gManager reached.
+    pub fn continue_from(&mut self, epoch: u64) {
+        self.epoch = self.epoch.max(epoch);
+    }
+
     /// Adds the worker, or replaces it when its id is already known (a restarted worker has
     /// lost its blocks, so its old figures must go). Either way membership changes.
     pub fn register(&mut self, r: Register, now: Instant) -> Result<u64, LedgerError> {
