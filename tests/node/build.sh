@@ -49,7 +49,9 @@ if have_all "$cached"; then
 	exit 0
 fi
 
-export GOFLAGS=-mod=mod CGO_ENABLED=0
+# Read-only: go.sum must already hold everything, or a build would rewrite ../tools/go.sum
+# and so change the control plane's stamp.
+export GOFLAGS=-mod=readonly CGO_ENABLED=0
 build() { # <module dir> <output name> <package> [ldflags]
 	echo "node tools: building $2 ($3)"
 	(cd "$1" && nice -n 10 go build -trimpath -ldflags="-s -w ${4:-}" -o "$bin/$2.tmp" "$3")

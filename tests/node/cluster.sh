@@ -48,7 +48,8 @@ kubeconfig="$state/kubeconfig"
 sysctls=(net.ipv4.ip_forward net.bridge.bridge-nf-call-iptables net.bridge.bridge-nf-call-ip6tables
 	vm.overcommit_memory kernel.panic kernel.panic_on_oops net.ipv4.conf.all.route_localnet)
 # Paths outside the state directory that the kubelet, containerd and the CNI plugins create.
-host_dirs=(/var/lib/kubelet /run/containerd /var/lib/cni /run/netns /var/run/netns /etc/cni)
+host_dirs=(/var/lib/kubelet /var/log/pods /var/log/containers /run/containerd /var/lib/cni
+	/run/netns /etc/cni /opt/cni /etc/kubernetes)
 
 log() { echo "cluster: $*" >&2; }
 die() {
@@ -72,7 +73,7 @@ install_packages() {
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 	fi
 	local t
-	for t in etcd kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet kube-proxy coredns ilm-pause; do
+	for t in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy coredns ilm-pause; do
 		[[ -x "$bin/$t" ]] || die "$bin/$t is missing: run make tools and tests/node/build.sh (make cluster does)"
 	done
 	for t in infinite-llm-operator infinite-llm-worker; do
@@ -116,7 +117,10 @@ wait_for() { # <what> <seconds> <command...>
 	die "$what not up after ${seconds}s; logs in $logs"
 }
 
-kc() { "$bin/kubectl" --kubeconfig "$kubeconfig" "$@"; }
+# make tools builds kubectl only when the machine has none.
+kubectl_bin="$bin/kubectl"
+[[ -x "$kubectl_bin" ]] || kubectl_bin="$(command -v kubectl || echo "$bin/kubectl")"
+kc() { "$kubectl_bin" --kubeconfig "$kubeconfig" "$@"; }
 
 # ---- certificates ---------------------------------------------------------------------------
 
@@ -245,8 +249,16 @@ restore_host() {
 			rm -rf "$d"
 		fi
 	done
-	# The kubelet's cgroups, once no process is left in them.
-	for cg in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/*/kubepods.slice; do
+	# The kubelet's cgroups: whatever still runs in them is a container of this cluster.
+	local pid
+	for cg in /sys/fs/cgroup/*/kubepods; do
+		[[ -d "$cg" ]] || continue
+		for pid in $(find "$cg" -name cgroup.procs -exec cat {} + 2>/dev/null); do
+			kill -9 "$pid" 2>/dev/null || true
+		done
+	done
+	sleep 1
+	for cg in /sys/fs/cgroup/*/kubepods; do
 		[[ -d "$cg" ]] && find "$cg" -depth -type d -exec rmdir {} + 2>/dev/null || true
 	done
 	rm -rf "$host"
@@ -280,6 +292,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   sandbox_image = "$pause_image"
   # runc may not lower a container's oom_score_adj below its own here.
   restrict_oom_score_adj = true
+  # Pod network namespaces in our state, not /run/netns.
+  netns_mounts_under_state_dir = true
   enable_selinux = false
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
@@ -332,7 +346,6 @@ import_images() {
 
 write_kubelet_config() {
 	mkdir -p "$state/kubelet"
-	printf 'nameserver %s\nsearch cluster.local\n' "$node_ip" >"$state/resolv.conf"
 	cat >"$state/kubelet-config.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -397,12 +410,27 @@ EOF
 
 # ---- up / down ---------------------------------------------------------------------------------
 
+# A start that fails part-way shows why and undoes what it did.
+failed_start() {
+	local status=$? f
+	((status)) || return 0
+	for f in "$logs"/*.log; do
+		[[ -f "$f" ]] || continue
+		echo "---- last lines of $(basename "$f")" >&2
+		tail -n 15 "$f" >&2
+	done
+	log "start failed; stopping what was started"
+	down
+	exit "$status"
+}
+
 up() {
 	need_root
 	if [[ -d "$pids" ]] && ls "$pids"/* >/dev/null 2>&1; then
 		die "a cluster runs from $state already; run $0 down first"
 	fi
 	install_packages
+	trap failed_start EXIT
 	mkdir -p "$state" "$logs" "$pids"
 	save_host
 	setup_host
@@ -413,8 +441,7 @@ up() {
 	start etcd "$bin/etcd" --data-dir "$state/etcd" --name "$node_name" \
 		--listen-client-urls "http://$node_ip:2379" --advertise-client-urls "http://$node_ip:2379" \
 		--listen-peer-urls "http://$node_ip:2380" --initial-advertise-peer-urls "http://$node_ip:2380" \
-		--initial-cluster "$node_name=http://$node_ip:2380" --listen-metrics-urls "" \
-		--quota-backend-bytes 1073741824
+		--initial-cluster "$node_name=http://$node_ip:2380" --quota-backend-bytes 1073741824
 	start kube-apiserver "$bin/kube-apiserver" --etcd-servers "http://$node_ip:2379" \
 		--bind-address "$node_ip" --advertise-address "$node_ip" --secure-port 6443 \
 		--tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
@@ -447,6 +474,7 @@ up() {
 	start coredns "$bin/coredns" -conf "$state/Corefile"
 	wait_for "the node" 120 kc wait --for=condition=Ready "node/$node_name" --timeout=2s
 	wait_for "the default ServiceAccount" 60 kc get serviceaccount default
+	trap - EXIT
 	log "up in $state; images $operator_image, $worker_image"
 	echo "export KUBECONFIG=$kubeconfig"
 }
@@ -479,8 +507,10 @@ down() {
 	stop containerd
 	# Shims outlive containerd; these are ours, told apart by our socket in their arguments.
 	local pid
-	for pid in $(grep -lzF -- "$state/containerd" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3); do
-		kill -9 "$pid" 2>/dev/null || true
+	for pid in $(grep -lzF -- "$sock" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3); do
+		if [[ "$(readlink "/proc/$pid/exe" 2>/dev/null)" == *containerd-shim* ]]; then
+			kill -9 "$pid" 2>/dev/null || true
+		fi
 	done
 	stop kube-apiserver
 	stop etcd

@@ -22,6 +22,7 @@ on this machine), so no port-forward is involved.
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import threading
@@ -44,6 +45,13 @@ WORKERS_NS = "llm"
 DEMO = "tiny-llama"
 
 
+def tool_path(name):
+    """bin/<name> as `make tools` builds it, else the machine's own (it skips kubectl when the
+    machine has one)."""
+    built = BIN / name
+    return str(built) if built.exists() else (shutil.which(name) or str(built))
+
+
 class Kube:
     """kubectl and helm bound to the test cluster."""
 
@@ -52,7 +60,7 @@ class Kube:
 
     def run(self, *args, check=True, input=None, timeout=300, tool="kubectl"):
         out = subprocess.run(
-            [str(BIN / tool), *args],
+            [tool_path(tool), *args],
             env=self.env,
             input=input,
             capture_output=True,
@@ -114,20 +122,17 @@ def wait_until(what, timeout, check, interval=1.0):
     pytest.fail(f"{what}: not within {timeout}s (last: {last!r})")
 
 
-def metrics(ip, port=8000):
-    """A worker's Prometheus text as {name{labels}: value}."""
+def metric(ip, name, port=8000):
+    """A worker's metric, summed over its label sets (0 when absent)."""
     with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
-    values = {}
+    total = 0.0
     for line in text.splitlines():
         if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            values[key] = float(value)
-    return values
-
-
-def metric(ip, name):
-    return metrics(ip).get(name, 0.0)
+            series, _, value = line.rpartition(" ")
+            if series.partition("{")[0] == name:
+                total += float(value)
+    return total
 
 
 def openai_client(base_url, retries=0):
@@ -333,7 +338,7 @@ def pod_log_follower(kube, ns, pod):
     """`kubectl logs -f` of a Pod into a list, for a Pod that is about to go away."""
     lines = []
     proc = subprocess.Popen(
-        [str(BIN / "kubectl"), "logs", "-f", "-n", ns, pod],
+        [tool_path("kubectl"), "logs", "-f", "-n", ns, pod],
         env=kube.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
@@ -346,3 +351,18 @@ def pod_log_follower(kube, ns, pod):
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def worker_pid(pod):
+    """The host PID of a worker Pod's process: this machine is the node."""
+    wanted = f"ILM_WORKER_ID={pod}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if os.readlink(proc / "exe").endswith("/infinite-llm-worker") and \
+                    wanted in (proc / "environ").read_bytes().split(b"\0"):
+                return int(proc.name)
+        except OSError:
+            continue
+    raise AssertionError(f"no worker process of {pod} on this node")

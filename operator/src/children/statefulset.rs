@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    ExecAction, HTTPGetAction, HostPathVolumeSource, ImageVolumeSource, Lifecycle,
-    LifecycleHandler, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSecurityContext,
-    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
+    HTTPGetAction, HostPathVolumeSource, ImageVolumeSource, Lifecycle, LifecycleHandler,
+    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
     SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -175,11 +175,7 @@ fn worker_container(ilc: &InfiniteLLMCluster, settings: &Settings) -> Container 
     }
 }
 
-fn env(
-    ilc: &InfiniteLLMCluster,
-    settings: &Settings,
-    token_file: &str,
-) -> Vec<EnvVar> {
+fn env(ilc: &InfiniteLLMCluster, settings: &Settings, token_file: &str) -> Vec<EnvVar> {
     let spec = &ilc.spec;
     let kv = &spec.kv_cache;
     let value = |name: &str, value: String| EnvVar {
@@ -419,10 +415,63 @@ mod tests {
     }
 
     #[test]
+    fn worker_pods_meet_the_restricted_pod_security_standard() {
+        let ilc = cluster(serde_json::json!({
+            "model": {"servedName": "m", "source": {"pvc": {"claimName": "c"}}},
+            "workers": {"image": "img", "terminationGracePeriodSeconds": 60}
+        }));
+        let sts = build(&ilc, &Names::new("c"), &settings());
+        let pod = sts.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let ctx = pod.security_context.as_ref().unwrap();
+        assert_eq!(ctx.run_as_non_root, Some(true));
+        assert_eq!(ctx.run_as_user, Some(WORKER_UID));
+        assert_eq!(
+            ctx.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let c = container(&sts);
+        let cctx = c.security_context.as_ref().unwrap();
+        assert_eq!(cctx.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            cctx.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_owned()][..])
+        );
+        assert_eq!(
+            c.termination_message_policy.as_deref(),
+            Some("FallbackToLogsOnError")
+        );
+        // The worker gives up before the kubelet kills it.
+        assert_eq!(env_value(c, "ILM_GRACE_PERIOD_SECS"), Some("55"));
+    }
+
+    #[test]
+    fn the_demo_source_gives_each_worker_a_volume_to_write_the_model_into() {
+        let ilc = cluster(serde_json::json!({
+            "model": {"servedName": "m", "source": {"demo": {}}},
+            "workers": {"image": "img", "gpusPerWorker": 0}
+        }));
+        let sts = build(&ilc, &Names::new("c"), &settings());
+        let c = container(&sts);
+        assert_eq!(env_value(c, "ILM_MODEL"), Some("/models/demo"));
+        assert_eq!(env_value(c, "ILM_WRITE_DEMO_MODEL"), Some("true"));
+        let mount = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "model")
+            .unwrap();
+        assert_eq!(mount.read_only, Some(false));
+        let volumes = sts.spec.unwrap().template.spec.unwrap().volumes.unwrap();
+        let model = volumes.iter().find(|v| v.name == "model").unwrap();
+        assert!(model.empty_dir.is_some());
+    }
+
+    #[test]
     fn optional_settings_appear_only_when_set() {
         let ilc = cluster(serde_json::json!({
             "model": {"servedName": "m", "source": {"image": {"reference": "r", "path": "/w/"}}},
-            "workers": {"image": "img", "gpusPerWorker": 2},
+            "workers": {"image": "img", "gpusPerWorker": 1},
             "kvCache": {"maxBlocks": 100, "longHomeShare": 1.0},
             "api": {"port": 9000, "apiKeySecret": {"name": "k", "key": "key"}}
         }));
@@ -431,7 +480,7 @@ mod tests {
         assert_eq!(env_value(c, "ILM_KV_BLOCKS"), Some("100"));
         // The worker reads "1" as 1.0: early borrowing off.
         assert_eq!(env_value(c, "ILM_LONG_HOME_SHARE"), Some("1"));
-        assert_eq!(env_value(c, "ILM_DTYPE"), None);
+        assert_eq!(env_value(c, "ILM_WRITE_DEMO_MODEL"), None);
         assert_eq!(env_value(c, "ILM_MODEL"), Some("/models/w"));
         assert_eq!(env_value(c, "ILM_PORT"), Some("9000"));
         assert_eq!(env_value(c, "ILM_GMANAGER_URL"), Some("http://g:8001"));
@@ -452,7 +501,7 @@ mod tests {
             "k"
         );
         let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
-        assert_eq!(limits[GPU_RESOURCE], Quantity("2".into()));
+        assert_eq!(limits[GPU_RESOURCE], Quantity("1".into()));
         let drain = c.lifecycle.as_ref().unwrap().pre_stop.as_ref().unwrap();
         assert_eq!(
             drain.exec.as_ref().unwrap().command.as_ref().unwrap()[3],

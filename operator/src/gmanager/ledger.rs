@@ -522,6 +522,16 @@ mod tests {
     }
 
     #[test]
+    fn the_epoch_continues_from_a_previous_gmanagers_never_back() {
+        let t = Instant::now();
+        let mut l = ledger();
+        l.continue_from(12);
+        assert_eq!(l.register(reg("a", pool(8, 0, 0, 4)), t), Ok(13));
+        l.continue_from(5);
+        assert_eq!(l.epoch(), 13, "an older epoch changes nothing");
+    }
+
+    #[test]
     fn heartbeats_keep_the_epoch_and_update_figures() {
         let t = Instant::now();
         let mut l = ledger();

@@ -73,7 +73,11 @@ impl Service {
         match self.ledgers().get_mut(cluster) {
             Some(ledger) => ledger.continue_from(epoch),
             None => {
-                let mut floors = self.inner.epoch_floors.lock().unwrap_or_else(|p| p.into_inner());
+                let mut floors = self
+                    .inner
+                    .epoch_floors
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
                 let floor = floors.entry(cluster.to_owned()).or_default();
                 *floor = (*floor).max(epoch);
             }
