@@ -14,11 +14,13 @@ VENV    := .venv
 
 WORKER_BIN := target/release/infinite-llm-worker
 
-.PHONY: help build run test lint lint-docker unit test-python bench bench-pool venv tools crds simulate gpu-bundle test-gpu bench-gpu bench-dist
+.PHONY: help build run test test-phases lint lint-docker unit test-python test-node bench bench-pool venv tools node-tools cluster cluster-down crds simulate gpu-bundle test-gpu bench-gpu bench-dist
 
 help:
 	@echo "make run        local pool: gManager + WORKERS=$(WORKERS) workers behind http://127.0.0.1:$(PORT) (MODEL=, KV_BLOCKS=, LEND_FRACTION=)"
-	@echo "make test       every check: fmt, clippy, Rust tests, the openai client against make run"
+	@echo "make test       every check: fmt, clippy, Rust tests, the openai client against make run, the node tests"
+	@echo "make cluster    a one-node Kubernetes on this machine (root), with the operator and worker images; prints its KUBECONFIG"
+	@echo "make cluster-down  stop it and restore the host"
 	@echo "make bench      CPU decode tokens/s against candle-transformers"
 	@echo "make bench-pool local mode pooled vs static (lend 0) on the demo model: one trace replayed by infinite-llm-loadgen"
 	@echo "make gpu-bundle build the GPU tests and benches here, into target/gpu-bundle, for a GPU machine"
@@ -37,7 +39,13 @@ run: build
 		--lend-fraction $(LEND_FRACTION) --gmanager-port $(GMANAGER_PORT) \
 		$(if $(KV_BLOCKS),--kv-blocks $(KV_BLOCKS)) $(if $(MODEL),--model $(MODEL))
 
-test: lint lint-docker unit test-python
+# `.ci/run` runs these one by one and times each.
+TEST_PHASES := lint lint-docker unit test-python test-node
+
+test: $(TEST_PHASES)
+
+test-phases:
+	@echo $(TEST_PHASES)
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -54,6 +62,20 @@ unit: tools
 tools:
 	bash tests/tools/build.sh
 	bash tests/tools/build_helm.sh
+
+# kubelet, kube-scheduler, kube-proxy, CoreDNS and the Pod sandbox, for the one-node cluster.
+node-tools: tools
+	bash tests/node/build.sh
+
+cluster: build node-tools
+	bash tests/node/cluster.sh up
+
+cluster-down:
+	bash tests/node/cluster.sh down
+
+# The operator and workers as Pods on that cluster, started and stopped around the tests.
+test-node: build node-tools venv
+	PYTHON=$(CURDIR)/$(VENV)/bin/python bash tests/node/run.sh
 
 # The CRD twice from one source: crds/ for kubectl, and the chart's template.
 crds:

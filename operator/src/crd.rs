@@ -81,16 +81,13 @@ pub struct ModelSpec {
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$')").message("model.servedName must be 1-128 characters of letters, digits and ._:/- starting with a letter or digit"))]
     pub served_name: String,
     pub source: ModelSource,
-    /// Weights and compute dtype; the worker picks one from the model config when unset.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dtype: Option<Dtype>,
 }
 
 /// Where the model folder (config.json, *.safetensors, tokenizer.json) comes from; exactly
-/// one of the three.
+/// one of the four.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("[has(self.pvc), has(self.hostPath), has(self.image)].filter(x, x).size() == 1").message("model.source must set exactly one of pvc, hostPath or image"))]
+#[x_kube(validation = Rule::new("[has(self.pvc), has(self.hostPath), has(self.image), has(self.demo)].filter(x, x).size() == 1").message("model.source must set exactly one of pvc, hostPath, image or demo"))]
 pub struct ModelSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pvc: Option<PvcSource>,
@@ -98,7 +95,15 @@ pub struct ModelSource {
     pub host_path: Option<HostPathSource>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<ImageSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub demo: Option<DemoSource>,
 }
+
+/// The small random-weight demo model, which each worker writes at start into a volume of
+/// its own: nothing to download or prepare, for trying the operator out (its text is
+/// gibberish).
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct DemoSource {}
 
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -150,24 +155,6 @@ impl PullPolicy {
     }
 }
 
-#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Dtype {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl Dtype {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Dtype::F32 => "f32",
-            Dtype::F16 => "f16",
-            Dtype::Bf16 => "bf16",
-        }
-    }
-}
-
 /// The worker StatefulSet: how many, on what, and where.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -175,9 +162,11 @@ pub struct WorkersSpec {
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0, max = 1024))]
     pub replicas: i32,
-    /// GPUs per worker; 0 runs the CPU backend.
+    /// GPUs per worker: 1, or 0 for the CPU backend. A worker drives one GPU, so more would
+    /// only be held idle.
     #[serde(default = "default_gpus")]
-    #[schemars(range(min = 0, max = 16))]
+    #[schemars(range(min = 0))]
+    #[x_kube(validation = Rule::new("self <= 1").message("workers.gpusPerWorker must be 0 or 1: a worker uses one GPU; run more workers for more GPUs"))]
     pub gpus_per_worker: i32,
     #[schemars(length(min = 1))]
     pub image: String,
@@ -194,7 +183,8 @@ pub struct WorkersSpec {
     pub affinity: Option<Affinity>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
-    /// Time a worker gets to drain (hand its KV blocks to peers) before it is killed.
+    /// Time a worker gets to drain (finish its requests, take back its loans) before it is
+    /// killed; the worker itself gives up 5 s before, so that it still leaves the pool cleanly.
     #[serde(default = "default_grace")]
     #[schemars(range(min = 30, max = 3600))]
     pub termination_grace_period_seconds: i64,
@@ -215,7 +205,6 @@ fn default_grace() -> i64 {
 /// Paged KV cache and pooling knobs, passed to every worker.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.lendFraction < self.highWatermark").message("kvCache.lendFraction must be below kvCache.highWatermark, or a lender would become a debtor"))]
 pub struct KvCacheSpec {
     /// Tokens per KV block; a power of two.
     #[serde(default = "default_block_tokens")]
@@ -234,10 +223,6 @@ pub struct KvCacheSpec {
     #[serde(default = "default_long_home_share")]
     #[x_kube(validation = Rule::new("self >= 0.0 && self <= 1.0").message("kvCache.longHomeShare must be in [0, 1]"))]
     pub long_home_share: f64,
-    /// Use above which a worker borrows, in (0, 1].
-    #[serde(default = "default_high_watermark")]
-    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("kvCache.highWatermark must be in (0, 1]"))]
-    pub high_watermark: f64,
     /// Cap on KV blocks per worker; sized from memory when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
@@ -276,7 +261,6 @@ impl Default for KvCacheSpec {
             gpu_memory_fraction: default_gpu_memory_fraction(),
             lend_fraction: default_lend_fraction(),
             long_home_share: default_long_home_share(),
-            high_watermark: default_high_watermark(),
             max_blocks: None,
             transport: Transport::default(),
         }
@@ -298,10 +282,6 @@ fn default_lend_fraction() -> f64 {
 /// The gManager's placement default (`PlacementConfig::long_home_share`).
 fn default_long_home_share() -> f64 {
     0.25
-}
-
-fn default_high_watermark() -> f64 {
-    0.9
 }
 
 /// Autoscaling: the operator creates and owns a HorizontalPodAutoscaler that drives the

@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use kube::Client;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use tokio::sync::watch;
 use tracing::info;
 
@@ -65,13 +65,10 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     info!(addr = %bound, "serving /metrics, /healthz and /readyz");
 
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: names::FIELD_MANAGER.to_owned(),
-                instance: Some(config.election.identity.clone()),
-            },
-        ),
+        reporter: Reporter {
+            controller: names::FIELD_MANAGER.to_owned(),
+            instance: Some(config.election.identity.clone()),
+        },
         client: client.clone(),
         metrics: metrics.clone(),
         settings: config.settings.clone(),

@@ -97,6 +97,10 @@ struct RunArgs {
     /// Unique name of this replica in the election: the Pod name.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// This replica's Pod, in the lease namespace: the leader labels it so that the gManager
+    /// Service selects the leader only. Unset outside a Pod.
+    #[arg(long = "pod-name", env = "POD_NAME")]
+    pod: Option<String>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "ILM_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
@@ -167,7 +171,11 @@ async fn main() -> std::process::ExitCode {
             .with_env_filter(filter)
             .init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        // Colour only for a person at a terminal: `kubectl logs` shows escape codes raw.
+        tracing_subscriber::fmt()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .with_env_filter(filter)
+            .init();
     }
     if let Some(Command::Gmanager(args)) = cli.command {
         return match serve_gmanager(args).await {
@@ -187,7 +195,7 @@ async fn main() -> std::process::ExitCode {
     });
     let gmanager_url = args.gmanager_url.unwrap_or_else(|| {
         format!(
-            "http://infinite-llm-operator.{}.svc:8001",
+            "http://infinite-llm-operator-gmanager.{}.svc:8001",
             args.lease_namespace
         )
     });
@@ -199,6 +207,7 @@ async fn main() -> std::process::ExitCode {
             identity,
             duration: args.lease_duration,
             grace: args.lease_grace,
+            pod: args.pod,
         },
         metrics_addr: args.metrics_addr,
         gmanager_addr: args.gmanager_addr,

@@ -42,11 +42,15 @@ const RECONCILER: &[(&str, &str, &[&str])] = &[
     ("", "secrets", &["get", "create", "patch"]),
     ("", "pods", &["list", "watch"]),
     ("events.k8s.io", "events", &["create", "patch"]),
+    ("", "events", &["list"]),
 ];
 
-/// What leader election needs in the operator's own namespace.
-const LEADER: &[(&str, &str, &[&str])] =
-    &[("coordination.k8s.io", "leases", &["get", "create", "patch"])];
+/// What leader election needs in the operator's own namespace: the Lease, and the leader
+/// label on the replica's own Pod.
+const LEADER: &[(&str, &str, &[&str])] = &[
+    ("coordination.k8s.io", "leases", &["get", "create", "patch"]),
+    ("", "pods", &["patch"]),
+];
 
 /// Fails with every missing permission listed. `namespace` is the watched namespace, or
 /// `None` for all of them.

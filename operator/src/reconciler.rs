@@ -6,14 +6,14 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{Timestamp, Unit};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -31,7 +31,8 @@ use crate::{autoscaler, status, token};
 /// Everything a reconcile needs, shared by all of them.
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
+    /// Who this replica's Events say reported them.
+    pub reporter: Reporter,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
     /// The gManager the leader serves: the reconciler gives it each cluster's token (so it
@@ -184,9 +185,31 @@ async fn reconcile(ilc: Arc<InfiniteLLMCluster>, ctx: Arc<Context>) -> Result<Ac
             .round(Unit::Second)
             .unwrap_or_else(|_| Timestamp::now()),
     );
-    let pool = ctx.gmanager.pool(&gmanager_cluster(&ns, &names));
+    // Only a cluster short of ready workers needs to know why.
+    let sts_ready = sts
+        .object()
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    let warnings = if sts_ready < ilc.spec.workers.replicas {
+        Api::<CoreEvent>::namespaced(client.clone(), &ns)
+            .list(&ListParams::default().fields("type=Warning"))
+            .await
+            .map_err(Error::kube("list", "Event"))?
+            .items
+    } else {
+        Vec::new()
+    };
+    let cluster = gmanager_cluster(&ns, &names);
+    // A new leader's gManager counts membership changes on from where the last one stopped.
+    if let Some(epoch) = ilc.status.as_ref().and_then(|s| s.membership_epoch) {
+        ctx.gmanager
+            .continue_epoch(&cluster, u64::try_from(epoch).unwrap_or(0));
+    }
+    let pool = ctx.gmanager.pool(&cluster);
     let mut next = status::with_pool(
-        status::compute(&ilc, Some(sts.object()), &pods.items, &now),
+        status::compute(&ilc, Some(sts.object()), &pods.items, &warnings, &now),
         pool.as_ref(),
     );
     if let Some(hpa) = &autoscaler {
@@ -355,27 +378,29 @@ async fn write_status(
     let before = ilc.status.as_ref().and_then(|s| s.phase);
     if before != next.phase {
         info!(cluster = %ilc.name_any(), namespace = ns, phase = ?next.phase, "phase changed");
-        match next.phase {
-            Some(Phase::Ready) => {
-                let note = format!("All {} workers are ready", next.ready_replicas);
-                publish(ctx, ilc, EventType::Normal, "Ready", note).await;
-            }
-            Some(Phase::Degraded) => {
-                let note = next
-                    .conditions
-                    .iter()
-                    .find(|c| c.type_ == status::DEGRADED)
-                    .map(|c| c.message.clone())
-                    .unwrap_or_default();
-                publish(ctx, ilc, EventType::Warning, "WorkersFailing", note).await;
-            }
-            _ => {}
+        if next.phase == Some(Phase::Ready) {
+            let note = format!("All {} workers are ready", next.ready_replicas);
+            publish(ctx, ilc, EventType::Normal, "Ready", note).await;
         }
+    }
+    // Every new reason for failing workers is told, not only the first.
+    let failing = |s: &InfiniteLLMClusterStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == status::DEGRADED && c.status == "True")
+            .map(|c| c.message.clone())
+    };
+    if let Some(note) = failing(next)
+        && ilc.status.as_ref().and_then(failing).as_ref() != Some(&note)
+    {
+        publish(ctx, ilc, EventType::Warning, "WorkersFailing", note).await;
     }
     Ok(())
 }
 
-/// Events are best effort: failing to record one must not fail the reconcile.
+/// Events are best effort: failing to record one must not fail the reconcile. Each goes
+/// through a recorder of its own: a shared one folds Events of the same reason into a series
+/// that keeps the first one's note, so "Scaling workers from 3 to 2" would read "from 2 to 3".
 async fn publish(
     ctx: &Context,
     ilc: &InfiniteLLMCluster,
@@ -390,7 +415,8 @@ async fn publish(
         action: "Reconcile".to_owned(),
         secondary: None,
     };
-    match ctx.recorder.publish(&event, &ilc.object_ref(&())).await {
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    match recorder.publish(&event, &ilc.object_ref(&())).await {
         Ok(()) => ctx.metrics.write("Event"),
         Err(error) => warn!(%error, reason, "could not record an event"),
     }

@@ -2,8 +2,9 @@
 //! is unit-tested; the reconciler writes the result only when it differs.
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Event, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::SignedDuration;
 use kube::ResourceExt;
 
 use infinite_llm_protocol::gmanager::PoolView;
@@ -26,10 +27,19 @@ const FAILING_REASONS: &[&str] = &[
     "RunContainerError",
 ];
 
+/// A refusal to create a worker Pod (admission, quota) older than this is taken as resolved.
+const CREATE_FAILURE_MEMORY: SignedDuration = SignedDuration::from_secs(300);
+/// Longest text of one failure in a condition message; kubelet messages can run long.
+const MAX_FAILURE_TEXT: usize = 600;
+
+/// `warnings` are the namespace's Warning Events: those about the StatefulSet and its Pods say
+/// why a worker is not coming up when the Pods themselves do not (a volume that does not
+/// mount, a Pod that admission refused).
 pub fn compute(
     ilc: &InfiniteLLMCluster,
     sts: Option<&StatefulSet>,
     pods: &[Pod],
+    warnings: &[Event],
     now: &Time,
 ) -> InfiniteLLMClusterStatus {
     let names = Names::new(&ilc.name_any());
@@ -42,7 +52,13 @@ pub fn compute(
     // The StatefulSet controller has not yet looked at our latest template.
     let stale = sts.is_some_and(|s| sts_status.observed_generation < s.metadata.generation);
 
-    let failing: Vec<String> = pods.iter().filter_map(failing_reason).collect();
+    let mut failing: Vec<String> = pods
+        .iter()
+        .filter_map(|pod| failing_reason(pod, warnings))
+        .collect();
+    if let Some(sts) = sts.filter(|_| pods.len() < usize::try_from(desired).unwrap_or(0)) {
+        failing.extend(refused_creation(sts, warnings, now));
+    }
 
     let progressing = if sts.is_none() {
         Some(("Creating", "creating the worker StatefulSet".to_owned()))
@@ -161,14 +177,112 @@ pub fn with_pool(
     status
 }
 
-fn failing_reason(pod: &Pod) -> Option<String> {
-    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
-    statuses.iter().find_map(|cs| {
-        let reason = cs.state.as_ref()?.waiting.as_ref()?.reason.as_deref()?;
-        FAILING_REASONS
-            .contains(&reason)
-            .then(|| format!("{}: {reason}", pod.name_any()))
+/// Why a worker Pod is not coming up, when it is stuck rather than on its way: its container
+/// fails (with the message it left, such as a model that does not load), the scheduler
+/// cannot place it, or the kubelet cannot start it (a volume that does not mount).
+fn failing_reason(pod: &Pod, warnings: &[Event]) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    let name = pod.name_any();
+    let crashing = status.container_statuses.iter().flatten().find_map(|cs| {
+        let waiting = cs.state.as_ref()?.waiting.as_ref()?;
+        let reason = waiting.reason.as_deref()?;
+        if !FAILING_REASONS.contains(&reason) {
+            return None;
+        }
+        let last_words = cs
+            .last_state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .and_then(|t| t.message.as_deref())
+            .or(waiting.message.as_deref());
+        Some(describe(&name, reason, last_words))
+    });
+    if crashing.is_some() {
+        return crashing;
+    }
+    let unschedulable = status.conditions.iter().flatten().find(|c| {
+        c.type_ == "PodScheduled"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("Unschedulable")
+    });
+    if let Some(c) = unschedulable {
+        return Some(describe(&name, "Unschedulable", c.message.as_deref()));
+    }
+    let starting = status.phase.as_deref() == Some("Pending")
+        && status
+            .conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == "PodScheduled" && c.status == "True");
+    if !starting {
+        return None;
+    }
+    let uid = pod.uid()?;
+    latest(
+        warnings
+            .iter()
+            .filter(|e| e.involved_object.uid.as_deref() == Some(uid.as_str())),
+    )
+    .map(|e| {
+        describe(
+            &name,
+            e.reason.as_deref().unwrap_or("Warning"),
+            e.message.as_deref(),
+        )
     })
+}
+
+/// The StatefulSet controller's latest recent refusal to create a worker Pod, which leaves
+/// no Pod behind to look at (admission refused it, a quota ran out).
+fn refused_creation(sts: &StatefulSet, warnings: &[Event], now: &Time) -> Option<String> {
+    let uid = sts.uid()?;
+    let event = latest(warnings.iter().filter(|e| {
+        e.involved_object.uid.as_deref() == Some(uid.as_str())
+            && e.reason.as_deref() == Some("FailedCreate")
+    }))?;
+    let seen = last_seen(event)?;
+    (now.0.duration_since(seen) < CREATE_FAILURE_MEMORY).then(|| {
+        describe(
+            &format!("StatefulSet {}", sts.name_any()),
+            "FailedCreate",
+            event.message.as_deref(),
+        )
+    })
+}
+
+fn last_seen(event: &Event) -> Option<k8s_openapi::jiff::Timestamp> {
+    event
+        .series
+        .as_ref()
+        .and_then(|s| s.last_observed_time.as_ref())
+        .map(|t| t.0)
+        .or_else(|| event.last_timestamp.as_ref().map(|t| t.0))
+        .or_else(|| event.event_time.as_ref().map(|t| t.0))
+        .or_else(|| event.metadata.creation_timestamp.as_ref().map(|t| t.0))
+}
+
+fn latest<'a>(events: impl Iterator<Item = &'a Event>) -> Option<&'a Event> {
+    events.max_by_key(|e| last_seen(e))
+}
+
+/// `<who>: <reason>[: <message>]`, the message on one line and bounded.
+fn describe(who: &str, reason: &str, message: Option<&str>) -> String {
+    let message = message.map(str::trim).filter(|m| !m.is_empty());
+    match message {
+        None => format!("{who}: {reason}"),
+        Some(m) => {
+            let mut line = m.split_whitespace().collect::<Vec<_>>().join(" ");
+            if line.len() > MAX_FAILURE_TEXT {
+                let cut = (0..=MAX_FAILURE_TEXT)
+                    .rev()
+                    .find(|&i| line.is_char_boundary(i))
+                    .unwrap_or(0);
+                line.truncate(cut);
+                line.push('…');
+            }
+            format!("{who}: {reason}: {line}")
+        }
+    }
 }
 
 fn condition(
@@ -256,7 +370,7 @@ mod tests {
 
     #[test]
     fn ready_when_every_worker_is_ready() {
-        let s = compute(&cluster(2), Some(&sts(2, 2, 2)), &[], &now());
+        let s = compute(&cluster(2), Some(&sts(2, 2, 2)), &[], &[], &now());
         assert_eq!(s.phase, Some(Phase::Ready));
         assert!(is_true(&s, READY));
         assert!(!is_true(&s, PROGRESSING));
@@ -267,7 +381,7 @@ mod tests {
 
     #[test]
     fn progressing_while_scaling_or_rolling() {
-        let s = compute(&cluster(3), Some(&sts(2, 2, 2)), &[], &now());
+        let s = compute(&cluster(3), Some(&sts(2, 2, 2)), &[], &[], &now());
         assert_eq!(s.phase, Some(Phase::Progressing));
         assert!(is_true(&s, PROGRESSING));
         let reason = |s: &InfiniteLLMClusterStatus| {
@@ -279,9 +393,9 @@ mod tests {
                 .clone()
         };
         assert_eq!(reason(&s), "Scaling");
-        let s = compute(&cluster(2), Some(&sts(2, 2, 1)), &[], &now());
+        let s = compute(&cluster(2), Some(&sts(2, 2, 1)), &[], &[], &now());
         assert_eq!(reason(&s), "RollingUpdate");
-        let s = compute(&cluster(2), None, &[], &now());
+        let s = compute(&cluster(2), None, &[], &[], &now());
         assert_eq!(s.phase, Some(Phase::Pending));
     }
 
@@ -308,11 +422,127 @@ mod tests {
                 ..PodStatus::default()
             }),
         };
-        let s = compute(&cluster(1), Some(&sts(1, 0, 1)), &[pod], &now());
+        let s = compute(&cluster(1), Some(&sts(1, 0, 1)), &[pod], &[], &now());
         assert_eq!(s.phase, Some(Phase::Degraded));
         assert!(is_true(&s, DEGRADED));
         let d = s.conditions.iter().find(|c| c.type_ == DEGRADED).unwrap();
         assert_eq!(d.message, "c-0: CrashLoopBackOff");
+    }
+
+    fn degraded_message(s: &InfiniteLLMClusterStatus) -> Option<&str> {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == DEGRADED && c.status == "True")
+            .map(|c| c.message.as_str())
+    }
+
+    fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn warning(uid: &str, reason: &str, message: &str, at: i64) -> Event {
+        let time = k8s_openapi::jiff::Timestamp::from_second(at).unwrap();
+        from_json(serde_json::json!({
+            "metadata": {"name": format!("e{at}")},
+            "involvedObject": {"uid": uid},
+            "type": "Warning", "reason": reason, "message": message,
+            "lastTimestamp": time.to_string(),
+        }))
+    }
+
+    #[test]
+    fn a_crash_shows_the_message_the_worker_left() {
+        let pod: Pod = from_json(serde_json::json!({
+            "metadata": {"name": "c-0"},
+            "status": {"containerStatuses": [{
+                "name": "worker", "image": "i", "imageID": "", "ready": false, "restartCount": 2,
+                "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 20s"}},
+                "lastState": {"terminated": {"exitCode": 1,
+                    "message": "loading the tokenizer from /models:\n  no such file"}}
+            }]}
+        }));
+        let s = compute(&cluster(1), Some(&sts(1, 0, 1)), &[pod], &[], &now());
+        assert_eq!(
+            degraded_message(&s),
+            Some("c-0: CrashLoopBackOff: loading the tokenizer from /models: no such file")
+        );
+    }
+
+    #[test]
+    fn an_unschedulable_worker_shows_the_schedulers_reason() {
+        let pod: Pod = from_json(serde_json::json!({
+            "metadata": {"name": "c-0", "uid": "p0"},
+            "status": {"phase": "Pending", "conditions": [{
+                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": "0/1 nodes are available: 1 Insufficient cpu."
+            }]}
+        }));
+        let s = compute(&cluster(1), Some(&sts(1, 0, 1)), &[pod], &[], &now());
+        assert_eq!(s.phase, Some(Phase::Degraded));
+        assert_eq!(
+            degraded_message(&s),
+            Some("c-0: Unschedulable: 0/1 nodes are available: 1 Insufficient cpu.")
+        );
+    }
+
+    #[test]
+    fn a_worker_stuck_starting_shows_its_latest_warning() {
+        let pending = |uid: &str| -> Pod {
+            from_json(serde_json::json!({
+                "metadata": {"name": "c-0", "uid": uid},
+                "status": {"phase": "Pending",
+                    "conditions": [{"type": "PodScheduled", "status": "True"}]}
+            }))
+        };
+        let warnings = [
+            warning("p0", "FailedMount", "old message", 1_799_999_000),
+            warning(
+                "p0",
+                "FailedMount",
+                "hostPath type check failed",
+                1_799_999_900,
+            ),
+            warning("other", "FailedMount", "someone else", 1_799_999_990),
+        ];
+        let s = compute(
+            &cluster(1),
+            Some(&sts(1, 0, 1)),
+            &[pending("p0")],
+            &warnings,
+            &now(),
+        );
+        assert_eq!(
+            degraded_message(&s),
+            Some("c-0: FailedMount: hostPath type check failed")
+        );
+        // The same name with a new uid is a new Pod: the old one's warnings are not its.
+        let s = compute(
+            &cluster(1),
+            Some(&sts(1, 0, 1)),
+            &[pending("p1")],
+            &warnings,
+            &now(),
+        );
+        assert_eq!(s.phase, Some(Phase::Progressing));
+    }
+
+    #[test]
+    fn a_pod_refused_at_creation_shows_the_statefulsets_recent_warning() {
+        let mut set = sts(1, 0, 0);
+        set.metadata.uid = Some("s0".into());
+        set.metadata.name = Some("c".into());
+        let refused = "create Pod c-0 in StatefulSet c failed error: pods \"c-0\" is forbidden: violates PodSecurity \"restricted:latest\"";
+        let recent = [warning("s0", "FailedCreate", refused, 1_799_999_950)];
+        let s = compute(&cluster(1), Some(&set), &[], &recent, &now());
+        assert_eq!(
+            degraded_message(&s)
+                .map(|m| m.starts_with("StatefulSet c: FailedCreate: create Pod c-0")),
+            Some(true),
+            "{s:?}"
+        );
+        let stale = [warning("s0", "FailedCreate", refused, 1_799_000_000)];
+        let s = compute(&cluster(1), Some(&set), &[], &stale, &now());
+        assert_eq!(degraded_message(&s), None);
     }
 
     fn view(epoch: u64, pools: &[(u64, u64, u64, u64)]) -> PoolView {
@@ -360,7 +590,7 @@ mod tests {
     #[test]
     fn the_pool_comes_from_the_gmanager_and_stays_without_it() {
         let ilc = cluster(2);
-        let s = compute(&ilc, Some(&sts(2, 2, 2)), &[], &now());
+        let s = compute(&ilc, Some(&sts(2, 2, 2)), &[], &[], &now());
         assert_eq!(
             with_pool(s.clone(), None),
             s,
@@ -383,7 +613,7 @@ mod tests {
         // A later reconcile without a view (a new leader) keeps what was reported.
         let mut ilc = ilc;
         ilc.status = Some(s.clone());
-        let again = compute(&ilc, Some(&sts(2, 2, 2)), &[], &now());
+        let again = compute(&ilc, Some(&sts(2, 2, 2)), &[], &[], &now());
         assert_eq!(with_pool(again, None), s);
         let empty = with_pool(s, Some(&view(4, &[])));
         assert_eq!(
@@ -396,12 +626,12 @@ mod tests {
     #[test]
     fn unchanged_inputs_give_an_identical_status() {
         let mut ilc = cluster(2);
-        let first = compute(&ilc, Some(&sts(2, 2, 2)), &[], &now());
+        let first = compute(&ilc, Some(&sts(2, 2, 2)), &[], &[], &now());
         ilc.status = Some(first.clone());
         let later = Time(k8s_openapi::jiff::Timestamp::from_second(1_900_000_000).unwrap());
-        let second = compute(&ilc, Some(&sts(2, 2, 2)), &[], &later);
+        let second = compute(&ilc, Some(&sts(2, 2, 2)), &[], &[], &later);
         assert_eq!(first, second);
-        let third = compute(&ilc, Some(&sts(2, 1, 2)), &[], &later);
+        let third = compute(&ilc, Some(&sts(2, 1, 2)), &[], &[], &later);
         let ready = third.conditions.iter().find(|c| c.type_ == READY).unwrap();
         assert_eq!(ready.last_transition_time, later);
     }

@@ -40,6 +40,11 @@ enum Command {
         /// File holding the cluster token.
         #[arg(long, env = "ILM_TOKEN_FILE")]
         token_file: PathBuf,
+        /// Seconds to keep serving before the drain: a Pod being deleted leaves its Service's
+        /// endpoints while this hook runs, and new requests must stop arriving before the
+        /// worker turns them away.
+        #[arg(long, default_value_t = 0)]
+        delay_secs: u64,
     },
 }
 
@@ -57,8 +62,22 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");
+            write_termination_message(&format!("{err:#}"));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// In a Kubernetes container, the file whose text the Pod's status shows as the reason the
+/// container stopped (and so the operator's conditions and Events); absent elsewhere.
+const TERMINATION_LOG: &str = "/dev/termination-log";
+
+fn write_termination_message(message: &str) {
+    let path = std::path::Path::new(TERMINATION_LOG);
+    if path.exists()
+        && let Err(err) = std::fs::write(path, message)
+    {
+        tracing::warn!(%err, "cannot write the termination message");
     }
 }
 
@@ -83,8 +102,13 @@ async fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
             println!("{}", out.display());
             Ok(())
         }
-        Command::Drain { port, token_file } => {
+        Command::Drain {
+            port,
+            token_file,
+            delay_secs,
+        } => {
             let token = server::secret_from_file(&token_file)?;
+            tokio::time::sleep(std::time::Duration::from_secs(delay_secs)).await;
             server::request_drain(&format!("http://127.0.0.1:{port}"), &token).await?;
             tracing::info!(port, "worker drained");
             Ok(())

@@ -4,10 +4,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, HTTPGetAction,
-    HostPathVolumeSource, ImageVolumeSource, Lifecycle, LifecycleHandler, ObjectFieldSelector,
-    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SecretKeySelector, SecretVolumeSource, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
+    HTTPGetAction, HostPathVolumeSource, ImageVolumeSource, Lifecycle, LifecycleHandler,
+    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -21,6 +22,15 @@ const WORKER_BIN: &str = "infinite-llm-worker";
 const TOKEN_DIR: &str = "/var/run/infinite-llm/token";
 const MODEL_DIR: &str = "/models";
 const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// The worker image's user (the Dockerfile's `USER 65532:65532`), numeric so that the kubelet
+/// can check runAsNonRoot.
+const WORKER_UID: i64 = 65532;
+/// How much sooner than the Pod's grace period the worker stops waiting for its requests and
+/// loans, so that it still leaves the gManager before the kubelet kills it.
+const EXIT_MARGIN_SECS: i64 = 5;
+/// Seconds the preStop hook keeps the worker serving before it drains: the time kube-proxy
+/// and load balancers take to stop sending new requests to a Pod being deleted.
+const DRAIN_DELAY_SECS: u32 = 5;
 
 pub fn build(ilc: &InfiniteLLMCluster, names: &Names, settings: &Settings) -> StatefulSet {
     let spec = &ilc.spec;
@@ -40,7 +50,7 @@ pub fn build(ilc: &InfiniteLLMCluster, names: &Names, settings: &Settings) -> St
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
-                    containers: vec![worker_container(ilc, names, settings)],
+                    containers: vec![worker_container(ilc, settings)],
                     volumes: Some(volumes(ilc, names)),
                     termination_grace_period_seconds: Some(
                         workers.termination_grace_period_seconds,
@@ -51,6 +61,19 @@ pub fn build(ilc: &InfiniteLLMCluster, names: &Names, settings: &Settings) -> St
                     priority_class_name: workers.priority_class_name.clone(),
                     // Service env vars would only shadow the ILM_* configuration.
                     enable_service_links: Some(false),
+                    // Workers never call the Kubernetes API.
+                    automount_service_account_token: Some(false),
+                    // What the `restricted` Pod Security Standard asks for.
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(WORKER_UID),
+                        run_as_group: Some(WORKER_UID),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            localhost_profile: None,
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
                     ..PodSpec::default()
                 }),
             },
@@ -60,7 +83,7 @@ pub fn build(ilc: &InfiniteLLMCluster, names: &Names, settings: &Settings) -> St
     }
 }
 
-fn worker_container(ilc: &InfiniteLLMCluster, names: &Names, settings: &Settings) -> Container {
+fn worker_container(ilc: &InfiniteLLMCluster, settings: &Settings) -> Container {
     let spec = &ilc.spec;
     let port = spec.api.port;
     let token_file = format!("{TOKEN_DIR}/{TOKEN_KEY}");
@@ -82,7 +105,7 @@ fn worker_container(ilc: &InfiniteLLMCluster, names: &Names, settings: &Settings
             .image_pull_policy
             .map(|p| p.as_str().to_owned()),
         command: Some(vec![WORKER_BIN.to_owned(), "serve".to_owned()]),
-        env: Some(env(ilc, names, settings, &token_file)),
+        env: Some(env(ilc, settings, &token_file)),
         ports: Some(vec![
             ContainerPort {
                 name: Some("http".to_owned()),
@@ -114,6 +137,8 @@ fn worker_container(ilc: &InfiniteLLMCluster, names: &Names, settings: &Settings
                         port.to_string(),
                         "--token-file".to_owned(),
                         token_file.clone(),
+                        "--delay-secs".to_owned(),
+                        DRAIN_DELAY_SECS.to_string(),
                     ]),
                 }),
                 ..LifecycleHandler::default()
@@ -130,20 +155,27 @@ fn worker_container(ilc: &InfiniteLLMCluster, names: &Names, settings: &Settings
             VolumeMount {
                 name: "model".to_owned(),
                 mount_path: MODEL_DIR.to_owned(),
-                read_only: Some(true),
+                // The demo model is written there at start.
+                read_only: Some(spec.model.source.demo.is_none()),
                 ..VolumeMount::default()
             },
         ]),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                add: None,
+            }),
+            ..SecurityContext::default()
+        }),
+        // The worker writes why it stopped (a model that does not load, say) to the
+        // termination message; a crash that leaves none shows its last log lines instead.
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
         ..Container::default()
     }
 }
 
-fn env(
-    ilc: &InfiniteLLMCluster,
-    names: &Names,
-    settings: &Settings,
-    token_file: &str,
-) -> Vec<EnvVar> {
+fn env(ilc: &InfiniteLLMCluster, settings: &Settings, token_file: &str) -> Vec<EnvVar> {
     let spec = &ilc.spec;
     let kv = &spec.kv_cache;
     let value = |name: &str, value: String| EnvVar {
@@ -181,11 +213,13 @@ fn env(
         ),
         value("ILM_LEND_FRACTION", kv.lend_fraction.to_string()),
         value("ILM_LONG_HOME_SHARE", kv.long_home_share.to_string()),
-        value("ILM_HIGH_WATERMARK", kv.high_watermark.to_string()),
         value("ILM_TRANSPORT", kv.transport.as_str().to_owned()),
         value("ILM_GMANAGER_URL", settings.gmanager_url.clone()),
         value("ILM_TOKEN_FILE", token_file.to_owned()),
-        value("ILM_CLUSTER", names.cluster.clone()),
+        value(
+            "ILM_GRACE_PERIOD_SECS",
+            (spec.workers.termination_grace_period_seconds - EXIT_MARGIN_SECS).to_string(),
+        ),
         field("ILM_WORKER_ID", "metadata.name"),
         // The worker listens on all interfaces, so it must be told the address its peers and
         // the gManager reach it at: its own Pod IP, which NetworkPolicies match on.
@@ -194,8 +228,8 @@ fn env(
     if let Some(blocks) = kv.max_blocks {
         env.push(value("ILM_KV_BLOCKS", blocks.to_string()));
     }
-    if let Some(dtype) = spec.model.dtype {
-        env.push(value("ILM_DTYPE", dtype.as_str().to_owned()));
+    if spec.model.source.demo.is_some() {
+        env.push(value("ILM_WRITE_DEMO_MODEL", "true".to_owned()));
     }
     if let Some(key) = &spec.api.api_key_secret {
         env.push(EnvVar {
@@ -216,6 +250,9 @@ fn env(
 
 /// Where the model folder appears inside the container.
 fn model_dir(source: &ModelSource) -> String {
+    if source.demo.is_some() {
+        return format!("{MODEL_DIR}/demo");
+    }
     let sub = source
         .pvc
         .as_ref()
@@ -267,6 +304,8 @@ fn volumes(ilc: &InfiniteLLMCluster, names: &Names) -> Vec<Volume> {
             reference: Some(image.reference.clone()),
             pull_policy: image.pull_policy.map(|p| p.as_str().to_owned()),
         });
+    } else if source.demo.is_some() {
+        model.empty_dir = Some(EmptyDirVolumeSource::default());
     }
     vec![
         Volume {
@@ -376,10 +415,63 @@ mod tests {
     }
 
     #[test]
+    fn worker_pods_meet_the_restricted_pod_security_standard() {
+        let ilc = cluster(serde_json::json!({
+            "model": {"servedName": "m", "source": {"pvc": {"claimName": "c"}}},
+            "workers": {"image": "img", "terminationGracePeriodSeconds": 60}
+        }));
+        let sts = build(&ilc, &Names::new("c"), &settings());
+        let pod = sts.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let ctx = pod.security_context.as_ref().unwrap();
+        assert_eq!(ctx.run_as_non_root, Some(true));
+        assert_eq!(ctx.run_as_user, Some(WORKER_UID));
+        assert_eq!(
+            ctx.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let c = container(&sts);
+        let cctx = c.security_context.as_ref().unwrap();
+        assert_eq!(cctx.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            cctx.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_owned()][..])
+        );
+        assert_eq!(
+            c.termination_message_policy.as_deref(),
+            Some("FallbackToLogsOnError")
+        );
+        // The worker gives up before the kubelet kills it.
+        assert_eq!(env_value(c, "ILM_GRACE_PERIOD_SECS"), Some("55"));
+    }
+
+    #[test]
+    fn the_demo_source_gives_each_worker_a_volume_to_write_the_model_into() {
+        let ilc = cluster(serde_json::json!({
+            "model": {"servedName": "m", "source": {"demo": {}}},
+            "workers": {"image": "img", "gpusPerWorker": 0}
+        }));
+        let sts = build(&ilc, &Names::new("c"), &settings());
+        let c = container(&sts);
+        assert_eq!(env_value(c, "ILM_MODEL"), Some("/models/demo"));
+        assert_eq!(env_value(c, "ILM_WRITE_DEMO_MODEL"), Some("true"));
+        let mount = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "model")
+            .unwrap();
+        assert_eq!(mount.read_only, Some(false));
+        let volumes = sts.spec.unwrap().template.spec.unwrap().volumes.unwrap();
+        let model = volumes.iter().find(|v| v.name == "model").unwrap();
+        assert!(model.empty_dir.is_some());
+    }
+
+    #[test]
     fn optional_settings_appear_only_when_set() {
         let ilc = cluster(serde_json::json!({
             "model": {"servedName": "m", "source": {"image": {"reference": "r", "path": "/w/"}}},
-            "workers": {"image": "img", "gpusPerWorker": 2},
+            "workers": {"image": "img", "gpusPerWorker": 1},
             "kvCache": {"maxBlocks": 100, "longHomeShare": 1.0},
             "api": {"port": 9000, "apiKeySecret": {"name": "k", "key": "key"}}
         }));
@@ -388,7 +480,7 @@ mod tests {
         assert_eq!(env_value(c, "ILM_KV_BLOCKS"), Some("100"));
         // The worker reads "1" as 1.0: early borrowing off.
         assert_eq!(env_value(c, "ILM_LONG_HOME_SHARE"), Some("1"));
-        assert_eq!(env_value(c, "ILM_DTYPE"), None);
+        assert_eq!(env_value(c, "ILM_WRITE_DEMO_MODEL"), None);
         assert_eq!(env_value(c, "ILM_MODEL"), Some("/models/w"));
         assert_eq!(env_value(c, "ILM_PORT"), Some("9000"));
         assert_eq!(env_value(c, "ILM_GMANAGER_URL"), Some("http://g:8001"));
@@ -409,7 +501,7 @@ mod tests {
             "k"
         );
         let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
-        assert_eq!(limits[GPU_RESOURCE], Quantity("2".into()));
+        assert_eq!(limits[GPU_RESOURCE], Quantity("1".into()));
         let drain = c.lifecycle.as_ref().unwrap().pre_stop.as_ref().unwrap();
         assert_eq!(
             drain.exec.as_ref().unwrap().command.as_ref().unwrap()[3],

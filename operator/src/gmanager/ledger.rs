@@ -106,6 +106,11 @@ impl Ledger {
         self.epoch
     }
 
+    /// Counts on from `epoch` when it is ahead: the epoch a previous gManager reached.
+    pub fn continue_from(&mut self, epoch: u64) {
+        self.epoch = self.epoch.max(epoch);
+    }
+
     /// Adds the worker, or replaces it when its id is already known (a restarted worker has
     /// lost its blocks, so its old figures must go). Either way membership changes.
     pub fn register(&mut self, r: Register, now: Instant) -> Result<u64, LedgerError> {
@@ -514,6 +519,16 @@ mod tests {
         assert_eq!(l.leave("a"), Ok(3));
         assert_eq!(l.leave("a"), Err(LedgerError::UnknownWorker("a".into())));
         assert_eq!(l.epoch(), 3, "a refused leave changes nothing");
+    }
+
+    #[test]
+    fn the_epoch_continues_from_a_previous_gmanagers_never_back() {
+        let t = Instant::now();
+        let mut l = ledger();
+        l.continue_from(12);
+        assert_eq!(l.register(reg("a", pool(8, 0, 0, 4)), t), Ok(13));
+        l.continue_from(5);
+        assert_eq!(l.epoch(), 13, "an older epoch changes nothing");
     }
 
     #[test]

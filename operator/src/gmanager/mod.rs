@@ -101,6 +101,12 @@ impl GManager {
         self.service.forget(cluster);
     }
 
+    /// Makes the cluster's membership epoch continue from `epoch` at least (the last one a
+    /// previous gManager reported), so that it never goes back after a fail-over.
+    pub fn continue_epoch(&self, cluster: &str, epoch: u64) {
+        self.service.continue_epoch(cluster, epoch);
+    }
+
     /// The cluster's pool as `GET /v1/pool` would show it; `None` until a worker of the
     /// cluster has reached this gManager.
     pub fn pool(&self, cluster: &str) -> Option<PoolView> {

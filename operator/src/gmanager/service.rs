@@ -36,6 +36,9 @@ struct Inner {
     config: GManagerConfig,
     tokens: Tokens,
     ledgers: Mutex<BTreeMap<String, Ledger>>,
+    /// Epochs to continue from, for clusters whose ledger does not exist yet: creating an
+    /// empty one would report an empty pool before the workers re-register.
+    epoch_floors: Mutex<BTreeMap<String, u64>>,
     metrics: Metrics,
     /// In Kubernetes: the pods a worker id may register from (`identity`).
     pods: Option<PodLookup>,
@@ -50,6 +53,7 @@ impl Service {
                 config,
                 tokens,
                 ledgers: Mutex::new(BTreeMap::new()),
+                epoch_floors: Mutex::new(BTreeMap::new()),
                 metrics: Metrics::default(),
                 pods,
                 addresses: Mutex::default(),
@@ -113,6 +117,21 @@ impl Service {
         &self.inner.tokens
     }
 
+    pub(super) fn continue_epoch(&self, cluster: &str, epoch: u64) {
+        match self.ledgers().get_mut(cluster) {
+            Some(ledger) => ledger.continue_from(epoch),
+            None => {
+                let mut floors = self
+                    .inner
+                    .epoch_floors
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let floor = floors.entry(cluster.to_owned()).or_default();
+                *floor = (*floor).max(epoch);
+            }
+        }
+    }
+
     /// The cluster's pool without expiring anyone: reading must not change membership.
     pub(super) fn pool(&self, cluster: &str, now: Instant) -> Option<PoolView> {
         self.ledgers().get(cluster).map(|l| l.view(now))
@@ -148,10 +167,15 @@ impl Service {
         let now = Instant::now();
         let mut ledgers = self.ledgers();
         let ledger = ledgers.entry(cluster.to_owned()).or_insert_with(|| {
-            Ledger::new(
+            let mut ledger = Ledger::new(
                 self.inner.config.expiry(),
                 self.inner.config.placement.clone(),
-            )
+            );
+            let floors = self.inner.epoch_floors.lock();
+            if let Some(&epoch) = floors.unwrap_or_else(|p| p.into_inner()).get(cluster) {
+                ledger.continue_from(epoch);
+            }
+            ledger
         });
         self.expire(cluster, ledger, now);
         let out = f(ledger, now);

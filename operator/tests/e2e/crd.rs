@@ -119,11 +119,6 @@ async fn invalid_specs_are_refused_with_a_message() {
             message: "kvCache.gpuMemoryFraction must be in (0, 1]",
         },
         Invalid {
-            what: "zero high watermark",
-            edit: |s| s["kvCache"]["highWatermark"] = 0.0.into(),
-            message: "kvCache.highWatermark must be in (0, 1]",
-        },
-        Invalid {
             what: "negative lend fraction",
             edit: |s| s["kvCache"]["lendFraction"] = (-0.1).into(),
             message: "kvCache.lendFraction must be in [0, 1]",
@@ -132,14 +127,6 @@ async fn invalid_specs_are_refused_with_a_message() {
             what: "long-request home share above one",
             edit: |s| s["kvCache"]["longHomeShare"] = 1.5.into(),
             message: "kvCache.longHomeShare must be in [0, 1]",
-        },
-        Invalid {
-            what: "lend fraction above the watermark",
-            edit: |s| {
-                s["kvCache"]["lendFraction"] = 0.95.into();
-                s["kvCache"]["highWatermark"] = 0.9.into();
-            },
-            message: "kvCache.lendFraction must be below kvCache.highWatermark",
         },
         Invalid {
             what: "NCCL for CPU workers",
@@ -157,12 +144,12 @@ async fn invalid_specs_are_refused_with_a_message() {
         Invalid {
             what: "two model sources",
             edit: |s| s["model"]["source"]["hostPath"] = serde_json::json!({"path": "/m"}),
-            message: "model.source must set exactly one of pvc, hostPath or image",
+            message: "model.source must set exactly one of pvc, hostPath, image or demo",
         },
         Invalid {
             what: "no model source",
             edit: |s| s["model"]["source"] = serde_json::json!({}),
-            message: "model.source must set exactly one of pvc, hostPath or image",
+            message: "model.source must set exactly one of pvc, hostPath, image or demo",
         },
         Invalid {
             what: "relative host path",
@@ -190,14 +177,9 @@ async fn invalid_specs_are_refused_with_a_message() {
             message: "spec.workers.replicas: Invalid value: -1",
         },
         Invalid {
-            what: "too many GPUs",
-            edit: |s| s["workers"]["gpusPerWorker"] = 17.into(),
-            message: "spec.workers.gpusPerWorker: Invalid value: 17",
-        },
-        Invalid {
-            what: "unknown dtype",
-            edit: |s| s["model"]["dtype"] = "int3".into(),
-            message: "spec.model.dtype: Unsupported value: \"int3\"",
+            what: "more GPUs than a worker uses",
+            edit: |s| s["workers"]["gpusPerWorker"] = 2.into(),
+            message: "workers.gpusPerWorker must be 0 or 1: a worker uses one GPU",
         },
         Invalid {
             what: "missing image",

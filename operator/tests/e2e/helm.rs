@@ -381,7 +381,7 @@ async fn helm_install_runs_the_operator_and_uninstall_keeps_the_clusters() {
         .and_then(|v| v.value.clone());
     assert_eq!(
         gmanager_url.as_deref(),
-        Some(format!("http://{fullname}.{release_ns}.svc:8001").as_str())
+        Some(format!("http://{fullname}-gmanager.{release_ns}.svc:8001").as_str())
     );
     let lease = Api::<Lease>::namespaced(client.clone(), release_ns)
         .get(&fullname)

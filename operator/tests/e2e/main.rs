@@ -21,8 +21,7 @@ pub fn cluster_json(name: &str, replicas: i32) -> serde_json::Value {
         "spec": {
             "model": {
                 "servedName": "tiny-llama",
-                "source": {"pvc": {"claimName": "models", "path": "tiny-llama"}},
-                "dtype": "f32"
+                "source": {"pvc": {"claimName": "models", "path": "tiny-llama"}}
             },
             "workers": {
                 "replicas": replicas,
@@ -34,7 +33,7 @@ pub fn cluster_json(name: &str, replicas: i32) -> serde_json::Value {
                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
                 "priorityClassName": "inference"
             },
-            "kvCache": {"blockTokens": 16, "gpuMemoryFraction": 0.8, "lendFraction": 0.4, "highWatermark": 0.9}
+            "kvCache": {"blockTokens": 16, "gpuMemoryFraction": 0.8, "lendFraction": 0.4}
         }
     })
 }

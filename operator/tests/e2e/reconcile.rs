@@ -189,13 +189,11 @@ async fn children_have_the_right_specs_and_owners() {
         ("ILM_GPU_MEMORY_FRACTION", "0.8"),
         ("ILM_LEND_FRACTION", "0.4"),
         ("ILM_LONG_HOME_SHARE", "0.25"),
-        ("ILM_HIGH_WATERMARK", "0.9"),
-        ("ILM_DTYPE", "f32"),
-        ("ILM_CLUSTER", "llm"),
+        ("ILM_GRACE_PERIOD_SECS", "295"),
         ("ILM_TOKEN_FILE", "/var/run/infinite-llm/token/token"),
         (
             "ILM_GMANAGER_URL",
-            "http://infinite-llm-operator.children.svc:8001",
+            "http://infinite-llm-operator-gmanager.children.svc:8001",
         ),
     ] {
         assert_eq!(env.get(k).map(String::as_str), Some(v), "env {k}");

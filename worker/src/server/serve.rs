@@ -118,6 +118,10 @@ pub struct ServeArgs {
     /// Hugging Face style model folder [default: a demo model, generated under models/demo if absent].
     #[arg(long, env = "ILM_MODEL")]
     pub model: Option<PathBuf>,
+    /// Write the demo model into --model first when that folder holds no model (the
+    /// operator's `demo` model source).
+    #[arg(long, env = "ILM_WRITE_DEMO_MODEL", requires = "model")]
+    pub write_demo_model: bool,
     /// The name clients use in `model` [default: the model folder's name].
     #[arg(long, env = "ILM_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
@@ -177,7 +181,11 @@ pub fn model_dir_or_demo(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(dir) = model {
         return Ok(dir);
     }
-    let dir = PathBuf::from(DEMO_MODEL_DIR);
+    demo_model_at(PathBuf::from(DEMO_MODEL_DIR))
+}
+
+/// `dir`, with the demo model written there unless it holds one already.
+fn demo_model_at(dir: PathBuf) -> anyhow::Result<PathBuf> {
     write_demo_model_if_missing(&dir, &DemoModelSpec::default())
         .with_context(|| format!("writing the demo model to {}", dir.display()))?;
     Ok(dir)
@@ -198,7 +206,10 @@ fn read_secret(path: Option<&Path>) -> anyhow::Result<Option<Secret>> {
 
 /// Runs a worker until it is told to stop, then drains it.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let model_dir = model_dir_or_demo(args.model)?;
+    let model_dir = match args.model {
+        Some(dir) if args.write_demo_model => demo_model_at(dir)?,
+        model => model_dir_or_demo(model)?,
+    };
     let cluster_token = read_secret(args.token_file.as_deref())?;
     let worker_id = args
         .worker_id
