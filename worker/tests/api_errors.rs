@@ -53,7 +53,10 @@ async fn bad_bodies_and_parameters() {
         (json!({"prompt": [4_000_000_000u64]}), "prompt"),
         (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
         (json!({"max_token": 5}), "max_token"),
-        (json!({"response_format": {"type": "json_object"}}), "response_format"),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
         (json!({"tools": [{"type": "function"}]}), "tools"),
         (json!({"logit_bias": {"99999999": 5}}), "logit_bias"),
         (json!({"min_tokens": 9}), "min_tokens"),
