@@ -27,9 +27,9 @@ async fn bad_bodies_and_parameters() {
             r#"{"model": "demo", "prompt": "hi", "temperature": "hot"}"#,
         ))
         .await;
-    assert_error(&answer, 400, INVALID, None, None);
+    assert_error(&answer, 400, INVALID, Some("temperature"), None);
     let answer = server.send(raw(r#"{"prompt": "hi"}"#)).await;
-    assert_error(&answer, 400, INVALID, None, None);
+    assert_error(&answer, 400, INVALID, Some("model"), None);
 
     let completion = |extra: serde_json::Value| {
         let mut body = json!({"model": MODEL, "prompt": "Hello", "max_tokens": 4});
@@ -52,6 +52,14 @@ async fn bad_bodies_and_parameters() {
         (json!({"prompt": ["a", "b"]}), "prompt"),
         (json!({"prompt": [4_000_000_000u64]}), "prompt"),
         (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
+        (json!({"max_token": 5}), "max_token"),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (json!({"tools": [{"type": "function"}]}), "tools"),
+        (json!({"logit_bias": {"99999999": 5}}), "logit_bias"),
+        (json!({"min_tokens": 9}), "min_tokens"),
     ];
     for (extra, param) in cases {
         let answer = server

@@ -69,7 +69,10 @@ fn value(rng: &mut ChaCha8Rng, depth: u32) -> Value {
         6 => json!(["a", "", "stop"].choose(rng).unwrap()),
         7 => json!("x".repeat(rng.random_range(0..40))),
         8 => json!([1, 2, 3]),
-        9 => json!({"type": ["text", "json_object"].choose(rng).unwrap()}),
+        9 => {
+            let kind = *["text", "json_object"].choose(rng).unwrap();
+            json!({ "type": kind })
+        }
         10 if depth < 2 => {
             let n = rng.random_range(0..3);
             Value::Array((0..n).map(|_| value(rng, depth + 1)).collect())

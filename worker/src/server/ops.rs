@@ -77,9 +77,11 @@ pub async fn panic_engine(State(state): State<Arc<AppState>>) -> Result<Response
     let model = state.loaded().ok_or_else(ApiError::not_ready)?;
     let mut request = GenerateRequest::greedy(vec![0], 1);
     request.sampling.panic_for_test = true;
-    model
+    let mut events = model
         .engine
         .submit(request)
         .map_err(|err| ApiError::from_submit(err, "prompt", Duration::from_secs(1)))?;
+    // Held until the engine ends it: a dropped receiver would cancel the request unrun.
+    tokio::spawn(async move { while events.recv().await.is_some() {} });
     Ok(Json(json!({"status": "engine panic requested"})).into_response())
 }
