@@ -30,7 +30,9 @@ pub async fn reconcile(
     metrics: &Metrics,
 ) -> Result<(Option<HorizontalPodAutoscaler>, Option<Note>), Error> {
     let Some(desired) = desired else {
-        return remove(ilc, names, api, metrics).await.map(|note| (None, note));
+        return remove(ilc, names, api, metrics)
+            .await
+            .map(|note| (None, note));
     };
     let bounds = (
         desired.spec.min_replicas.unwrap_or(1),

@@ -120,10 +120,18 @@ struct RunArgs {
     #[arg(long, env = "ILM_METRICS_API_ADDR", default_value = "0.0.0.0:6443")]
     metrics_api_addr: SocketAddr,
     /// PEM serving certificate of the external metrics API; the API is off without it.
-    #[arg(long, env = "ILM_METRICS_API_CERT_FILE", requires = "metrics_api_key_file")]
+    #[arg(
+        long,
+        env = "ILM_METRICS_API_CERT_FILE",
+        requires = "metrics_api_key_file"
+    )]
     metrics_api_cert_file: Option<PathBuf>,
     /// PEM private key of that certificate.
-    #[arg(long, env = "ILM_METRICS_API_KEY_FILE", requires = "metrics_api_cert_file")]
+    #[arg(
+        long,
+        env = "ILM_METRICS_API_KEY_FILE",
+        requires = "metrics_api_cert_file"
+    )]
     metrics_api_key_file: Option<PathBuf>,
 }
 

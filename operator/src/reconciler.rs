@@ -21,11 +21,11 @@ use tracing::{debug, info, warn};
 
 use crate::Error;
 use crate::apply::{Outcome, covers, ensure};
+use crate::children::hpa;
 use crate::children::{Desired, Settings};
 use crate::crd::{InfiniteLLMCluster, InfiniteLLMClusterStatus, Phase};
 use crate::metrics::Metrics;
 use crate::names::{self, CLUSTER_LABEL, FIELD_MANAGER, Names};
-use crate::children::hpa;
 use crate::{autoscaler, status, token};
 
 /// Everything a reconcile needs, shared by all of them.
@@ -72,7 +72,10 @@ pub async fn run(
         owned.clone(),
     )
     .owns(api::<NetworkPolicy>(&client, namespace), owned.clone())
-    .owns(api::<HorizontalPodAutoscaler>(&client, namespace), owned.clone())
+    .owns(
+        api::<HorizontalPodAutoscaler>(&client, namespace),
+        owned.clone(),
+    )
     .watches(api::<Pod>(&client, namespace), owned, pod_owner)
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx.clone())

@@ -197,7 +197,9 @@ mod tests {
 
     #[test]
     fn the_hpa_carries_the_spec() {
-        let ilc = cluster(Some(serde_json::json!({"minReplicas": 2, "maxReplicas": 5})));
+        let ilc = cluster(Some(
+            serde_json::json!({"minReplicas": 2, "maxReplicas": 5}),
+        ));
         let hpa = build(&ilc, &Names::new("llm")).unwrap();
         let spec = hpa.spec;
         assert_eq!(spec.scale_target_ref.kind, "InfiniteLLMCluster");
@@ -213,7 +215,10 @@ mod tests {
         assert_eq!(ext.metric.name, "ilm_pool_used_percent");
         assert_eq!(
             ext.metric.selector.as_ref().unwrap().match_labels,
-            Some(BTreeMap::from([(CLUSTER_LABEL.to_owned(), "llm".to_owned())]))
+            Some(BTreeMap::from([(
+                CLUSTER_LABEL.to_owned(),
+                "llm".to_owned()
+            )]))
         );
         assert_eq!(ext.target.type_, "Value");
         assert_eq!(ext.target.value, Some(Quantity("80".into())));
@@ -227,7 +232,10 @@ mod tests {
         let policies = down.policies.unwrap();
         assert_eq!(policies.len(), 1);
         assert_eq!((policies[0].type_.as_str(), policies[0].value), ("Pods", 1));
-        assert_eq!(policies[0].period_seconds, 60, "one worker per grace period");
+        assert_eq!(
+            policies[0].period_seconds, 60,
+            "one worker per grace period"
+        );
     }
 
     #[test]
@@ -255,7 +263,9 @@ mod tests {
     }
 
     fn with_status() -> HorizontalPodAutoscaler {
-        let ilc = cluster(Some(serde_json::json!({"minReplicas": 1, "maxReplicas": 3})));
+        let ilc = cluster(Some(
+            serde_json::json!({"minReplicas": 1, "maxReplicas": 3}),
+        ));
         let mut hpa = build(&ilc, &Names::new("llm")).unwrap();
         let at = Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).unwrap());
         hpa.status = Some(HorizontalPodAutoscalerStatus {

@@ -63,9 +63,12 @@ async fn group_list(
     Extension(peer): Extension<Peer>,
     headers: HeaderMap,
 ) -> Response {
-    discovery(&s, &peer, &headers, || {
-        json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group_doc()]})
-    })
+    discovery(
+        &s,
+        &peer,
+        &headers,
+        || json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group_doc()]}),
+    )
     .await
 }
 

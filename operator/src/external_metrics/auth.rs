@@ -191,8 +191,7 @@ impl Authenticator {
             && rh.allows(name)
         {
             return Ok(Some(
-                rh.user(headers)
-                    .map_or(Caller::FrontProxy, Caller::User),
+                rh.user(headers).map_or(Caller::FrontProxy, Caller::User),
             ));
         }
         let Some(token) = headers
@@ -300,7 +299,10 @@ mod tests {
         assert!(rh.allows("front-proxy-client"));
         assert!(!rh.allows("someone-else"));
         let mut headers = HeaderMap::new();
-        headers.insert("x-remote-user", "system:serviceaccount:a:b".parse().unwrap());
+        headers.insert(
+            "x-remote-user",
+            "system:serviceaccount:a:b".parse().unwrap(),
+        );
         headers.append("x-remote-group", "system:authenticated".parse().unwrap());
         headers.append("x-remote-group", "team".parse().unwrap());
         headers.insert("x-remote-extra-scopes%2Fone", "x".parse().unwrap());
@@ -319,7 +321,10 @@ mod tests {
         assert_eq!(RequestHeader::from_config(&BTreeMap::new()).unwrap(), None);
         let bad = BTreeMap::from([
             ("requestheader-client-ca-file".to_owned(), String::new()),
-            ("requestheader-allowed-names".to_owned(), "not json".to_owned()),
+            (
+                "requestheader-allowed-names".to_owned(),
+                "not json".to_owned(),
+            ),
         ]);
         assert!(RequestHeader::from_config(&bad).is_err());
     }

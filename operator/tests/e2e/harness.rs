@@ -164,7 +164,10 @@ impl ControlPlane {
                 "--requestheader-username-headers=X-Remote-User",
                 "--requestheader-group-headers=X-Remote-Group",
                 "--requestheader-extra-headers-prefix=X-Remote-Extra-",
-                &format!("--proxy-client-cert-file={}", pki.front_proxy_cert.display()),
+                &format!(
+                    "--proxy-client-cert-file={}",
+                    pki.front_proxy_cert.display()
+                ),
                 &format!("--proxy-client-key-file={}", pki.front_proxy_key.display()),
                 "--v=0",
             ]),

@@ -51,7 +51,12 @@ fn documents(yaml: &str) -> Vec<serde_json::Value> {
 }
 
 /// `helm template` of the chart; panics with Helm's message when it fails.
-pub fn render(cp: &ControlPlane, release: &str, ns: &str, extra: &[&str]) -> Vec<serde_json::Value> {
+pub fn render(
+    cp: &ControlPlane,
+    release: &str,
+    ns: &str,
+    extra: &[&str],
+) -> Vec<serde_json::Value> {
     let chart = chart();
     let mut args = vec!["template", release, chart.as_str(), "--namespace", ns];
     args.extend_from_slice(extra);
