@@ -93,7 +93,7 @@ where
     F: FnOnce(std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let manager = LeaseManagerBuilder::new(client, &election.lease_name)
+    let manager = LeaseManagerBuilder::new(client.clone(), &election.lease_name)
         .with_namespace(&election.lease_namespace)
         .with_identity(&election.identity)
         .with_duration(election.duration)
