@@ -226,7 +226,7 @@ fn value_list(
 
 /// Thousandths as a quantity: whole numbers plain, others in milli-units ("92500m").
 fn quantity(milli: u128) -> String {
-    if milli % 1000 == 0 {
+    if milli.is_multiple_of(1000) {
         (milli / 1000).to_string()
     } else {
         format!("{milli}m")
