@@ -238,8 +238,8 @@ impl FakeWorker {
         let http = reqwest::Client::new();
         let body = Register {
             worker_id: id.to_owned(),
-            api_url: format!("http://{id}:8000"),
-            peer_addr: format!("{id}:8101"),
+            api_url: "http://127.0.0.1:8000".to_owned(),
+            peer_addr: "127.0.0.1:8101".to_owned(),
             block_tokens: 16,
             pool: figures,
         };

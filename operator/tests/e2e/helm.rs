@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use infinite_llm_operator::crd::InfiniteLLMCluster;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, PostParams};
@@ -313,6 +314,7 @@ async fn helm_install_runs_the_operator_and_uninstall_keeps_the_clusters() {
         .unwrap();
     let spec = deployment.spec.unwrap();
     assert_eq!(spec.replicas, Some(2));
+    let pod_labels = spec.template.metadata.and_then(|m| m.labels);
     let pod = spec.template.spec.unwrap();
     assert_eq!(pod.service_account_name.as_deref(), Some(fullname.as_str()));
     assert_eq!(pod.security_context.unwrap().run_as_non_root, Some(true));
@@ -345,6 +347,17 @@ async fn helm_install_runs_the_operator_and_uninstall_keeps_the_clusters() {
             (var.name.clone(), value)
         })
         .collect();
+    // The replica's own Pod, which no kubelet runs here: the leader labels it, and the
+    // gManager Service selects it by that label.
+    let stand_in: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "chart", "labels": pod_labels},
+        "spec": {"containers": [{"name": "operator", "image": container.image}]},
+    }))
+    .unwrap();
+    let pods = Api::<Pod>::namespaced(client.clone(), release_ns);
+    pods.create(&PostParams::default(), &stand_in)
+        .await
+        .unwrap();
     let ns = harness::namespace(&client, "helm-example").await;
     let example = harness::workspace_root().join("examples/cpu-small.yaml");
     let out = cp.kubectl(&["apply", "-n", &ns, "-f", example.to_str().unwrap()]);
@@ -360,22 +373,27 @@ async fn helm_install_runs_the_operator_and_uninstall_keeps_the_clusters() {
         &env,
     );
     let clusters = Api::<InfiniteLLMCluster>::namespaced(client.clone(), &ns);
-    eventually(
+    let reconciled = eventually(
         "the example is reconciled under the chart's RBAC",
-        LIMIT,
+        2 * LIMIT,
         || async {
             let ilc = clusters.get("tiny-llama").await.unwrap();
             (ilc.status.and_then(|s| s.observed_generation) == ilc.metadata.generation)
                 .then_some(())
         },
-    )
-    .await;
+    );
+    if tokio::time::timeout(LIMIT, reconciled).await.is_err() {
+        panic!(
+            "the example was not reconciled under the chart's RBAC; operator log:\n{}",
+            op.log()
+        );
+    }
     let sts = Api::<StatefulSet>::namespaced(client.clone(), &ns)
         .get("tiny-llama")
         .await
         .unwrap();
     let sts = sts.spec.unwrap();
-    assert_eq!(sts.replicas, Some(2));
+    assert_eq!(sts.replicas, Some(3));
     // Workers are told the chart's Service as their gManager, and the lease is the chart's.
     let worker = &sts.template.spec.unwrap().containers[0];
     let gmanager_url = worker
@@ -396,9 +414,27 @@ async fn helm_install_runs_the_operator_and_uninstall_keeps_the_clusters() {
         lease.spec.and_then(|s| s.holder_identity).as_deref(),
         Some("chart")
     );
+    let leader = eventually("the leader labels its Pod", LIMIT, || async {
+        let labels = pods.get("chart").await.unwrap().metadata.labels?;
+        let value = labels.get("infinitellm.io/leader")?.clone();
+        (value == "true").then_some(labels)
+    })
+    .await;
+    let selector = Api::<Service>::namespaced(client.clone(), release_ns)
+        .get(&format!("{fullname}-gmanager"))
+        .await
+        .unwrap()
+        .spec
+        .and_then(|s| s.selector)
+        .unwrap();
+    assert!(
+        selector.iter().all(|(k, v)| leader.get(k) == Some(v)),
+        "the gManager Service {selector:?} does not select the leader {leader:?}"
+    );
     let log = op.log();
     assert!(!log.to_lowercase().contains("forbidden"), "{log}");
     op.kill();
+    pods.delete("chart", &Default::default()).await.unwrap();
 
     // Uninstall removes the operator and its RBAC but keeps the CRD and the clusters.
     let out = cp.helm(&["uninstall", release, "--namespace", release_ns]);

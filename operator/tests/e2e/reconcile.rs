@@ -242,7 +242,9 @@ async fn children_have_the_right_specs_and_owners() {
             "--port",
             "8000",
             "--token-file",
-            "/var/run/infinite-llm/token/token"
+            "/var/run/infinite-llm/token/token",
+            "--delay-secs",
+            "5"
         ]
     );
     let volumes = pod.volumes.as_ref().unwrap();
@@ -624,13 +626,14 @@ async fn a_crash_looping_worker_degrades_the_cluster() {
         .find(|c| c.type_ == "Degraded")
         .unwrap();
     assert_eq!(degraded.status, "True");
-    assert_eq!(degraded.message, "llm-1: CrashLoopBackOff");
+    // The reason and the kubelet's message, so `kubectl get` shows why.
+    assert_eq!(degraded.message, "llm-1: CrashLoopBackOff: back-off 2m40s");
     let warnings = s.events("WorkersFailing").await;
     assert!(all_of_type(&warnings, "Warning"));
     assert!(
         warnings
             .iter()
-            .any(|e| e.note.as_deref() == Some("llm-1: CrashLoopBackOff"))
+            .any(|e| e.note.as_deref() == Some("llm-1: CrashLoopBackOff: back-off 2m40s"))
     );
 }
 
