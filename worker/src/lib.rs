@@ -4,10 +4,12 @@
 pub mod backend;
 pub mod chat_template;
 mod cluster_link;
+mod creditor;
 pub mod demo_model;
 pub mod dist_attention;
 pub mod engine;
 pub mod gmanager_client;
+mod inbox;
 pub mod local;
 pub mod merge;
 pub mod metrics;
