@@ -66,6 +66,8 @@ pub struct InfiniteLLMClusterSpec {
     pub workers: WorkersSpec,
     #[serde(default)]
     pub kv_cache: KvCacheSpec,
+    #[serde(default)]
+    pub scheduling: SchedulingSpec,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
     #[serde(default)]
@@ -218,11 +220,6 @@ pub struct KvCacheSpec {
     #[serde(default = "default_lend_fraction")]
     #[x_kube(validation = Rule::new("self >= 0.0 && self <= 1.0").message("kvCache.lendFraction must be in [0, 1]"))]
     pub lend_fraction: f64,
-    /// Share of its worker's pool a long request keeps there, in [0, 1]: it borrows the rest
-    /// from idle workers before it starts, so the worker keeps room for its batch; 1 turns it off.
-    #[serde(default = "default_long_home_share")]
-    #[x_kube(validation = Rule::new("self >= 0.0 && self <= 1.0").message("kvCache.longHomeShare must be in [0, 1]"))]
-    pub long_home_share: f64,
     /// Cap on KV blocks per worker; sized from memory when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
@@ -260,7 +257,6 @@ impl Default for KvCacheSpec {
             block_tokens: default_block_tokens(),
             gpu_memory_fraction: default_gpu_memory_fraction(),
             lend_fraction: default_lend_fraction(),
-            long_home_share: default_long_home_share(),
             max_blocks: None,
             transport: Transport::default(),
         }
@@ -279,9 +275,57 @@ fn default_lend_fraction() -> f64 {
     0.5
 }
 
-/// The gManager's placement default (`PlacementConfig::long_home_share`).
-fn default_long_home_share() -> f64 {
-    0.25
+/// How each worker shares a step between requests, and how long a request may wait for KV
+/// blocks. Decodes go first, then prefill chunks, short prompts ahead of long ones; a request's
+/// KV grows as its tokens arrive (nothing is reserved for `max_tokens`).
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SchedulingSpec {
+    /// Most tokens (decodes plus prefill chunks) in one engine step.
+    #[serde(default = "default_max_batched_tokens")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub max_batched_tokens: i32,
+    /// A prompt with more tokens than this left to prefill is long: short ones go ahead of it.
+    #[serde(default = "default_long_prefill_tokens")]
+    #[schemars(range(min = 1))]
+    pub long_prefill_tokens: i32,
+    /// The most of a step's token budget one long prefill takes while other requests want
+    /// the step, in (0, 1].
+    #[serde(default = "default_long_prefill_share")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("scheduling.longPrefillShare must be in (0, 1]"))]
+    pub long_prefill_share: f64,
+    /// How long a request may wait for KV blocks before it gets a retryable 503.
+    #[serde(default = "default_queue_timeout")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub queue_timeout_seconds: i32,
+}
+
+impl Default for SchedulingSpec {
+    fn default() -> Self {
+        SchedulingSpec {
+            max_batched_tokens: default_max_batched_tokens(),
+            long_prefill_tokens: default_long_prefill_tokens(),
+            long_prefill_share: default_long_prefill_share(),
+            queue_timeout_seconds: default_queue_timeout(),
+        }
+    }
+}
+
+/// The worker's defaults (`StepRule::default()`).
+fn default_max_batched_tokens() -> i32 {
+    infinite_llm_policy::StepRule::default().max_batched_tokens as i32
+}
+
+fn default_long_prefill_tokens() -> i32 {
+    infinite_llm_policy::StepRule::default().long_prefill_tokens as i32
+}
+
+fn default_long_prefill_share() -> f64 {
+    infinite_llm_policy::StepRule::default().long_prefill_share
+}
+
+fn default_queue_timeout() -> i32 {
+    60
 }
 
 /// Autoscaling: the operator creates and owns a HorizontalPodAutoscaler that drives the

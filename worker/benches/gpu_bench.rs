@@ -23,6 +23,7 @@ use infinite_llm_worker::backend::{AttnSeq, AttnShape, Backend, KvSegment, KvSha
 use infinite_llm_worker::engine::{self, Device, EngineOptions};
 use infinite_llm_worker::model::config::ModelConfig;
 use infinite_llm_worker::request::{Event, GenerateRequest};
+use infinite_llm_worker::scheduler::StepRule;
 use serde::Deserialize;
 
 const Q_HEADS: usize = 32;
@@ -294,7 +295,10 @@ fn main() {
             EngineOptions {
                 device: Device::Cuda(0),
                 max_num_seqs: 64,
-                max_batched_tokens: PREFILL,
+                step_rule: StepRule {
+                    max_batched_tokens: PREFILL,
+                    ..StepRule::default()
+                },
                 gpu_memory_fraction: 0.3,
                 enforce_eager,
                 ..EngineOptions::default()

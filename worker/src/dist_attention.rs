@@ -10,7 +10,19 @@ use std::collections::BTreeMap;
 
 use crate::backend::{AttnSeq, AttnShape, Backend, DeviceLink, KvSegment, NO_SLOT};
 use crate::merge::merge_into;
-use crate::scheduler::RemotePart;
+
+/// One request's attention over the blocks one creditor holds for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemotePart {
+    pub peer: u16,
+    pub seq: u64,
+    /// Index into `Step::attn`: the rows and positions of the queries.
+    pub attn: usize,
+    /// The creditor's blocks, in its own ids.
+    pub segments: Vec<KvSegment>,
+    /// Rows whose new K and V the creditor stores: (row, block, offset).
+    pub appends: Vec<(usize, u32, u32)>,
+}
 
 /// A new token's K and V that the creditor stores in a block it lent.
 #[derive(Debug, Clone, PartialEq)]

@@ -9,8 +9,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc as std_mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use infinite_llm_policy::StepRule;
 use infinite_llm_protocol::gmanager::{Creditor, PlannedMove};
 use infinite_llm_protocol::secret::Secret;
 
@@ -19,10 +20,9 @@ use tokio::sync::{mpsc, watch};
 use crate::backend::Backend;
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::Cuda;
-use crate::cluster_link::{
-    ClusterLink, KvWork, LayerExchange, PEER_TIMEOUT, attn_answer, serve_pool_request,
-    take_back_loans,
-};
+use crate::cluster_link::{ClusterLink, LayerExchange};
+use crate::creditor::{KvWork, serve_home, serve_kv};
+use crate::inbox::{Inbox, Submitted};
 use crate::liveness::Liveness;
 use crate::migrator::{Ctx, Migrator};
 use crate::model::llama::{Exchange, Llama, NoExchange};
@@ -88,14 +88,18 @@ pub struct EngineOptions {
     pub gpu_memory_fraction: f64,
     /// Most requests in one running batch.
     pub max_num_seqs: usize,
-    /// Most tokens (prefill chunks plus decodes) in one step.
-    pub max_batched_tokens: usize,
+    /// How a step's token budget is shared (decodes, short and long prefill chunks).
+    pub step_rule: StepRule,
     /// Most requests waiting to start; beyond it `submit` answers `Overloaded`.
     pub max_waiting: usize,
     /// Share of the pool that other workers may borrow at once.
     pub lend_fraction: f64,
-    /// Share of the pool a long request keeps here when it can borrow the rest (1.0: off).
-    pub long_home_share: f64,
+    /// How long a request may wait for blocks (to start, or to start again after it yielded
+    /// them) before it ends with a retryable error.
+    pub queue_timeout: Duration,
+    /// Workers the pool is configured with, this one included: with their lend caps (taken as
+    /// this worker's), they bound the longest request, whether or not all are up yet.
+    pub pool_workers: usize,
     /// Benchmarks only: prompts count as already in the cache but for their last token
     /// (`Scheduler::with_unfilled_prompts`).
     pub unfilled_prompts: bool,
@@ -128,10 +132,11 @@ impl Default for EngineOptions {
             kv_blocks: None,
             kv_memory_bytes: 2 << 30,
             max_num_seqs: 64,
-            max_batched_tokens: 512,
+            step_rule: StepRule::default(),
             max_waiting: 256,
             lend_fraction: 0.5,
-            long_home_share: 0.25,
+            queue_timeout: Duration::from_secs(60),
+            pool_workers: 1,
             unfilled_prompts: false,
             enforce_eager: false,
             cluster: None,
@@ -174,28 +179,18 @@ enum Picked {
     Logits(Vec<f32>),
 }
 
-pub(crate) struct Submitted {
-    id: SeqId,
-    req: GenerateRequest,
-    tx: mpsc::UnboundedSender<Event>,
-}
-
-/// Everything the engine thread reacts to, in one queue.
-pub(crate) enum Inbox {
-    Submit(Submitted),
-    Peer(Incoming),
-    /// Wakes the engine to look at the drain flag.
-    Drain,
-}
-
 struct Shared {
     accepting: AtomicBool,
     draining: AtomicBool,
     /// Submitted and not yet counted in the published `waiting`.
     queued: AtomicUsize,
-    next_id: std::sync::atomic::AtomicU64,
+    /// The last request id: ids are microseconds since the epoch at arrival (made unique), so
+    /// requests of different workers compare by age.
+    last_id: std::sync::atomic::AtomicU64,
     /// Tokens the local pool holds; borrowing adds what creditors can lend.
     local_capacity: usize,
+    /// What the other workers the pool is configured with could lend at most, in blocks.
+    configured_lend_caps: usize,
     max_positions: usize,
     block_tokens: usize,
     creditors: Arc<Mutex<Vec<Creditor>>>,
@@ -247,10 +242,17 @@ fn start_with<B: Backend>(
             opts.block_tokens
         )));
     }
-    if opts.max_num_seqs == 0 || opts.max_batched_tokens == 0 {
+    let rule = opts.step_rule;
+    if opts.max_num_seqs == 0 || rule.max_batched_tokens == 0 {
         return Err(EngineError::Options(
             "max_num_seqs and max_batched_tokens must be positive".into(),
         ));
+    }
+    if !(rule.long_prefill_share > 0.0 && rule.long_prefill_share <= 1.0) {
+        return Err(EngineError::Options(format!(
+            "the long prefill share must be in (0, 1], got {}",
+            rule.long_prefill_share
+        )));
     }
     let probe = model.kv_shape(1, opts.block_tokens);
     let budget = match model.backend().free_memory() {
@@ -272,11 +274,10 @@ fn start_with<B: Backend>(
         SchedulerConfig {
             block_tokens: opts.block_tokens,
             max_num_seqs: opts.max_num_seqs,
-            max_batched_tokens: opts.max_batched_tokens,
+            rule,
         },
         RManager::new(blocks, opts.lend_fraction),
     )
-    .with_long_home_share(opts.long_home_share)
     .with_unfilled_prompts(opts.unfilled_prompts);
     if opts.unfilled_prompts {
         tracing::warn!(
@@ -346,8 +347,9 @@ fn start_with<B: Backend>(
         accepting: AtomicBool::new(true),
         draining: AtomicBool::new(false),
         queued: AtomicUsize::new(0),
-        next_id: Default::default(),
+        last_id: Default::default(),
         local_capacity: scheduler.capacity_tokens(),
+        configured_lend_caps: opts.pool_workers.saturating_sub(1) * scheduler.rmanager().lend_cap(),
         max_positions: model.config().max_position_embeddings,
         block_tokens: opts.block_tokens,
         creditors,
@@ -377,6 +379,7 @@ fn start_with<B: Backend>(
         admitted: 0,
         me: opts.cluster.as_ref().map(|c| c.worker_id.clone()),
         deferred: Vec::new(),
+        queue_timeout: opts.queue_timeout,
     };
     let liveness = Liveness::default();
     let watch = liveness.watch();
@@ -426,7 +429,7 @@ impl EngineHandle {
             });
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let id = s.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = s.next_id();
         s.queued.fetch_add(1, Ordering::AcqRel);
         if self
             .submit
@@ -449,8 +452,9 @@ impl EngineHandle {
     }
 
     /// The longest prompt plus output a request here can hold: the local pool plus what the
-    /// other workers could lend (their lend caps; at least what they last advised), within the
-    /// model's positions. A request within it that cannot borrow now waits for loans to end.
+    /// other workers could lend (the lend caps of the workers the pool is configured with, or
+    /// of those the gManager knows, or what they last advised: the most of these), within the
+    /// model's positions. A request within it that cannot get blocks now waits, bounded.
     pub fn max_context_tokens(&self) -> usize {
         let s = &self.shared;
         let advised: u64 = s
@@ -460,7 +464,9 @@ impl EngineHandle {
             .iter()
             .map(|c| c.lendable_blocks)
             .sum();
-        let lendable = (advised as usize).max(s.pool_lend_caps.load(Ordering::Acquire));
+        let lendable = (advised as usize)
+            .max(s.pool_lend_caps.load(Ordering::Acquire))
+            .max(s.configured_lend_caps);
         (s.local_capacity + lendable * s.block_tokens).min(s.max_positions)
     }
 
@@ -542,11 +548,30 @@ impl EngineHandle {
     }
 }
 
+impl Shared {
+    /// A new request id: microseconds since the epoch, above the last one.
+    fn next_id(&self) -> SeqId {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let last = self
+            .last_id
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
+                Some(now.max(last + 1))
+            })
+            .expect("the update always succeeds");
+        now.max(last + 1)
+    }
+}
+
 struct Active {
     req: GenerateRequest,
     sampler: Sampler,
     tx: mpsc::UnboundedSender<Event>,
     generated: usize,
+    /// When it last made progress (arrived, or got a token): a request waiting for blocks
+    /// longer than the queue time limit since then ends with a retryable error.
+    progress_at: Instant,
 }
 
 struct Runner<B: Backend> {
@@ -569,83 +594,7 @@ struct Runner<B: Backend> {
     me: Option<String>,
     /// Block copies other homes asked for during the last step, served after it.
     deferred: Vec<KvWork>,
-}
-
-/// Answers a home that asks this worker, as a creditor.
-pub(crate) fn serve_home<B: Backend>(
-    model: &Llama<B>,
-    kv: &mut B::Kv,
-    scheduler: &mut Scheduler,
-    m: Incoming,
-) {
-    match m {
-        Incoming::Request { from, msg, reply } => {
-            if let Some(work) = serve_pool_request(scheduler.rmanager_mut(), from, msg, reply) {
-                serve_kv(model, kv, scheduler.block_tokens(), work);
-            }
-        }
-        // What needs the link (lost creditors, reclaims) was taken out before.
-        Incoming::Reply { peer, .. } | Incoming::Lost { peer, .. } => {
-            tracing::debug!(peer, "late message from a creditor dropped")
-        }
-        Incoming::Gone { from } => take_back_loans(scheduler.rmanager_mut(), &from),
-    }
-}
-
-/// Does the work of a home's request that needs the KV cache.
-fn serve_kv<B: Backend>(model: &Llama<B>, kv: &mut B::Kv, block_tokens: usize, work: KvWork) {
-    match work {
-        KvWork::Attn { call, attn, reply } => {
-            let answer = model.serve_attention(kv, &attn, reply.link().as_ref());
-            reply.send(&attn_answer(call, answer));
-        }
-        KvWork::Fetch { call, block, reply } => {
-            let data = model.backend().kv_read_block(kv, block);
-            reply.send(&PeerMsg::Fetched { call, data });
-        }
-        KvWork::Store {
-            call,
-            block,
-            data,
-            reply,
-        } => {
-            let shape = model.kv_shape(1, block_tokens);
-            let n = 2 * shape.layers * shape.block_floats();
-            if data.len() == n {
-                model.backend().kv_write_block(kv, block, &data);
-                reply.send(&PeerMsg::Stored { call });
-            } else {
-                reply.send(&PeerMsg::Failure {
-                    call,
-                    message: format!("a stored block has {} values, not {n}", data.len()),
-                });
-            }
-        }
-        KvWork::Move {
-            call,
-            blocks,
-            fetch,
-            reply,
-        } => {
-            let backend = model.backend();
-            let moved = match reply.link() {
-                // The home has queued its side: this side completes the pair at once.
-                // A failure aborts the link (in the group or in the wait).
-                Some(link) => backend
-                    .link_move(&link, kv, &blocks, fetch)
-                    .and_then(|()| backend.link_move_wait(&link, PEER_TIMEOUT))
-                    .map_err(|e| e.to_string()),
-                None => Err("no direct link to this home".to_owned()),
-            };
-            match moved {
-                Ok(()) => reply.send(&PeerMsg::Moved { call }),
-                Err(message) => {
-                    tracing::warn!(error = %message, "a block move over the direct link failed");
-                    reply.send(&PeerMsg::Failure { call, message });
-                }
-            }
-        }
-    }
+    queue_timeout: Duration,
 }
 
 impl<B: Backend> Runner<B> {
@@ -656,6 +605,7 @@ impl<B: Backend> Runner<B> {
             }
             self.reclaim_if_draining();
             self.recover();
+            self.expire_waiting();
             self.link_devices();
             if self.scheduler.is_idle() {
                 self.publish();
@@ -699,7 +649,10 @@ impl<B: Backend> Runner<B> {
         };
         match m {
             Some(Inbox::Submit(s)) => self.admit(s),
-            Some(Inbox::Peer(m)) => serve_home(&self.model, &mut self.kv, &mut self.scheduler, m),
+            Some(Inbox::Peer(m)) => {
+                self.yield_to_older(&m);
+                serve_home(&self.model, &mut self.kv, &mut self.scheduler, m);
+            }
             // Looked at at the top of the loop.
             Some(Inbox::Drain) | None => {}
         }
@@ -814,8 +767,10 @@ impl<B: Backend> Runner<B> {
         self.send_releases();
     }
 
-    /// Borrows, before the step, what the next request to start lacks: all of it or nothing,
-    /// so a request that waits never holds blocks another needs, here or on a creditor.
+    /// Borrows on creditors, before the step, the blocks the local pool cannot give it: for
+    /// each request short of blocks, in the order the step serves them, a batch at a time.
+    /// What a round gets is kept; a round that falls short ends this step's borrowing (the
+    /// scheduler then preempts) and the next waits a little, or for new advice.
     fn borrow(&mut self, rx: &std_mpsc::Receiver<Inbox>) {
         let Self {
             model,
@@ -825,42 +780,79 @@ impl<B: Backend> Runner<B> {
             stash,
             ..
         } = self;
-        let (Some(link), Some((seq, want))) = (link.as_mut(), scheduler.borrow_want()) else {
+        let Some(link) = link.as_mut() else {
             return;
         };
-        if !link.may_borrow() {
+        let wants = scheduler.shortfalls();
+        if wants.is_empty() || !link.may_borrow() {
             return;
         }
-        let round = link.borrow(seq, want, rx, &mut |m| match m {
-            Inbox::Submit(s) => stash.push(s),
-            Inbox::Peer(m) => serve_home(model, kv, scheduler, m),
-            Inbox::Drain => {}
-        });
-        if round.complete {
+        for (seq, want) in wants {
+            let round = link.borrow(seq, want, rx, &mut |m| match m {
+                Inbox::Submit(s) => stash.push(s),
+                Inbox::Peer(m) => serve_home(model, kv, scheduler, m),
+                Inbox::Drain => {}
+            });
             for (peer, blocks) in round.grants {
                 scheduler.add_borrowed(seq, peer, &blocks);
             }
-            return;
+            if !round.complete {
+                tracing::debug!(seq, want, "the pool lent less than asked");
+                break;
+            }
         }
-        // Short: give back this round's blocks and those of earlier rounds, and wait. Holding
-        // them while waiting for more could deadlock two homes that borrow from each other.
-        let mut peers: Vec<u16> = round
-            .grants
-            .iter()
-            .map(|(p, _)| *p)
-            .chain(round.unanswered)
-            .chain(scheduler.unreserve(seq))
+    }
+
+    /// The pool-wide half of "the oldest progresses": asked to lend for another home's request
+    /// while full, this worker's running requests that arrived after it yield their blocks.
+    fn yield_to_older(&mut self, m: &Incoming) {
+        if let Incoming::Request {
+            msg: PeerMsg::Reserve { seq, blocks, .. },
+            ..
+        } = m
+        {
+            let yielded = self.scheduler.yield_to(*seq, *blocks as usize);
+            if !yielded.is_empty() {
+                tracing::debug!(
+                    ?yielded,
+                    "newer requests yield blocks to an older one of another home"
+                );
+                self.send_releases();
+            }
+        }
+    }
+
+    /// Ends requests that waited for blocks longer than the queue time limit since they last
+    /// made progress, with a retryable error: the pool cannot hold them now.
+    fn expire_waiting(&mut self) {
+        let limit = self.queue_timeout;
+        let expired: Vec<SeqId> = self
+            .scheduler
+            .waiting_ids()
+            .filter(|id| {
+                self.active
+                    .get(id)
+                    .is_some_and(|a| a.progress_at.elapsed() > limit)
+            })
             .collect();
-        peers.sort_unstable();
-        peers.dedup();
-        tracing::debug!(
-            seq,
-            want,
-            "not enough to borrow yet; the request waits, or starts at home if it fits"
-        );
-        for peer in peers {
-            link.release(seq, peer);
+        for id in expired {
+            tracing::warn!(
+                request = id,
+                limit_secs = limit.as_secs_f64(),
+                "no KV blocks for the request in time; it ends retryable"
+            );
+            if let Some(a) = self.active.get(&id) {
+                let _ = a.tx.send(Event::Failed {
+                    message: format!(
+                        "the KV cache pool had no room for this request within {} s; retry later",
+                        limit.as_secs()
+                    ),
+                    retryable: true,
+                });
+            }
+            self.finish(id);
         }
+        self.send_releases();
     }
 
     fn send_releases(&mut self) {
@@ -883,6 +875,7 @@ impl<B: Backend> Runner<B> {
                 req: s.req,
                 tx: s.tx,
                 generated: 0,
+                progress_at: Instant::now(),
             },
         );
     }
@@ -990,6 +983,7 @@ impl<B: Backend> Runner<B> {
                 Picked::Logits(l) => a.sampler.sample(&l[row * vocab..(row + 1) * vocab]),
             };
             a.generated += 1;
+            a.progress_at = Instant::now();
             let sent = a.tx.send(Event::Token { id: token, logprob });
             let eos = a.req.ends_on(token);
             let done = if eos {

@@ -162,13 +162,20 @@ impl GManagerClient {
         }
     }
 
-    /// Heartbeats until `stop` resolves, then tells the gManager this worker leaves.
-    pub async fn run(mut self, engine: EngineHandle, stop: tokio::sync::oneshot::Receiver<()>) {
+    /// Registers (then `registered` resolves), heartbeats until `stop` resolves, then tells
+    /// the gManager this worker leaves.
+    pub async fn run(
+        mut self,
+        engine: EngineHandle,
+        registered: tokio::sync::oneshot::Sender<()>,
+        stop: tokio::sync::oneshot::Receiver<()>,
+    ) {
         tokio::pin!(stop);
         let mut interval = tokio::select! {
             i = self.register(&engine) => i,
             _ = &mut stop => return,
         };
+        let _ = registered.send(());
         let id = self.register.worker_id.clone();
         // What the ledger holds of this worker's placements, and the holders it knows.
         let mut reported = Placements::new();

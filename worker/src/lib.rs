@@ -4,11 +4,13 @@
 pub mod backend;
 pub mod chat_template;
 mod cluster_link;
+mod creditor;
 pub mod demo_model;
 pub mod dist_attention;
 pub mod engine;
 pub mod gmanager_client;
 pub mod liveness;
+mod inbox;
 pub mod local;
 pub mod logit_adjust;
 pub mod merge;

@@ -10,8 +10,9 @@ use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use crate::backend::{Backend, DeviceLink};
-use crate::cluster_link::{ClusterLink, PEER_TIMEOUT};
-use crate::engine::{Inbox, Submitted, serve_home};
+use crate::cluster_link::ClusterLink;
+use crate::creditor::{PEER_TIMEOUT, serve_home};
+use crate::inbox::{Inbox, Submitted};
 use crate::migration::{
     self, BLOCKS_PER_REQUEST_STEP, BLOCKS_PER_STEP, EVACUATE_PATIENCE, Job, Move, Pick,
 };

@@ -1,18 +1,26 @@
 //! Continuous batching over the rBlock pool: which requests run in the next step, with how many
 //! tokens each, and who gives up blocks when the pool runs dry. Pure logic, no model, no I/O.
 //!
-//! Each step mixes decode tokens of running requests with prefill chunks of new ones, up to a
-//! token budget. Running requests go first, oldest first. One that needs a block takes a local
-//! one if any is free; if none is, the newest running
-//! request is preempted: its blocks are freed and it goes back to the front of the queue, to be
-//! recomputed from its token ids later (vLLM's recompute policy). New requests start on local
-//! blocks, except long ones: a request that outgrows its home, or that needs more than the
-//! long-request share of it, borrows the rest before it starts (see [`early_borrow`]).
+//! The step's budget is shared by the policy's rule (`infinite_llm_policy::share_step`): decodes
+//! first, then prefill chunks, short prompts ahead of long ones, one long prefill capped. A
+//! request's KV grows block by block as its tokens arrive: it starts with the blocks of its
+//! first chunk, and `max_tokens` limits it without reserving anything. A running request that
+//! needs a block takes a free local one; the engine borrows on creditors, a batch at a time,
+//! for those the local pool cannot serve ([`Scheduler::shortfalls`]); when neither has one, the
+//! newest running request yields its blocks and goes back to the queue, to be recomputed from
+//! its token ids (vLLM's recompute policy). Request ids grow with arrival time on every worker,
+//! so "newest" means the same thing across the pool: a creditor full of its own requests lets
+//! newer ones yield to lend to an older request of another home ([`Scheduler::yield_to`]), and
+//! the oldest request in the pool always progresses.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 
-use crate::backend::{AttnSeq, KvSegment, NO_SLOT};
+pub use infinite_llm_policy::StepRule;
+use infinite_llm_policy::{Want, borrow_batch, resume_blocks, share_step};
+
+use crate::backend::{AttnSeq, NO_SLOT};
+use crate::dist_attention::RemotePart;
 use crate::model::llama::StepInput;
 use crate::rblock_pool::{BlockTable, Holder};
 use crate::rmanager::RManager;
@@ -23,18 +31,28 @@ pub type SeqId = u64;
 pub struct SchedulerConfig {
     pub block_tokens: usize,
     pub max_num_seqs: usize,
-    pub max_batched_tokens: usize,
+    /// How a step's token budget is shared.
+    pub rule: StepRule,
 }
 
 #[derive(Debug)]
 struct Seq {
     /// Prompt and generated tokens so far.
     tokens: Vec<u32>,
-    /// Prompt plus the most tokens it may generate.
-    need_tokens: usize,
+    /// Prompt plus the most tokens it may generate: a limit on its growth, never reserved.
+    limit_tokens: usize,
     table: BlockTable,
-    /// Blocks borrowed for a request that has not started yet, by peer.
+    /// Blocks borrowed for its first chunk while it waits, by peer; they join its table when
+    /// it starts.
     reserved: Vec<(u16, Vec<u32>)>,
+    /// It yielded its blocks (preempted or evicted): it starts again only with room here.
+    yielded: bool,
+}
+
+impl Seq {
+    fn reserved_blocks(&self) -> usize {
+        self.reserved.iter().map(|(_, b)| b.len()).sum()
+    }
 }
 
 /// The part of one request that runs in a step.
@@ -77,29 +95,14 @@ impl Step {
     }
 }
 
-/// One request's attention over the blocks one creditor holds for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RemotePart {
-    pub peer: u16,
-    pub seq: SeqId,
-    /// Index into `Step::attn`: the rows and positions of the queries.
-    pub attn: usize,
-    /// The creditor's blocks, in its own ids.
-    pub segments: Vec<KvSegment>,
-    /// Rows whose new K and V the creditor stores: (row, block, offset).
-    pub appends: Vec<(usize, u32, u32)>,
-}
-
 pub struct Scheduler {
     cfg: SchedulerConfig,
-    /// Share of the local pool a long request keeps here (1.0: no early borrowing).
-    long_home_share: f64,
     /// Benchmarks only: a prompt's K/V counts as written, all but its last token.
     unfilled_prompts: bool,
     rm: RManager,
     seqs: HashMap<SeqId, Seq>,
     waiting: VecDeque<SeqId>,
-    /// Oldest first.
+    /// In the order they started.
     running: Vec<SeqId>,
     preemptions: u64,
     /// Requests that gave back blocks held by peers, for the engine to tell those peers.
@@ -110,7 +113,6 @@ impl Scheduler {
     pub fn new(cfg: SchedulerConfig, rm: RManager) -> Self {
         Self {
             cfg,
-            long_home_share: 1.0,
             unfilled_prompts: false,
             rm,
             seqs: HashMap::new(),
@@ -119,13 +121,6 @@ impl Scheduler {
             preemptions: 0,
             released: Vec::new(),
         }
-    }
-
-    /// Long requests keep only `share` of the local pool here and borrow the rest before they
-    /// start, so the home keeps room for its batch; 1.0 (the default) turns this off.
-    pub fn with_long_home_share(mut self, share: f64) -> Self {
-        self.long_home_share = share.clamp(0.0, 1.0);
-        self
     }
 
     /// For benchmarks of decode at contexts too long to prefill in time: a request starts with
@@ -191,10 +186,11 @@ impl Scheduler {
         self.seqs.insert(
             id,
             Seq {
-                need_tokens: prompt.len() + max_new_tokens,
+                limit_tokens: prompt.len() + max_new_tokens,
                 tokens: prompt,
                 table: BlockTable::default(),
                 reserved: Vec::new(),
+                yielded: false,
             },
         );
         self.waiting.push_back(id);
@@ -241,6 +237,11 @@ impl Scheduler {
         self.waiting.len()
     }
 
+    /// The requests waiting to start, in queue order.
+    pub fn waiting_ids(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.waiting.iter().copied()
+    }
+
     pub fn blocks_total(&self) -> usize {
         self.rm.total()
     }
@@ -258,83 +259,154 @@ impl Scheduler {
         self.seqs.is_empty()
     }
 
+    /// The requests that may get tokens in the next step, each with what it wants: every
+    /// running one, then waiting ones while the batch has room.
+    fn candidates(&self) -> (Vec<SeqId>, Vec<Want>) {
+        let room = self.cfg.max_num_seqs.saturating_sub(self.running.len());
+        let ids: Vec<SeqId> = self
+            .running
+            .iter()
+            .copied()
+            .chain(self.waiting.iter().copied().take(room))
+            .collect();
+        let wants = ids
+            .iter()
+            .map(|id| {
+                let s = &self.seqs[id];
+                let pending = s.tokens.len() - s.table.tokens() - self.skipped(*id);
+                Want {
+                    pending,
+                    decode: pending == 1 && s.table.tokens() > 0,
+                }
+            })
+            .collect();
+        (ids, wants)
+    }
+
+    /// Prompt tokens taken as already written when a benchmark request starts.
+    fn skipped(&self, id: SeqId) -> usize {
+        let s = &self.seqs[&id];
+        if self.unfilled_prompts && s.table.tokens() == 0 {
+            s.tokens.len() - 1
+        } else {
+            0
+        }
+    }
+
+    /// Blocks that must be free here before a request that yielded starts again (0 for one
+    /// that never ran): room for its context, or the home to itself.
+    fn resume_bar(&self, id: SeqId) -> usize {
+        let s = &self.seqs[&id];
+        if !s.yielded {
+            return 0;
+        }
+        let home = self.rm.total() - self.rm.lent();
+        resume_blocks(s.tokens.len().div_ceil(self.cfg.block_tokens), home)
+    }
+
+    /// Blocks request `id` lacks for its next `want` tokens (beyond what it holds or borrowed).
+    fn chunk_need(&self, id: SeqId, want: usize) -> usize {
+        let s = &self.seqs[&id];
+        s.table
+            .blocks_needed(self.skipped(id) + want, self.cfg.block_tokens)
+            .saturating_sub(s.reserved_blocks())
+    }
+
+    /// What the next step lacks beyond the free local blocks, in the order it serves requests:
+    /// (request, blocks to borrow for it, a batch at a time within its limit). The engine
+    /// borrows these on creditors before it schedules. A request that yielded borrows only
+    /// once its home has room for it ([`resume_blocks`]).
+    pub fn shortfalls(&self) -> Vec<(SeqId, usize)> {
+        let bt = self.cfg.block_tokens;
+        let (ids, wants) = self.candidates();
+        let mut free = self.rm.free();
+        let mut out = Vec::new();
+        for (i, n) in share_step(&self.cfg.rule, &wants) {
+            let id = ids[i];
+            if free < self.resume_bar(id) {
+                continue;
+            }
+            let need = self.chunk_need(id, n);
+            let local = need.min(free);
+            free -= local;
+            if need == local {
+                continue;
+            }
+            let s = &self.seqs[&id];
+            let held = s.table.blocks().len() + s.reserved_blocks() + local;
+            let room = s.limit_tokens.div_ceil(bt).saturating_sub(held);
+            out.push((id, borrow_batch(need - local, room)));
+        }
+        out
+    }
+
     /// Plans the next step and claims the KV slots it writes.
     pub fn schedule(&mut self) -> Step {
         let mut step = Step::default();
-        let mut budget = self.cfg.max_batched_tokens;
+        let (ids, wants) = self.candidates();
         let mut planned: Vec<(SeqId, usize)> = Vec::new();
-
-        let mut i = 0;
-        while i < self.running.len() && budget > 0 {
-            let id = self.running[i];
-            let want = self.pending(id).min(budget);
-            // Nothing to run until its next token is in: an empty item would still claim a
-            // sample (of the row before it).
-            if want == 0 {
-                i += 1;
+        for (i, want) in share_step(&self.cfg.rule, &wants) {
+            let id = ids[i];
+            if step.preempted.contains(&id) {
                 continue;
             }
-            let fit = self.grow(id, want);
-            if fit > 0 {
-                planned.push((id, fit));
-                budget -= fit;
-                i += 1;
+            if self.waiting.contains(&id) {
+                let n = self.start(id, want);
+                if n > 0 {
+                    planned.push((id, n));
+                }
                 continue;
             }
-            let victim = *self.running.last().expect("id is running");
-            self.preempt(victim);
-            step.preempted.push(victim);
-            // If `id` itself yielded, the entry at `i` is now the next request.
-        }
-        while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
-            let Some(&id) = self.waiting.front() else {
-                break;
-            };
-            let bt = self.cfg.block_tokens;
-            let pending = self.pending(id);
-            let skip = if self.unfilled_prompts {
-                pending.saturating_sub(1)
-            } else {
-                0
-            };
-            let want = (pending - skip).min(budget);
-            let seq = &self.seqs[&id];
-            // A request the local pool cannot carry to its end, or one that borrowed early,
-            // starts only with its whole need reserved, here and on creditors, so requests that
-            // grow never wait on each other across workers. Its local blocks come first in its
-            // table. One that fits here needs its first chunk, and grows as in vLLM.
-            let need = if self.outgrows_home(id) || !seq.reserved.is_empty() {
-                let borrowed: usize = seq.reserved.iter().map(|(_, b)| b.len()).sum();
-                seq.need_tokens.div_ceil(bt).saturating_sub(borrowed)
-            } else {
-                seq.table.blocks_needed(skip + want, bt)
-            };
-            if need > self.rm.free() {
-                break;
+            // Running (unless it yielded earlier in this step): local blocks, then the newest
+            // running request yields until it fits, or itself is the newest.
+            while self.running.contains(&id) {
+                let fit = self.grow(id, want);
+                if fit > 0 {
+                    planned.push((id, fit));
+                    break;
+                }
+                let victim = self.newest_running().expect("id is running");
+                self.preempt(victim);
+                planned.retain(|&(p, _)| p != victim);
+                step.preempted.push(victim);
             }
-            let local = self.rm.alloc_local(need);
-            let seq = self.seqs.get_mut(&id).unwrap();
-            seq.table.extend_blocks(Holder::Local, &local);
-            for (peer, blocks) in seq.reserved.drain(..) {
-                seq.table.extend_blocks(Holder::Peer(peer), &blocks);
-            }
-            seq.table.push_tokens(skip, bt);
-            self.waiting.pop_front();
-            self.running.push(id);
-            planned.push((id, want));
-            budget -= want;
         }
-
         for (id, n) in planned {
             self.plan_item(&mut step, id, n);
         }
         step
     }
 
-    /// Tokens of a request whose KV is not in the cache yet.
-    fn pending(&self, id: SeqId) -> usize {
-        let s = &self.seqs[&id];
-        s.tokens.len() - s.table.tokens()
+    /// Starts waiting request `id` with up to `want` tokens, as many as its blocks here hold
+    /// (free local ones first, then those borrowed for it); returns how many, 0 if it cannot.
+    fn start(&mut self, id: SeqId, want: usize) -> usize {
+        let bt = self.cfg.block_tokens;
+        let free = self.rm.free();
+        let skip = self.skipped(id);
+        let slots = (free + self.seqs[&id].reserved_blocks()) * bt;
+        if self.running.len() >= self.cfg.max_num_seqs
+            || free < self.resume_bar(id)
+            || slots <= skip
+        {
+            return 0;
+        }
+        let n = want.min(slots - skip);
+        let chunk = self.seqs[&id].table.blocks_needed(skip + n, bt);
+        let local = self.rm.alloc_local(chunk);
+        let seq = self.seqs.get_mut(&id).unwrap();
+        seq.table.extend_blocks(Holder::Local, &local);
+        for (peer, blocks) in seq.reserved.drain(..) {
+            seq.table.extend_blocks(Holder::Peer(peer), &blocks);
+        }
+        seq.table.push_tokens(skip, bt);
+        self.waiting.retain(|&w| w != id);
+        self.running.push(id);
+        n
+    }
+
+    /// The running request that arrived last (ids grow with arrival time).
+    fn newest_running(&self) -> Option<SeqId> {
+        self.running.iter().copied().max()
     }
 
     /// Makes room for up to `want` more tokens of running request `id` with free local blocks.
@@ -348,42 +420,38 @@ impl Scheduler {
         want.min(table.slack(bt))
     }
 
-    /// Whether a request needs more than this worker's whole pool.
-    fn outgrows_home(&self, id: SeqId) -> bool {
-        self.seqs[&id].need_tokens > self.capacity_tokens()
-    }
-
-    /// The next request to start, if it outgrows this worker and lacks blocks, or if it is long
-    /// ([`early_borrow`]): the blocks to borrow for it, all or nothing, before scheduling. A
-    /// long request whose borrowing fails holds nothing and starts here as any other.
-    pub fn borrow_want(&self) -> Option<(SeqId, usize)> {
-        let &id = self.waiting.front()?;
-        if self.running.len() >= self.cfg.max_num_seqs {
-            return None;
-        }
-        let seq = &self.seqs[&id];
-        let need = seq.need_tokens.div_ceil(self.cfg.block_tokens);
-        let held: usize = seq.reserved.iter().map(|(_, b)| b.len()).sum();
-        let free = self.rm.free();
-        let short = if self.outgrows_home(id) {
-            need.saturating_sub(held + free)
-        } else {
-            early_borrow(need, held, free, self.rm.total(), self.long_home_share)
-        };
-        (short > 0).then_some((id, short))
-    }
-
-    /// Adds blocks that `peer` reserved for waiting request `id`; they join its table, after its
-    /// local blocks, when it starts.
+    /// Adds blocks that `peer` reserved for request `id`: to its table if it runs (they fill
+    /// after the blocks it holds), else to what it starts with.
     pub fn add_borrowed(&mut self, id: SeqId, peer: u16, blocks: &[u32]) {
-        let seq = self.seqs.get_mut(&id).expect("known request");
-        seq.reserved.push((peer, blocks.to_vec()));
+        let running = self.running.contains(&id);
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            // Gone while the round ran: the blocks go back.
+            self.released.push((id, peer));
+            return;
+        };
+        if running {
+            seq.table.extend_blocks(Holder::Peer(peer), blocks);
+        } else {
+            seq.reserved.push((peer, blocks.to_vec()));
+        }
     }
 
-    /// Drops the blocks reserved for waiting request `id`; returns the peers that hold them.
-    pub fn unreserve(&mut self, id: SeqId) -> Vec<u16> {
-        let seq = self.seqs.get_mut(&id).expect("known request");
-        seq.reserved.drain(..).map(|(peer, _)| peer).collect()
+    /// A creditor's part of "the oldest progresses": before lending `blocks` for another
+    /// home's request `asker`, its own running requests newer than `asker` yield, newest
+    /// first, while that frees blocks it may lend (within the lend cap). Returns them.
+    pub fn yield_to(&mut self, asker: SeqId, blocks: usize) -> Vec<SeqId> {
+        let mut yielded = Vec::new();
+        let lendable = |rm: &RManager| rm.lend_cap().saturating_sub(rm.lent()).min(blocks);
+        while self.rm.free() < lendable(&self.rm) {
+            match self.newest_running() {
+                Some(newest) if newest > asker => {
+                    self.preempt(newest);
+                    yielded.push(newest);
+                }
+                _ => break,
+            }
+        }
+        yielded
     }
 
     fn preempt(&mut self, id: SeqId) {
@@ -392,9 +460,11 @@ impl Scheduler {
     }
 
     /// Frees a running request's blocks and puts it at the front of the queue, to be
-    /// recomputed from its token ids.
+    /// recomputed from its token ids once there is room for it.
     fn requeue(&mut self, id: SeqId) {
-        let mut table = std::mem::take(&mut self.seqs.get_mut(&id).unwrap().table);
+        let seq = self.seqs.get_mut(&id).unwrap();
+        seq.yielded = true;
+        let mut table = std::mem::take(&mut seq.table);
         self.release(id, &mut table);
         self.running.retain(|&r| r != id);
         self.waiting.push_front(id);
@@ -543,25 +613,6 @@ impl Scheduler {
     }
 }
 
-/// Blocks a request of `need` blocks that fits in its home's pool of `total` borrows before it
-/// starts, with `held` already borrowed and `free` local blocks free: the gManager's
-/// `place_new` rule. A long request (more than `home_share` of the pool) keeps at most that
-/// share here, and no more than is free, and takes the rest from creditors, so one long
-/// request does not fill the home and preempt its batch later.
-fn early_borrow(need: usize, held: usize, free: usize, total: usize, home_share: f64) -> usize {
-    let share = (total as f64 * home_share).floor() as usize;
-    if need <= share {
-        return 0;
-    }
-    let local = share.min(free);
-    // With no block free here, one that holds nothing waits for local blocks as a short one
-    // does; one that already borrowed asks for the rest rather than hold loans while waiting.
-    if local == 0 && held == 0 {
-        return 0;
-    }
-    need.saturating_sub(held + local)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -571,23 +622,27 @@ mod tests {
             SchedulerConfig {
                 block_tokens: 4,
                 max_num_seqs: 8,
-                max_batched_tokens: max_tokens,
+                rule: StepRule {
+                    max_batched_tokens: max_tokens,
+                    long_prefill_tokens: 1000,
+                    long_prefill_share: 0.5,
+                },
             },
             RManager::new(blocks, 0.5),
         )
     }
 
-    /// Borrows what the scheduler asks for from a peer's pool, then schedules: the engine's loop.
+    /// Borrows what the scheduler lacks from a peer's pool, then schedules: the engine's loop.
     fn schedule_borrowing(s: &mut Scheduler, peer: u16, lender: &mut RManager) -> Step {
-        if let Some((id, n)) = s.borrow_want()
-            && let Ok(blocks) = lender.lend(("home".into(), id), n)
-        {
-            s.add_borrowed(id, peer, &blocks);
+        for (id, n) in s.shortfalls() {
+            if let Ok(blocks) = lender.lend_up_to(("home".into(), id), n) {
+                s.add_borrowed(id, peer, &blocks);
+            }
         }
         s.schedule()
     }
 
-    /// Runs steps, appending token 1 to every sampling request, until `id` has `len` tokens.
+    /// Runs steps, appending token 1 to every sampling request.
     fn drive(s: &mut Scheduler, steps: usize) -> Vec<Step> {
         (0..steps)
             .map(|_| {
@@ -640,6 +695,52 @@ mod tests {
     }
 
     #[test]
+    fn short_prompts_go_ahead_of_a_long_one_which_takes_at_most_its_share() {
+        let mut s = Scheduler::new(
+            SchedulerConfig {
+                block_tokens: 4,
+                max_num_seqs: 8,
+                rule: StepRule {
+                    max_batched_tokens: 16,
+                    long_prefill_tokens: 8,
+                    long_prefill_share: 0.25,
+                },
+            },
+            RManager::new(64, 0.5),
+        );
+        s.add(1, (0..40).collect(), 4);
+        s.add(2, (0..6).collect(), 4);
+        let step = s.schedule();
+        let fed: Vec<(SeqId, Range<usize>)> = step
+            .items
+            .iter()
+            .map(|it| (it.seq, it.positions.clone()))
+            .collect();
+        assert_eq!(
+            fed,
+            [(2, 0..6), (1, 0..4)],
+            "a quarter of 16 for the long one"
+        );
+        s.remove(2);
+        let step = s.schedule();
+        assert_eq!(
+            step.items[0].positions,
+            4..20,
+            "alone, it takes the whole step"
+        );
+    }
+
+    #[test]
+    fn a_request_starts_with_its_first_chunk_and_max_tokens_reserves_nothing() {
+        let mut s = sched(8, 8);
+        s.add(1, (0..6).collect(), 1_000_000);
+        s.add(2, (0..2).collect(), 1_000_000);
+        let step = s.schedule();
+        assert_eq!(step.items.len(), 2, "both start at once");
+        assert_eq!(s.blocks_used(), 3, "two blocks for 6 tokens, one for 2");
+    }
+
+    #[test]
     fn a_full_pool_preempts_the_newest_and_recomputes_it_later() {
         let mut s = sched(4, 64);
         s.add(1, (0..8).collect(), 4);
@@ -660,6 +761,25 @@ mod tests {
             0..8,
             "prompt and its sampled token are recomputed"
         );
+    }
+
+    #[test]
+    fn a_preempted_request_waits_for_room_for_its_context() {
+        let mut s = sched(6, 64);
+        s.add(1, (0..8).collect(), 8);
+        s.add(2, (0..7).collect(), 8);
+        drive(&mut s, 2);
+        // 4 blocks held; request 1 grows to a third block, request 2 to its third: 6 of 6.
+        s.append_token(1, 1);
+        drive(&mut s, 3);
+        assert_eq!(s.preemptions(), 1);
+        assert_eq!(s.waiting(), 1);
+        // Request 2's 9 tokens need 3 blocks: with 2 free it stays out, not to take back
+        // the blocks request 1 grows into.
+        let free = s.rmanager().free();
+        assert!(free < 3, "{free} free");
+        assert!(s.schedule().items.iter().all(|it| it.seq == 1));
+        assert_eq!(s.waiting(), 1);
     }
 
     #[test]
@@ -692,17 +812,24 @@ mod tests {
     }
 
     #[test]
-    fn a_request_that_outgrows_its_home_borrows_and_its_new_tokens_go_remote() {
+    fn a_request_that_outgrows_its_home_borrows_a_batch_and_its_new_tokens_go_remote() {
         let mut s = sched(2, 64);
-        let mut lender = RManager::new(8, 1.0);
-        s.add(1, (0..6).collect(), 4);
+        let mut lender = RManager::new(64, 1.0);
+        s.add(1, (0..6).collect(), 100);
         let step = schedule_borrowing(&mut s, 3, &mut lender);
         assert!(step.remote.is_empty(), "the prompt fits at home");
+        assert_eq!(lender.lent(), 0, "nothing borrowed ahead of need");
         for t in 0..3 {
             s.append_token(1, 9 + t);
         }
-        // Tokens 6 and 7 fit in the home's two blocks; token 8 needs a borrowed block.
+        // Tokens 6 and 7 fit in the home's two blocks; token 8 needs a borrowed block, and a
+        // batch comes at once.
+        assert_eq!(
+            s.shortfalls(),
+            [(1, infinite_llm_policy::BORROW_BATCH_BLOCKS)]
+        );
         let step = schedule_borrowing(&mut s, 3, &mut lender);
+        assert_eq!(lender.lent(), infinite_llm_policy::BORROW_BATCH_BLOCKS);
         assert_eq!(step.items[0].positions, 6..9);
         assert_eq!(step.remote.len(), 1);
         let r = &step.remote[0];
@@ -719,48 +846,68 @@ mod tests {
             step.attn[0].segments.iter().map(|s| s.tokens).sum::<u32>(),
             8
         );
-        assert_eq!(s.borrowed_blocks(), 1);
+        s.append_token(1, 20);
+        assert!(
+            s.shortfalls().is_empty(),
+            "the batch serves the next tokens"
+        );
         s.remove(1);
         assert_eq!(s.take_released(), vec![(1, 3)]);
         assert_eq!(s.blocks_used(), 0);
     }
 
     #[test]
-    fn a_request_larger_than_its_home_starts_with_its_whole_need_reserved() {
-        let mut s = sched(2, 64);
-        let mut lender = RManager::new(8, 1.0);
-        s.add(1, (0..16).collect(), 4);
+    fn a_prompt_larger_than_its_home_prefills_chunk_by_chunk_borrowing_as_it_goes() {
+        let mut s = sched(2, 8);
+        let mut lender = RManager::new(64, 1.0);
+        s.add(1, (0..24).collect(), 4);
         let first = schedule_borrowing(&mut s, 1, &mut lender);
-        assert_eq!(first.items[0].positions, 0..16);
-        assert_eq!(lender.lent(), 3, "20 tokens: 2 local blocks and 3 borrowed");
-        assert_eq!(first.remote.len(), 1);
-        assert_eq!(
-            first.remote[0].appends.len(),
-            8,
-            "tokens 8..16 are stored by the creditor"
-        );
-        s.append_token(1, 1);
+        assert_eq!(first.items[0].positions, 0..8);
+        assert_eq!(lender.lent(), 0, "the first chunk fits at home");
         let second = schedule_borrowing(&mut s, 1, &mut lender);
-        assert_eq!(lender.lent(), 3, "no further borrowing while it runs");
-        assert!(second.preempted.is_empty());
+        assert_eq!(second.items[0].positions, 8..16);
+        assert_eq!(
+            lender.lent(),
+            5,
+            "the rest of the request (28 tokens, 7 blocks) in one batch"
+        );
+        assert_eq!(second.remote[0].appends.len(), 8);
+        let third = schedule_borrowing(&mut s, 1, &mut lender);
+        assert_eq!(third.items[0].positions, 16..24);
+        assert_eq!(lender.lent(), 5, "no round trip per chunk");
     }
 
     #[test]
-    fn a_request_that_cannot_reserve_everything_holds_nothing_and_waits() {
-        let mut s = sched(2, 64);
-        s.add(1, (0..16).collect(), 16);
-        assert_eq!(s.borrow_want(), Some((1, 6)));
-        let step = s.schedule();
-        assert!(step.items.is_empty());
-        assert_eq!(s.blocks_used(), 0, "no local block is held while it waits");
-        assert_eq!(s.waiting(), 1);
+    fn a_full_home_borrows_a_new_requests_first_chunk() {
+        let mut s = sched(1, 64);
+        let mut lender = RManager::new(8, 1.0);
+        s.add(1, (0..4).collect(), 0);
+        s.add(2, (0..4).collect(), 0);
+        let step = schedule_borrowing(&mut s, 1, &mut lender);
+        assert_eq!(step.items.len(), 2, "the second starts on a borrowed block");
+        assert_eq!(lender.lent(), 1);
+        assert_eq!(step.remote.len(), 1);
+    }
+
+    #[test]
+    fn a_creditor_lets_its_newer_requests_yield_to_an_older_one() {
+        let mut s = sched(4, 64);
+        s.add(10, (0..8).collect(), 4);
+        s.add(30, (0..8).collect(), 4);
+        drive(&mut s, 1);
+        assert_eq!(s.rmanager().free(), 0);
+        assert!(s.yield_to(40, 2).is_empty(), "a newer asker waits");
+        assert_eq!(s.yield_to(20, 2), [30]);
+        assert_eq!(s.rmanager().lendable(), 2);
+        assert!(s.yield_to(5, 2).is_empty(), "already lendable");
+        assert_eq!(s.running(), 1);
     }
 
     #[test]
     fn a_lost_peer_sends_its_requests_back_to_be_recomputed() {
         let mut s = sched(2, 64);
         let mut lender = RManager::new(8, 1.0);
-        // Request 1 needs 5 blocks: 2 at home, 3 on peer 3.
+        // Request 1: 2 blocks at home, the rest on peer 3.
         s.add(1, (0..16).collect(), 4);
         let first = schedule_borrowing(&mut s, 3, &mut lender);
         assert_eq!(first.items[0].positions, 0..16);
@@ -771,7 +918,8 @@ mod tests {
         assert_eq!(blocks, 4, "16 tokens in blocks of 4, wherever they were");
         assert_eq!(s.take_released(), vec![(1, 3)]);
         assert_eq!((s.running(), s.waiting(), s.blocks_used()), (0, 1, 0));
-        // Recomputed from its tokens: the prompt and the token it had sampled.
+        // Recomputed from its tokens: the prompt and the token it had sampled, once the home
+        // has room for it (here: the whole home).
         let again = schedule_borrowing(&mut s, 5, &mut lender);
         assert_eq!(again.items[0].positions, 0..17);
         assert!(again.remote.iter().all(|r| r.peer == 5));
@@ -787,7 +935,7 @@ mod tests {
         let mut released = s.take_released();
         released.sort();
         assert_eq!(released, vec![(1, 3), (1, 4)], "all or nothing");
-        assert_eq!(s.borrow_want(), Some((1, 3)));
+        assert_eq!(s.shortfalls(), [(1, 3)], "its 5 blocks, less the home's 2");
     }
 
     #[test]
@@ -841,56 +989,6 @@ mod tests {
     }
 
     #[test]
-    fn a_long_request_borrows_beyond_its_home_share_before_it_starts() {
-        // 16 blocks with a share of 0.25: a request keeps 4 blocks (16 tokens) here.
-        let mut s = sched(16, 64).with_long_home_share(0.25);
-        let mut lender = RManager::new(16, 1.0);
-        s.add(1, (0..20).collect(), 12);
-        assert_eq!(s.borrow_want(), Some((1, 4)), "32 tokens: 8 blocks, 4 here");
-        let step = schedule_borrowing(&mut s, 2, &mut lender);
-        assert_eq!(step.items[0].positions, 0..20);
-        assert_eq!((s.blocks_used(), lender.lent()), (4, 4));
-        assert_eq!(step.remote.len(), 1);
-        assert_eq!(
-            step.remote[0].appends.len(),
-            4,
-            "tokens 16..20 are stored by the creditor"
-        );
-        // The home keeps 12 blocks for short requests, which start without borrowing (while
-        // request 1 decodes its next token).
-        s.append_token(1, 7);
-        s.add(2, (0..8).collect(), 8);
-        assert_eq!(s.borrow_want(), None, "4 blocks is within the share");
-        let step = schedule_borrowing(&mut s, 2, &mut lender);
-        assert_eq!(step.items.len(), 2);
-        assert_eq!((s.blocks_used(), lender.lent()), (6, 4));
-    }
-
-    #[test]
-    fn a_long_request_that_cannot_borrow_runs_at_home() {
-        let mut s = sched(16, 64).with_long_home_share(0.25);
-        s.add(1, (0..20).collect(), 12);
-        assert_eq!(s.borrow_want(), Some((1, 4)));
-        // A round that got only part of it gives everything back (the engine's borrow).
-        s.add_borrowed(1, 2, &[0, 1]);
-        assert_eq!(s.unreserve(1), vec![2]);
-        let step = s.schedule();
-        assert_eq!(step.items[0].positions, 0..20);
-        assert!(step.remote.is_empty());
-        assert_eq!(s.blocks_used(), 5, "its prompt, on local blocks as before");
-    }
-
-    #[test]
-    fn only_long_requests_with_a_share_borrow_early() {
-        let mut s = sched(16, 64);
-        s.add(1, (0..20).collect(), 12);
-        assert_eq!(s.borrow_want(), None, "the share defaults to 1.0: off");
-        let mut s = sched(16, 64).with_long_home_share(0.5);
-        s.add(1, (0..20).collect(), 12);
-        assert_eq!(s.borrow_want(), None, "8 blocks is half the pool");
-    }
-
-    #[test]
     fn a_running_request_with_nothing_to_run_gets_no_item() {
         let mut s = sched(16, 8);
         s.add(1, (0..5).collect(), 4);
@@ -916,46 +1014,5 @@ mod tests {
         s.append_token(1, 7);
         let step = s.schedule();
         assert_eq!(step.positions, vec![40]);
-    }
-
-    #[test]
-    fn a_long_request_keeps_at_most_its_share_and_what_is_free_here() {
-        // need, held, free, total, share
-        assert_eq!(early_borrow(8, 0, 16, 16, 0.25), 4);
-        assert_eq!(early_borrow(8, 4, 16, 16, 0.25), 0, "already borrowed");
-        assert_eq!(early_borrow(4, 0, 16, 16, 0.25), 0, "within the share");
-        assert_eq!(
-            early_borrow(8, 0, 2, 16, 0.25),
-            6,
-            "2 free here: 6 elsewhere"
-        );
-        assert_eq!(
-            early_borrow(8, 0, 0, 16, 0.25),
-            0,
-            "nothing free: it waits here"
-        );
-        assert_eq!(
-            early_borrow(8, 4, 0, 16, 0.25),
-            4,
-            "the rest, rather than hold loans while it waits"
-        );
-        assert_eq!(early_borrow(16, 0, 16, 16, 1.0), 0, "1.0 turns it off");
-        assert_eq!(early_borrow(2, 0, 3, 3, 0.25), 0, "a share under one block");
-    }
-
-    #[test]
-    fn requests_that_fit_at_home_wait_rather_than_borrow() {
-        let mut s = sched(1, 64);
-        let mut lender = RManager::new(8, 1.0);
-        s.add(1, (0..4).collect(), 0);
-        s.add(2, (0..4).collect(), 0);
-        let step = schedule_borrowing(&mut s, 1, &mut lender);
-        assert_eq!(
-            step.items.len(),
-            1,
-            "the second request waits for a local block"
-        );
-        assert_eq!(s.waiting(), 1);
-        assert_eq!(lender.lent(), 0);
     }
 }

@@ -13,7 +13,7 @@ use infinite_llm_worker::demo_model::{DemoModelSpec, write_demo_model};
 use infinite_llm_worker::model::llama::{Llama, NoExchange};
 use infinite_llm_worker::rmanager::RManager;
 use infinite_llm_worker::sampling::argmax;
-use infinite_llm_worker::scheduler::{Scheduler, SchedulerConfig};
+use infinite_llm_worker::scheduler::{Scheduler, SchedulerConfig, StepRule};
 
 const BLOCK_TOKENS: usize = 16;
 const DECODE_STEPS: usize = 12;
@@ -79,7 +79,10 @@ fn ours(dir: &Path, prompts: &[Vec<u32>], steps: usize) -> Vec<(Vec<Vec<f32>>, V
             block_tokens: BLOCK_TOKENS,
             max_num_seqs: 8,
             // Smaller than the prompts: prefill goes in chunks, and the requests' blocks interleave.
-            max_batched_tokens: 24,
+            rule: StepRule {
+                max_batched_tokens: 24,
+                ..StepRule::default()
+            },
         },
         RManager::new(blocks, 0.0),
     );

@@ -11,7 +11,7 @@ use infinite_llm_worker::dist_attention::AttnCall;
 use infinite_llm_worker::model::llama::{Exchange, Llama, Waited};
 use infinite_llm_worker::rmanager::RManager;
 use infinite_llm_worker::sampling::argmax;
-use infinite_llm_worker::scheduler::{Scheduler, SchedulerConfig};
+use infinite_llm_worker::scheduler::{Scheduler, SchedulerConfig, StepRule};
 
 const BT: usize = 16;
 
@@ -70,7 +70,10 @@ fn run(
         SchedulerConfig {
             block_tokens: BT,
             max_num_seqs: 4,
-            max_batched_tokens: 24,
+            rule: StepRule {
+                max_batched_tokens: 24,
+                ..StepRule::default()
+            },
         },
         RManager::new(home_blocks, 0.0),
     );
@@ -81,7 +84,7 @@ fn run(
     let mut next_peer = 0;
     while tokens.len() <= steps {
         // Spread the loan over the creditors, one block from each in turn.
-        if let Some((seq, n)) = sched.borrow_want() {
+        for (seq, n) in sched.shortfalls() {
             for _ in 0..n {
                 let peer = next_peer % creditors;
                 next_peer += 1;

@@ -49,13 +49,7 @@ async fn planned_moves_put_a_debtors_blocks_on_an_idle_worker() {
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let reference = start_pool(&model, 1, 512, &[]);
     // worker-0 lends nothing; worker-1 idles and may lend half of its 128 blocks.
-    // The share turned off: the long requests fill the home instead of borrowing early.
-    let pool = start_pool(
-        &model,
-        2,
-        128,
-        &["--lend-fractions=0,0.5", "--long-home-share=1.0"],
-    );
+    let pool = start_pool(&model, 2, 128, &["--lend-fractions=0,0.5"]);
     let (home, idle) = (pool.workers[0].clone(), pool.workers[1].clone());
     let want = run_all(&client, &reference.base, LONG_NEW_TOKENS).await;
     // Let the workers' heartbeats make them known to each other.
@@ -109,12 +103,7 @@ async fn a_worker_started_later_takes_the_debtors_moved_blocks() {
     let reference = start_pool(&model, 1, 512, &[]);
     let want = run_all(&client, &reference.base, LATE_LONG_NEW_TOKENS).await;
     // One worker that lends nothing: a debtor with nowhere to move blocks, until one joins.
-    let pool = start_pool(
-        &model,
-        1,
-        128,
-        &["--lend-fractions=0", "--long-home-share=1.0"],
-    );
+    let pool = start_pool(&model, 1, 128, &["--lend-fractions=0"]);
     let home = pool.workers[0].clone();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let started = Instant::now();
@@ -141,11 +130,6 @@ async fn a_worker_started_later_takes_the_debtors_moved_blocks() {
     assert!(held > 0.0, "the worker started later held moved blocks");
     let migrated = metric(&client, &home, "ilm_kv_migrated_blocks_total").await;
     assert!(migrated > 0.0, "the home carried out the planned moves");
-    assert_eq!(
-        metric(&client, &home, "ilm_kv_borrow_total").await,
-        0.0,
-        "the requests fit at home: the blocks moved, none was borrowed"
-    );
     eprintln!(
         "with a worker started later: {took:?}; {migrated} blocks migrated, {held} seen on it"
     );

@@ -178,6 +178,7 @@ fn worker_container(ilc: &InfiniteLLMCluster, settings: &Settings) -> Container 
 fn env(ilc: &InfiniteLLMCluster, settings: &Settings, token_file: &str) -> Vec<EnvVar> {
     let spec = &ilc.spec;
     let kv = &spec.kv_cache;
+    let sched = &spec.scheduling;
     let value = |name: &str, value: String| EnvVar {
         name: name.to_owned(),
         value: Some(value),
@@ -212,7 +213,22 @@ fn env(ilc: &InfiniteLLMCluster, settings: &Settings, token_file: &str) -> Vec<E
             kv.gpu_memory_fraction.to_string(),
         ),
         value("ILM_LEND_FRACTION", kv.lend_fraction.to_string()),
-        value("ILM_LONG_HOME_SHARE", kv.long_home_share.to_string()),
+        value(
+            "ILM_MAX_BATCHED_TOKENS",
+            sched.max_batched_tokens.to_string(),
+        ),
+        value(
+            "ILM_LONG_PREFILL_TOKENS",
+            sched.long_prefill_tokens.to_string(),
+        ),
+        value(
+            "ILM_LONG_PREFILL_SHARE",
+            sched.long_prefill_share.to_string(),
+        ),
+        value(
+            "ILM_QUEUE_TIMEOUT_SECS",
+            sched.queue_timeout_seconds.to_string(),
+        ),
         value("ILM_TRANSPORT", kv.transport.as_str().to_owned()),
         value("ILM_GMANAGER_URL", settings.gmanager_url.clone()),
         value("ILM_TOKEN_FILE", token_file.to_owned()),
@@ -367,7 +383,8 @@ mod tests {
         let c = container(&sts);
         assert_eq!(env_value(c, "ILM_DEVICE"), Some("cpu"));
         assert_eq!(env_value(c, "ILM_TRANSPORT"), Some("auto"));
-        assert_eq!(env_value(c, "ILM_LONG_HOME_SHARE"), Some("0.25"));
+        assert_eq!(env_value(c, "ILM_LONG_PREFILL_SHARE"), Some("0.5"));
+        assert_eq!(env_value(c, "ILM_QUEUE_TIMEOUT_SECS"), Some("60"));
         assert_eq!(env_value(c, "ILM_MODEL"), Some("/models"));
         let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
         assert!(
@@ -472,14 +489,16 @@ mod tests {
         let ilc = cluster(serde_json::json!({
             "model": {"servedName": "m", "source": {"image": {"reference": "r", "path": "/w/"}}},
             "workers": {"image": "img", "gpusPerWorker": 1},
-            "kvCache": {"maxBlocks": 100, "longHomeShare": 1.0},
+            "kvCache": {"maxBlocks": 100},
+            "scheduling": {"maxBatchedTokens": 2048, "longPrefillShare": 1.0},
             "api": {"port": 9000, "apiKeySecret": {"name": "k", "key": "key"}}
         }));
         let sts = build(&ilc, &Names::new("c"), &settings());
         let c = container(&sts);
         assert_eq!(env_value(c, "ILM_KV_BLOCKS"), Some("100"));
-        // The worker reads "1" as 1.0: early borrowing off.
-        assert_eq!(env_value(c, "ILM_LONG_HOME_SHARE"), Some("1"));
+        assert_eq!(env_value(c, "ILM_MAX_BATCHED_TOKENS"), Some("2048"));
+        // The worker reads "1" as 1.0: a long prefill may take whole steps.
+        assert_eq!(env_value(c, "ILM_LONG_PREFILL_SHARE"), Some("1"));
         assert_eq!(env_value(c, "ILM_WRITE_DEMO_MODEL"), None);
         assert_eq!(env_value(c, "ILM_MODEL"), Some("/models/w"));
         assert_eq!(env_value(c, "ILM_PORT"), Some("9000"));

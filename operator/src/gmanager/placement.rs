@@ -41,6 +41,8 @@ pub struct Measured {
     pub layer_round_trip_s: f64,
     /// One-way link rate for moving blocks, DESIGN.md §6: 368 GB/s.
     pub link_bytes_per_s: f64,
+    /// Width of a token row (Llama-3-8B: 4096): what a tensor-parallel all-reduce carries.
+    pub hidden_size: f64,
 }
 
 impl Default for Measured {
@@ -59,6 +61,7 @@ impl Default for Measured {
             flops: 780e12,
             layer_round_trip_s: 63e-6,
             link_bytes_per_s: 368e9,
+            hidden_size: 4096.0,
         }
     }
 }
@@ -109,6 +112,7 @@ impl Measured {
             ("kv_read_bytes_per_s", m.kv_read_bytes_per_s),
             ("flops", m.flops),
             ("link_bytes_per_s", m.link_bytes_per_s),
+            ("hidden_size", m.hidden_size),
         ];
         // A zero or negative rate would divide the cost model by zero; these two may be 0.
         let may_be_zero = [
@@ -215,11 +219,6 @@ pub struct PlacementConfig {
     /// Share of its pool up to which a creditor lends (kvCache.highWatermark): the rest stays
     /// for the creditor's own arrivals.
     pub high_watermark: f64,
-    /// A new request needing more than this share of its home's pool is long.
-    pub long_request_share: f64,
-    /// Share of its home's pool a long request takes there; the rest goes to creditors from
-    /// the start, so the home keeps room for its short requests.
-    pub long_home_share: f64,
     /// Relative throughput gain a move must promise.
     pub min_gain: f64,
     /// Blocks one round may move in all (the migration rate limit).
@@ -240,8 +239,6 @@ impl PlacementConfig {
             debtor_max_batch: cost.saturating_batch(),
             cost,
             high_watermark: 0.9,
-            long_request_share: 0.25,
-            long_home_share: 0.25,
             min_gain: 0.01,
             // What the link moves in a second, the default round interval.
             max_round_blocks: measured.movable_blocks(16, 1.0),
@@ -383,38 +380,6 @@ impl Creditors {
             };
             self.heap.push((spare + k, Reverse(c)));
         }
-    }
-}
-
-/// Where a new request of `need` blocks homed at `home` goes: `(worker, blocks)`, the home
-/// first. A long request keeps only `long_home_share` of the home's pool there and takes the
-/// rest from creditors right away, before the home overflows; a short one borrows only what the
-/// home lacks. All or nothing: `None` when the pool cannot hold it now.
-pub fn place_new(
-    instances: &[Instance],
-    home: usize,
-    need: u64,
-    creditors: &mut Creditors,
-    cfg: &PlacementConfig,
-) -> Option<Vec<(usize, u64)>> {
-    let h = &instances[home];
-    let free = h.free_blocks();
-    let long = need as f64 > h.total_blocks as f64 * cfg.long_request_share;
-    let mut local = free.min(need);
-    if long {
-        local = local.min((h.total_blocks as f64 * cfg.long_home_share) as u64);
-    }
-    if local == need {
-        return Some(vec![(home, need)]);
-    }
-    match creditors.take(need - local, home) {
-        Some(lent) => {
-            let mut placed = vec![(home, local)];
-            placed.extend(lent);
-            Some(placed)
-        }
-        // Creditors cannot take it: the request may still fit at home alone.
-        None => (free >= need).then(|| vec![(home, need)]),
     }
 }
 
@@ -655,42 +620,6 @@ mod tests {
         ];
         assert_eq!(rank_lenders(&ws, 0), [2, 1]);
         assert_eq!(rank_lenders(&ws, 2), [0, 1]);
-    }
-
-    #[test]
-    fn long_requests_spread_early_and_short_ones_stay_home() {
-        let cfg = PlacementConfig::default();
-        let ws = [
-            worker(1000, 0, 0, 0),
-            worker(1000, 800, 4, 0),
-            worker(1000, 100, 4, 0),
-        ];
-        let mut creditors = Creditors::new(&ws, &cfg);
-        assert_eq!(
-            place_new(&ws, 0, 100, &mut creditors, &cfg),
-            Some(vec![(0, 100)])
-        );
-        let long = place_new(&ws, 0, 800, &mut creditors, &cfg).unwrap();
-        assert_eq!(
-            long,
-            [(0, 250), (2, 500), (1, 50)],
-            "a quarter of the home, then the creditors with most spare blocks first"
-        );
-        assert_eq!(
-            place_new(&ws, 0, 300, &mut creditors, &cfg),
-            Some(vec![(0, 250), (1, 50)]),
-            "the queue remembers what earlier placements took"
-        );
-        assert_eq!(
-            place_new(&ws, 0, 1000, &mut creditors, &cfg),
-            Some(vec![(0, 1000)]),
-            "with creditors exhausted a long request may still fit at home"
-        );
-        assert_eq!(
-            place_new(&ws, 0, 1100, &mut creditors, &cfg),
-            None,
-            "all or nothing"
-        );
     }
 
     #[test]

@@ -1,21 +1,28 @@
-//! The simulated cluster: workers with KV pools of rBlocks and the cost model, fed by a trace.
-//! The clock advances in fixed ticks; at each tick requests arrive and are dispatched,
-//! queues admit, every worker's step time is taken from the cost model, requests progress by
-//! the steps that fit in the tick, finished ones free their blocks, and (pooled) a placement
-//! round runs every interval with the gManager's code.
+//! The simulated cluster: instances with KV pools of rBlocks and the cost model, fed by a trace,
+//! served by the worker's own policy (`infinite_llm_policy`). The clock advances in fixed ticks;
+//! at each tick requests arrive and are dispatched, queues admit (a request starts with the
+//! blocks of its first chunk), every instance shares its step by `share_step` and takes its
+//! step time from the cost model, requests grow block by block as their tokens arrive (a free
+//! local block, else, pooled, a batch on the creditors the placement code advises, else the
+//! newest running request at that home yields and is recomputed later), finished ones free
+//! their blocks, and (pooled) a placement round runs every interval with the gManager's code.
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use infinite_llm_policy::{StepRule, Want, borrow_batch, resume_blocks, share_step};
 use infinite_llm_workload::trace::Request;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::gmanager::placement::{self, Creditors, Instance, PlacementConfig};
 
+/// Prompts under this many tokens are short: their TTFT is reported apart.
+pub const SHORT_PROMPT_TOKENS: u64 = 8192;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
-    /// Each worker alone: a request must fit in its home's pool.
+    /// Each instance alone: a request's KV must fit in its home's pool.
     Static,
     /// Homes borrow from creditors; placement rounds move blocks.
     Pooled,
@@ -33,15 +40,23 @@ impl Policy {
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
     pub instances: usize,
+    /// GPUs of one instance (tensor parallel when above one).
+    pub gpus_per_instance: usize,
     pub kv_tokens_per_worker: u64,
     pub block_tokens: u64,
     /// Share of its pool a worker lends (kvCache.lendFraction).
     pub lend_fraction: f64,
-    /// Prompt tokens a worker prefills per step (chunked prefill).
-    pub prefill_chunk_tokens: u64,
+    /// How a step's token budget is shared (the worker's scheduling rule).
+    pub rule: StepRule,
+    /// Most running requests per instance.
+    pub max_num_seqs: usize,
+    /// Added to every step of an instance: (seconds, seconds per token row), the tensor
+    /// parallel all-reduces of an instance of several GPUs.
+    pub step_overhead: (f64, f64),
     pub tick_s: f64,
     pub placement_interval_s: f64,
-    /// A request waiting longer than this is turned away.
+    /// A request that waits for blocks longer than this since it last progressed is turned
+    /// away (the worker's retryable 503).
     pub queue_timeout_s: f64,
     pub placement: PlacementConfig,
     pub seed: u64,
@@ -53,14 +68,20 @@ pub struct Outcome {
     pub arrived: usize,
     pub completed: usize,
     pub rejected: usize,
-    /// Completed requests too large for one worker's pool.
+    /// Completed requests too large for one instance's pool.
     pub completed_oversized: usize,
-    /// Prompt and output tokens processed per second over the trace's duration.
+    /// Prompt and output tokens processed per second over the trace's duration (recomputed
+    /// tokens not counted).
     pub tokens_per_s: f64,
     /// Output tokens alone.
     pub output_tokens_per_s: f64,
     pub p50_latency_s: f64,
     pub p99_latency_s: f64,
+    /// Time to first token of requests with prompts under [`SHORT_PROMPT_TOKENS`].
+    pub short_ttft_p50_s: f64,
+    pub short_ttft_p99_s: f64,
+    /// Requests that yielded their blocks to be recomputed.
+    pub preemptions: u64,
     /// Mean wall time of one placement round (pooled only), and how many ran.
     pub placement_round_ms: f64,
     pub placement_rounds: usize,
@@ -71,11 +92,38 @@ struct Req {
     arrival_s: f64,
     prompt: u64,
     output: u64,
-    need_blocks: u64,
+    /// Prompt plus output: the limit of its growth, in blocks.
+    limit_blocks: u64,
+    /// Tokens whose K/V is in the cache, of `target` to prefill (the prompt, or after a
+    /// preemption the prompt and what it had generated).
     prefilled: f64,
+    target: f64,
     generated: f64,
+    /// Most prefill tokens ever counted, so a recompute is not counted twice.
+    counted: f64,
     /// Blocks by holder, the home first.
     holders: Vec<(usize, u64)>,
+    yielded: bool,
+    progress_at: f64,
+    first_token_s: Option<f64>,
+}
+
+impl Req {
+    fn held(&self) -> u64 {
+        self.holders.iter().map(|h| h.1).sum()
+    }
+
+    fn context(&self) -> f64 {
+        if self.decoding() {
+            self.prompt as f64 + self.generated
+        } else {
+            self.prefilled
+        }
+    }
+
+    fn decoding(&self) -> bool {
+        self.prefilled >= self.target
+    }
 }
 
 #[derive(Default)]
@@ -111,8 +159,11 @@ struct Sim<'a> {
     tokens: f64,
     output_tokens: f64,
     latencies: Vec<f64>,
+    short_ttfts: Vec<f64>,
     out: Outcome,
     round_s: f64,
+    /// Creditors as of the last placement round (pooled), taken from as homes borrow.
+    creditors: Option<Creditors>,
 }
 
 impl<'a> Sim<'a> {
@@ -136,8 +187,10 @@ impl<'a> Sim<'a> {
             tokens: 0.0,
             output_tokens: 0.0,
             latencies: Vec::new(),
+            short_ttfts: Vec::new(),
             out: Outcome::default(),
             round_s: 0.0,
+            creditors: None,
         }
     }
 
@@ -155,26 +208,23 @@ impl<'a> Sim<'a> {
                     self.placement_round();
                 }
             }
-            self.admit();
+            self.admit(now);
             self.step(now);
         }
         self.finish(duration_s)
     }
 
+    /// The longest request accepted, in blocks: one pool (static), or the home's and what
+    /// every other instance may lend (pooled, the worker's configured maximum).
     fn pool_capacity(&self) -> u64 {
         let one = self.workers[0].total_blocks;
         match self.policy {
             Policy::Static => one,
-            // The home's pool and what every other worker may lend under its watermark.
-            Policy::Pooled => {
-                let mark = (one as f64 * self.cfg.placement.high_watermark) as u64;
-                let lend = self.workers[0].lend_cap.min(mark);
-                one + lend * (self.workers.len() as u64 - 1)
-            }
+            Policy::Pooled => one + self.workers[0].lend_cap * (self.workers.len() as u64 - 1),
         }
     }
 
-    /// Dispatches arrivals before `until` to the less loaded of two random workers (the
+    /// Dispatches arrivals before `until` to the less loaded of two random instances (the
     /// same front door for both policies), or turns away those that can never fit.
     fn arrive(&mut self, until: f64) {
         let capacity = self.pool_capacity();
@@ -184,9 +234,8 @@ impl<'a> Sim<'a> {
             }
             self.next_arrival += 1;
             self.out.arrived += 1;
-            let tokens = r.prompt_tokens + r.output_tokens;
-            let need_blocks = tokens.div_ceil(self.cfg.block_tokens);
-            if need_blocks > capacity {
+            let limit_blocks = (r.prompt_tokens + r.output_tokens).div_ceil(self.cfg.block_tokens);
+            if limit_blocks > capacity {
                 self.out.rejected += 1;
                 continue;
             }
@@ -204,14 +253,19 @@ impl<'a> Sim<'a> {
                 arrival_s: r.arrival_s,
                 prompt: r.prompt_tokens,
                 output: r.output_tokens,
-                need_blocks,
+                limit_blocks,
                 prefilled: 0.0,
+                target: r.prompt_tokens as f64,
                 generated: 0.0,
+                counted: 0.0,
                 holders: Vec::new(),
+                yielded: false,
+                progress_at: r.arrival_s,
+                first_token_s: None,
             });
             let w = &mut self.workers[home];
             w.queue.push_back(id);
-            w.queued_blocks += need_blocks;
+            w.queued_blocks += limit_blocks;
         }
     }
 
@@ -220,13 +274,13 @@ impl<'a> Sim<'a> {
             let reqs = &self.reqs;
             let before = w.queue.len();
             w.queue
-                .retain(|&r| now - reqs[r].arrival_s <= self.cfg.queue_timeout_s);
+                .retain(|&r| now - reqs[r].progress_at <= self.cfg.queue_timeout_s);
             self.out.rejected += before - w.queue.len();
-            w.queued_blocks = w.queue.iter().map(|&r| reqs[r].need_blocks).sum();
+            w.queued_blocks = w.queue.iter().map(|&r| reqs[r].limit_blocks).sum();
         }
     }
 
-    /// The workers as placement sees them; `with_requests` adds each home's requests.
+    /// The instances as placement sees them; `with_requests` adds each home's requests.
     fn instances(&self, with_requests: bool) -> Vec<Instance> {
         let bt = self.cfg.block_tokens;
         let mut attention = vec![0u64; self.workers.len()];
@@ -234,9 +288,9 @@ impl<'a> Sim<'a> {
         for (home, w) in self.workers.iter().enumerate() {
             for &r in &w.running {
                 let req = &self.reqs[r];
-                let context = (req.prefilled + req.generated) as u64;
+                let held = req.held().max(1);
                 for &(h, blocks) in &req.holders {
-                    attention[h] += context * blocks / req.need_blocks;
+                    attention[h] += req.context() as u64 * blocks / held;
                 }
                 remote[home] |= req.holders.len() > 1;
             }
@@ -251,12 +305,16 @@ impl<'a> Sim<'a> {
                 lend_cap_blocks: w.lend_cap,
                 batch: w.running.len() as u64,
                 waiting: w.queue.len() as u64,
-                next_need_blocks: w.queue.front().map_or(0, |&r| self.reqs[r].need_blocks),
+                next_need_blocks: w.queue.front().map_or(0, |&r| {
+                    let chunk = self.cfg.rule.max_batched_tokens as u64;
+                    self.reqs[r].prompt.min(chunk).div_ceil(bt)
+                }),
                 attention_tokens: attention[i].min((w.used + w.lent) * bt),
                 remote: remote[i],
                 requests: if with_requests {
                     w.running
                         .iter()
+                        .filter(|&&r| !self.reqs[r].holders.is_empty())
                         .map(|&r| (r as u64, self.reqs[r].holders[0].1))
                         .collect()
                 } else {
@@ -266,141 +324,249 @@ impl<'a> Sim<'a> {
             .collect()
     }
 
-    /// Heads of queues start when their blocks can be placed: in their home's pool (static),
-    /// or by the placement module's `place_new` over home and creditors (pooled).
-    fn admit(&mut self) {
-        match self.policy {
-            Policy::Static => {
-                for home in 0..self.workers.len() {
-                    while let Some(&r) = self.workers[home].queue.front() {
-                        let need = self.reqs[r].need_blocks;
-                        if need > self.workers[home].free() {
-                            break;
-                        }
-                        self.start(home, r, vec![(home, need)]);
-                    }
-                }
+    /// What a request wants from its home's next step.
+    fn want(&self, r: usize) -> Want {
+        let req = &self.reqs[r];
+        if req.decoding() {
+            Want {
+                pending: 1,
+                decode: true,
             }
-            Policy::Pooled => {
-                if self.workers.iter().all(|w| w.queue.is_empty()) {
-                    return;
-                }
-                let mut instances = self.instances(false);
-                let mut creditors = Creditors::new(&instances, &self.cfg.placement);
-                for home in 0..self.workers.len() {
-                    while let Some(&r) = self.workers[home].queue.front() {
-                        let need = self.reqs[r].need_blocks;
-                        let Some(placed) = placement::place_new(
-                            &instances,
-                            home,
-                            need,
-                            &mut creditors,
-                            &self.cfg.placement,
-                        ) else {
-                            break;
-                        };
-                        for &(h, blocks) in &placed {
-                            if h == home {
-                                instances[h].used_blocks += blocks;
-                            } else {
-                                instances[h].lent_blocks += blocks;
-                            }
-                        }
-                        instances[home].batch += 1;
-                        self.start(home, r, placed);
-                    }
-                }
+        } else {
+            Want {
+                pending: (req.target - req.prefilled).ceil() as usize,
+                decode: false,
             }
         }
     }
 
-    fn start(&mut self, home: usize, r: usize, placed: Vec<(usize, u64)>) {
-        let w = &mut self.workers[home];
-        w.queue.pop_front();
-        w.queued_blocks -= self.reqs[r].need_blocks;
-        w.running.push(r);
-        for &(h, blocks) in &placed {
+    /// Up to `n` more blocks for `r` at `home`: free local ones first, then (pooled) a batch
+    /// on the advised creditors. Returns how many it got.
+    fn take_blocks(&mut self, home: usize, r: usize, n: u64) -> u64 {
+        let local = n.min(self.workers[home].free());
+        self.workers[home].used += local;
+        self.add_holder(r, home, local);
+        if local == n || self.policy == Policy::Static {
+            return local;
+        }
+        let room = self.reqs[r]
+            .limit_blocks
+            .saturating_sub(self.reqs[r].held());
+        let batch = borrow_batch((n - local) as usize, room as usize) as u64;
+        let creditors = self
+            .creditors
+            .get_or_insert_with(|| Creditors::new(&[], &self.cfg.placement));
+        let Some(lent) = creditors.take(batch, home) else {
+            return local;
+        };
+        for (c, k) in lent {
+            self.workers[c].lent += k;
+            self.add_holder(r, c, k);
+        }
+        n
+    }
+
+    fn add_holder(&mut self, r: usize, h: usize, k: u64) {
+        if k == 0 {
+            return;
+        }
+        let holders = &mut self.reqs[r].holders;
+        match holders.iter_mut().find(|(w, _)| *w == h) {
+            Some((_, b)) => *b += k,
+            None => holders.push((h, k)),
+        }
+    }
+
+    /// Frees a request's blocks wherever they are.
+    fn release(&mut self, home: usize, r: usize) {
+        for (h, blocks) in std::mem::take(&mut self.reqs[r].holders) {
             if h == home {
-                self.workers[h].used += blocks;
+                self.workers[h].used -= blocks;
             } else {
-                self.workers[h].lent += blocks;
+                self.workers[h].lent -= blocks;
             }
         }
-        self.reqs[r].holders = placed;
     }
 
-    /// One tick of serving: step times from the cost model, then progress.
+    /// The newest running request at `home` yields its blocks and waits to be recomputed.
+    fn preempt(&mut self, home: usize, r: usize, now: f64) {
+        self.release(home, r);
+        let w = &mut self.workers[home];
+        w.running.retain(|&x| x != r);
+        w.queue.push_front(r);
+        w.queued_blocks += self.reqs[r].limit_blocks;
+        let req = &mut self.reqs[r];
+        req.target = req.prompt as f64 + req.generated;
+        req.prefilled = 0.0;
+        req.yielded = true;
+        req.progress_at = req.progress_at.max(now);
+        self.out.preemptions += 1;
+    }
+
+    /// Heads of queues start with their first chunk's blocks, in the order the step rule
+    /// serves them (short prompts first); one that yielded waits for room for its context.
+    fn admit(&mut self, now: f64) {
+        let bt = self.cfg.block_tokens;
+        for home in 0..self.workers.len() {
+            let room = self
+                .cfg
+                .max_num_seqs
+                .saturating_sub(self.workers[home].running.len());
+            if room == 0 || self.workers[home].queue.is_empty() {
+                continue;
+            }
+            let ids: Vec<usize> = self.workers[home]
+                .queue
+                .iter()
+                .copied()
+                .take(room)
+                .collect();
+            let wants: Vec<Want> = ids.iter().map(|&r| self.want(r)).collect();
+            for (i, n) in share_step(&self.cfg.rule, &wants) {
+                let r = ids[i];
+                let w = &self.workers[home];
+                if self.reqs[r].yielded {
+                    let context = (self.reqs[r].target as u64).div_ceil(bt);
+                    if w.free()
+                        < resume_blocks(context as usize, (w.total_blocks - w.lent) as usize) as u64
+                    {
+                        continue;
+                    }
+                }
+                let chunk = (n as u64).div_ceil(bt);
+                // The home first among its holders, whatever it holds.
+                self.reqs[r].holders.push((home, 0));
+                if self.take_blocks(home, r, chunk) < chunk {
+                    self.release(home, r);
+                    continue;
+                }
+                let w = &mut self.workers[home];
+                w.queue.retain(|&x| x != r);
+                w.queued_blocks -= self.reqs[r].limit_blocks;
+                w.running.push(r);
+                self.reqs[r].progress_at = now;
+            }
+        }
+    }
+
+    /// One tick of serving: each home's step shared by the step rule and timed by the cost
+    /// model; requests grow by the blocks their new tokens need, oldest first, the newest
+    /// yielding when nothing is left; then progress.
     fn step(&mut self, now: f64) {
-        let cost = &self.cfg.placement.cost;
-        let chunk = self.cfg.prefill_chunk_tokens as f64;
+        let cost = self.cfg.placement.cost.clone();
+        let bt = self.cfg.block_tokens as f64;
         let n = self.workers.len();
+        // Each home's step: (request, tokens a step) in serving order.
+        let mut plans: Vec<Vec<(usize, usize)>> = Vec::with_capacity(n);
+        for home in 0..n {
+            let running = self.workers[home].running.clone();
+            let wants: Vec<Want> = running.iter().map(|&r| self.want(r)).collect();
+            plans.push(
+                share_step(&self.cfg.rule, &wants)
+                    .into_iter()
+                    .map(|(i, t)| (running[i], t))
+                    .collect(),
+            );
+        }
         let mut attention_s = vec![0.0; n];
         let mut rows = vec![0.0; n];
         let mut remote = vec![false; n];
-        // The first request still prefilling at each home gets the chunk; later ones wait.
-        let mut prefilling = vec![usize::MAX; n];
-        for (home, w) in self.workers.iter().enumerate() {
-            for &r in &w.running {
+        for (home, plan) in plans.iter().enumerate() {
+            for &(r, t) in plan {
                 let req = &self.reqs[r];
-                let context = req.prefilled + req.generated;
-                let work = if req.prefilled < req.prompt as f64 {
-                    if prefilling[home] != usize::MAX {
-                        continue;
-                    }
-                    prefilling[home] = r;
-                    let c = chunk.min(req.prompt as f64 - req.prefilled);
-                    rows[home] += c;
-                    c * (context + c / 2.0) * cost.attn_pair_s
-                } else {
-                    rows[home] += 1.0;
+                let context = req.context();
+                let t = t as f64;
+                rows[home] += t;
+                let work = if req.decoding() {
                     context * cost.attn_token_s
+                } else {
+                    t * (context + t / 2.0) * cost.attn_pair_s
                 };
+                let held = req.held().max(1) as f64;
                 for &(h, blocks) in &req.holders {
-                    attention_s[h] += work * blocks as f64 / req.need_blocks as f64;
+                    attention_s[h] += work * blocks as f64 / held;
                 }
                 remote[home] |= req.holders.len() > 1;
             }
         }
+        let (fixed, per_row) = self.cfg.step_overhead;
         for (i, w) in self.workers.iter_mut().enumerate() {
-            let dense = if rows[i] > 0.0 {
-                cost.dense_s(rows[i])
+            w.step_s = if rows[i] > 0.0 {
+                let wait = if remote[i] { cost.remote_step_s } else { 0.0 };
+                cost.dense_s(rows[i]) + fixed + per_row * rows[i] + attention_s[i] + wait
             } else {
                 0.0
             };
-            let wait = if remote[i] { cost.remote_step_s } else { 0.0 };
-            w.step_s = dense + attention_s[i] + wait;
         }
 
         let tick = self.cfg.tick_s;
-        for (home, &chunked) in prefilling.iter().enumerate() {
-            if self.workers[home].running.is_empty() {
+        for (home, plan) in plans.into_iter().enumerate() {
+            if plan.is_empty() {
                 continue;
             }
             // A home's step waits for the slowest creditor of any of its requests.
             let mut period = self.workers[home].step_s;
-            for &r in &self.workers[home].running {
+            for &(r, _) in &plan {
                 for &(h, _) in &self.reqs[r].holders {
                     period = period.max(self.workers[h].step_s);
                 }
             }
             let steps = tick / period;
             let mut done = Vec::new();
-            for &r in &self.workers[home].running {
-                let req = &mut self.reqs[r];
-                if req.prefilled < req.prompt as f64 {
-                    if chunked == r {
-                        let add = (steps * chunk).min(req.prompt as f64 - req.prefilled);
-                        req.prefilled += add;
-                        self.tokens += add;
-                    }
+            for (r, per_step) in plan {
+                if !self.workers[home].running.contains(&r) {
+                    continue;
+                }
+                let req = &self.reqs[r];
+                let add = if req.decoding() {
+                    steps.min(req.output as f64 - req.generated)
                 } else {
-                    let add = steps.min(req.output as f64 - req.generated);
+                    (steps * per_step as f64).min(req.target - req.prefilled)
+                };
+                // Blocks for the new tokens: local, borrowed, or the newest yields.
+                let need = ((req.context() + add) / bt).ceil() as u64;
+                let mut short = need.saturating_sub(req.held());
+                while short > 0 {
+                    short -= self.take_blocks(home, r, short);
+                    if short == 0 {
+                        break;
+                    }
+                    let reqs = &self.reqs;
+                    let newest = *self.workers[home]
+                        .running
+                        .iter()
+                        .max_by(|&&a, &&b| reqs[a].arrival_s.total_cmp(&reqs[b].arrival_s))
+                        .expect("r is running");
+                    self.preempt(home, newest, now);
+                    if newest == r {
+                        break;
+                    }
+                }
+                if short > 0 {
+                    continue;
+                }
+                let req = &mut self.reqs[r];
+                if req.decoding() {
                     req.generated += add;
                     self.tokens += add;
                     self.output_tokens += add;
                     if req.generated >= req.output as f64 {
                         done.push(r);
                     }
+                } else {
+                    let before = req.prefilled;
+                    req.prefilled += add;
+                    let counted = req.prefilled.max(req.counted);
+                    self.tokens += counted - req.counted;
+                    req.counted = counted;
+                    if req.decoding() && req.first_token_s.is_none() {
+                        // Within the tick: after the steps its last chunk took.
+                        let took = ((req.target - before) / per_step as f64).ceil() * period;
+                        req.first_token_s = Some(now + took.min(tick));
+                    }
+                }
+                if add > 0.0 {
+                    req.progress_at = now;
                 }
             }
             for r in done {
@@ -410,25 +576,24 @@ impl<'a> Sim<'a> {
     }
 
     fn complete(&mut self, home: usize, r: usize, at: f64) {
-        let w = &mut self.workers[home];
-        w.running.retain(|&x| x != r);
+        self.workers[home].running.retain(|&x| x != r);
+        self.release(home, r);
         let req = &self.reqs[r];
-        for &(h, blocks) in &req.holders {
-            if h == home {
-                self.workers[h].used -= blocks;
-            } else {
-                self.workers[h].lent -= blocks;
-            }
-        }
         self.out.completed += 1;
-        if req.need_blocks > self.workers[home].total_blocks {
+        if req.limit_blocks > self.workers[home].total_blocks {
             self.out.completed_oversized += 1;
         }
         self.latencies.push(at - req.arrival_s);
+        if req.prompt < SHORT_PROMPT_TOKENS
+            && let Some(first) = req.first_token_s
+        {
+            self.short_ttfts.push(first - req.arrival_s);
+        }
     }
 
-    /// The gManager's greedy round over the simulated workers, timed; its moves take effect
-    /// at once (copies overlap serving; the round's block budget is the link's rate).
+    /// The gManager's greedy round over the simulated instances, timed; its moves take effect
+    /// at once (copies overlap serving; the round's block budget is the link's rate). The
+    /// creditors it finds are those homes borrow from until the next round.
     fn placement_round(&mut self) {
         let started = Instant::now();
         let instances = self.instances(true);
@@ -449,21 +614,23 @@ impl<'a> Sim<'a> {
             self.workers[m.to].lent += k;
             self.out.moved_blocks += k;
         }
+        self.creditors = Some(Creditors::new(&self.instances(false), &self.cfg.placement));
     }
 
     fn finish(mut self, duration_s: f64) -> Outcome {
         self.out.tokens_per_s = self.tokens / duration_s;
         self.out.output_tokens_per_s = self.output_tokens / duration_s;
-        self.latencies.sort_by(f64::total_cmp);
-        let pick = |q: f64| {
-            if self.latencies.is_empty() {
+        let pick = |v: &mut Vec<f64>, q: f64| {
+            if v.is_empty() {
                 return 0.0;
             }
-            let i = ((self.latencies.len() - 1) as f64 * q).round() as usize;
-            self.latencies[i]
+            v.sort_by(f64::total_cmp);
+            v[((v.len() - 1) as f64 * q).round() as usize]
         };
-        self.out.p50_latency_s = pick(0.5);
-        self.out.p99_latency_s = pick(0.99);
+        self.out.p50_latency_s = pick(&mut self.latencies, 0.5);
+        self.out.p99_latency_s = pick(&mut self.latencies, 0.99);
+        self.out.short_ttft_p50_s = pick(&mut self.short_ttfts, 0.5);
+        self.out.short_ttft_p99_s = pick(&mut self.short_ttfts, 0.99);
         if self.out.placement_rounds > 0 {
             self.out.placement_round_ms = self.round_s * 1e3 / self.out.placement_rounds as f64;
         }

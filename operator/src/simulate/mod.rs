@@ -8,72 +8,146 @@ pub mod cluster;
 use std::io::Write;
 
 use cluster::{ClusterConfig, Outcome, Policy};
+use infinite_llm_policy::StepRule;
 use infinite_llm_workload::trace::TraceConfig;
 
 use crate::gmanager::placement::{Measured, PlacementConfig};
 
-/// Instance counts `make simulate` reports on.
+/// GPU counts `make simulate` reports on.
 pub const SCALES: [usize; 5] = [4, 16, 64, 256, 1024];
 
+/// GPUs per instance of the static configurations compared: one GPU each (independent vLLM
+/// instances), or tensor-parallel groups of two or four.
+pub const STATIC_GPUS: [usize; 3] = [1, 2, 4];
+
 impl ClusterConfig {
-    /// Workers of the `measured` figures (`Measured::default()`: an H100 with a Llama-3-8B
-    /// shape, DESIGN.md §6), the CRD's kvCache defaults (16-token blocks, lend fraction 0.5,
-    /// high watermark 0.9), and the gManager's default placement policy over that cost model.
-    pub fn measured(instances: usize, measured: &Measured) -> Self {
+    /// `gpus` GPUs of the `measured` figures (`Measured::default()`: an H100 with a Llama-3-8B
+    /// shape, DESIGN.md §6) as instances of `per_instance` GPUs each, the CRD's kvCache
+    /// defaults (16-token blocks, lend fraction 0.5, high watermark 0.9), the worker's step
+    /// rule at a GPU's budget, and the gManager's default placement policy over that cost model.
+    ///
+    /// An instance of several GPUs is tensor parallel (Megatron style): each GPU holds
+    /// 1/`per_instance` of the weights, so the pool holds what all their memory leaves; dense
+    /// work and attention split over the GPUs; each layer adds two all-reduces of the step's
+    /// rows (after attention and after the MLP), each a one-way link latency (half the measured
+    /// round trip) plus a ring's 2(g-1)/g of the rows' activations at the link rate.
+    pub fn measured(gpus: usize, per_instance: usize, measured: &Measured) -> Self {
+        let g = per_instance.max(1) as f64;
+        let m = Measured {
+            hbm_bytes: measured.hbm_bytes * g,
+            activation_bytes: measured.activation_bytes * g,
+            ..measured.clone()
+        };
+        let mut placement = PlacementConfig::for_measured(measured);
+        let c = &mut placement.cost;
+        c.weight_read_s /= g;
+        c.dense_token_s /= g;
+        c.attn_token_s /= g;
+        c.attn_pair_s /= g;
+        let allreduces = 2.0 * m.layers;
+        let step_overhead = if per_instance > 1 {
+            (
+                allreduces * m.layer_round_trip_s / 2.0,
+                allreduces * 2.0 * (g - 1.0) / g * m.hidden_size * m.bytes_per_param
+                    / m.link_bytes_per_s,
+            )
+        } else {
+            (0.0, 0.0)
+        };
         ClusterConfig {
-            instances,
-            kv_tokens_per_worker: measured.kv_capacity_tokens(),
+            instances: gpus / per_instance.max(1),
+            gpus_per_instance: per_instance.max(1),
+            kv_tokens_per_worker: m.kv_capacity_tokens(),
             block_tokens: 16,
             lend_fraction: 0.5,
-            prefill_chunk_tokens: 2048,
+            rule: StepRule {
+                max_batched_tokens: 2048,
+                long_prefill_tokens: 2048,
+                long_prefill_share: 0.5,
+            },
+            max_num_seqs: 256,
+            step_overhead,
             tick_s: 0.1,
             placement_interval_s: 1.0,
             queue_timeout_s: 60.0,
-            placement: PlacementConfig::for_measured(measured),
+            placement,
             seed: 7,
+        }
+    }
+
+    /// How the configuration is named in the report.
+    pub fn name(&self, policy: Policy) -> String {
+        match (policy, self.gpus_per_instance) {
+            (Policy::Pooled, _) => "pooled".into(),
+            (Policy::Static, 1) => "static".into(),
+            (Policy::Static, g) => format!("static-tp{g}"),
         }
     }
 }
 
-/// Both policies on one trace at one scale.
+/// Every policy on one trace at one GPU count.
 pub struct Comparison {
     pub trace: &'static str,
-    pub instances: usize,
-    pub static_: Outcome,
+    pub gpus: usize,
     pub pooled: Outcome,
+    /// Each static configuration that fits the GPU count: its name and outcome.
+    pub statics: Vec<(String, Outcome)>,
 }
 
 impl Comparison {
+    /// The static configuration with the most tokens/s.
+    pub fn best_static(&self) -> &(String, Outcome) {
+        self.statics
+            .iter()
+            .max_by(|a, b| a.1.tokens_per_s.total_cmp(&b.1.tokens_per_s))
+            .expect("one-GPU instances always fit")
+    }
+
+    /// Pooled tokens/s over the best static configuration's.
     pub fn ratio(&self) -> f64 {
-        self.pooled.tokens_per_s / self.static_.tokens_per_s.max(f64::MIN_POSITIVE)
+        self.pooled.tokens_per_s / self.best_static().1.tokens_per_s.max(f64::MIN_POSITIVE)
     }
 }
 
-/// Runs both policies on the same generated trace, side by side on two threads.
-pub fn compare(trace: &TraceConfig, cluster: &ClusterConfig) -> Comparison {
-    let requests = trace.generate(cluster.instances);
-    let run = |policy| cluster::run(cluster, policy, &requests, trace.duration_s);
-    let (static_, pooled) = std::thread::scope(|s| {
-        let pooled = s.spawn(|| run(Policy::Pooled));
-        let static_ = run(Policy::Static);
-        (static_, pooled.join().expect("the pooled run panicked"))
+/// Runs pooled one-GPU instances and each static configuration on the same generated trace
+/// (the same arrivals for the same GPUs), side by side on threads.
+pub fn compare(trace: &TraceConfig, gpus: usize, m: &Measured) -> Comparison {
+    let requests = trace.generate(gpus);
+    let pooled_cfg = ClusterConfig::measured(gpus, 1, m);
+    let statics: Vec<ClusterConfig> = STATIC_GPUS
+        .iter()
+        .filter(|&&g| gpus % g == 0)
+        .map(|&g| ClusterConfig::measured(gpus, g, m))
+        .collect();
+    let run = |cfg: &ClusterConfig, policy| cluster::run(cfg, policy, &requests, trace.duration_s);
+    let (pooled, statics) = std::thread::scope(|s| {
+        let pooled = s.spawn(|| run(&pooled_cfg, Policy::Pooled));
+        let handles: Vec<_> = statics
+            .iter()
+            .map(|c| s.spawn(move || (c.name(Policy::Static), run(c, Policy::Static))))
+            .collect();
+        let statics = handles
+            .into_iter()
+            .map(|h| h.join().expect("a static run panicked"))
+            .collect::<Vec<_>>();
+        (pooled.join().expect("the pooled run panicked"), statics)
     });
     Comparison {
         trace: trace.name,
-        instances: cluster.instances,
-        static_,
+        gpus,
         pooled,
+        statics,
     }
 }
 
-/// Writes the report for workers of the `m` figures: parameters, one row per trace, scale and
-/// policy, and the summary line.
+/// Writes the report for GPUs of the `m` figures: parameters, one row per trace, GPU count and
+/// configuration, and the summary line.
 pub fn report(out: &mut impl Write, scales: &[usize], m: &Measured) -> std::io::Result<()> {
     let c = m.cost_model();
-    let base = ClusterConfig::measured(1, m);
+    let base = ClusterConfig::measured(1, 1, m);
     writeln!(
         out,
-        "worker: KV {} tokens ({} blocks of {}), weight read {:.2} ms/step, dense {:.1} us/token, \
+        "GPU: KV {} tokens ({} blocks of {}), weight read {:.2} ms/step, dense {:.1} us/token, \
          decode attention {:.1} ns/token, prefill attention {:.3} ps/pair, remote wait {:.2} ms/step",
         base.kv_tokens_per_worker,
         base.kv_tokens_per_worker / base.block_tokens,
@@ -84,6 +158,18 @@ pub fn report(out: &mut impl Write, scales: &[usize], m: &Measured) -> std::io::
         c.attn_pair_s * 1e12,
         c.remote_step_s * 1e3,
     )?;
+    let r = base.rule;
+    writeln!(
+        out,
+        "step rule: {} tokens, decodes first, prompts over {} tokens after shorter ones and at most {:.0}% of a shared step; \
+         KV grows as tokens arrive (a batch of {} blocks borrowed at once); {} requests per instance; queue limit {} s",
+        r.max_batched_tokens,
+        r.long_prefill_tokens,
+        r.long_prefill_share * 100.0,
+        infinite_llm_policy::BORROW_BATCH_BLOCKS,
+        base.max_num_seqs,
+        base.queue_timeout_s,
+    )?;
     let traces = [
         TraceConfig::short(),
         TraceConfig::long(),
@@ -92,7 +178,7 @@ pub fn report(out: &mut impl Write, scales: &[usize], m: &Measured) -> std::io::
     for t in &traces {
         writeln!(
             out,
-            "trace {}: {:.2} req/s per instance for {} s, {:.0}% long (Pareto a={} from {} to {} tokens), \
+            "trace {}: {:.2} req/s per GPU for {} s, {:.0}% long (Pareto a={} from {} to {} tokens), \
              short 1-{} tokens, output {}-{} tokens",
             t.name,
             t.rate_per_instance,
@@ -108,84 +194,152 @@ pub fn report(out: &mut impl Write, scales: &[usize], m: &Measured) -> std::io::
     }
     writeln!(
         out,
-        "{:<6} {:>9} {:<7} {:>13} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}",
+        "{:<6} {:>5} {:<12} {:>11} {:>10} {:>8} {:>8} {:>7} {:>7} {:>8} {:>8} {:>9} {:>9} {:>8}",
         "trace",
-        "instances",
-        "policy",
+        "GPUs",
+        "config",
         "tokens/s",
         "output/s",
         "arrived",
         "rejected",
         "p50 s",
         "p99 s",
+        "ttft50 s",
+        "ttft99 s",
         "pooled/st",
         "round ms",
         "moved"
     )?;
     let largest = scales.iter().copied().max().unwrap_or(0);
-    let mut summary_ratio = None;
-    // The slowest round at the largest scale over all traces.
-    let mut summary_round = None;
+    let mut summary = Summary::default();
     for t in &traces {
         for &n in scales {
-            let cmp = compare(t, &ClusterConfig::measured(n, m));
-            for (policy, o) in [
-                (Policy::Static, &cmp.static_),
-                (Policy::Pooled, &cmp.pooled),
-            ] {
-                let (ratio, round, moved) = if policy == Policy::Pooled {
+            let cmp = compare(t, n, m);
+            let rows = std::iter::once(("pooled".to_owned(), &cmp.pooled))
+                .chain(cmp.statics.iter().map(|(name, o)| (name.clone(), o)));
+            for (name, o) in rows {
+                let pooled = name == "pooled";
+                let (ratio, round, moved) = if pooled {
                     (
                         format!("{:.2}x", cmp.ratio()),
                         format!("{:.3}", o.placement_round_ms),
                         o.moved_blocks.to_string(),
                     )
                 } else {
-                    ("".into(), "".into(), "".into())
+                    Default::default()
                 };
                 writeln!(
                     out,
-                    "{:<6} {:>9} {:<7} {:>13.0} {:>12.0} {:>9} {:>9} {:>9.1} {:>9.1} {:>9} {:>10} {:>9}",
+                    "{:<6} {:>5} {:<12} {:>11.0} {:>10.0} {:>8} {:>8} {:>7.1} {:>7.1} {:>8.2} {:>8.2} {:>9} {:>9} {:>8}",
                     t.name,
                     n,
-                    policy.name(),
+                    name,
                     o.tokens_per_s,
                     o.output_tokens_per_s,
                     o.arrived,
                     o.rejected,
                     o.p50_latency_s,
                     o.p99_latency_s,
+                    o.short_ttft_p50_s,
+                    o.short_ttft_p99_s,
                     ratio,
                     round,
                     moved
                 )?;
             }
             out.flush()?;
-            if t.name == "long" && n == 16 {
-                summary_ratio = Some(cmp.ratio());
-            }
-            let slowest = summary_round.map_or(0.0, |(_, ms): (usize, f64)| ms);
-            if n == largest {
-                summary_round = Some((n, slowest.max(cmp.pooled.placement_round_ms)));
-            }
+            summary.add(&cmp, n == largest);
         }
     }
-    let ratio = summary_ratio.map_or("n/a".into(), |r| format!("{r:.2}x"));
-    let (n, ms) = summary_round.unwrap_or((0, 0.0));
-    writeln!(
-        out,
-        "summary: pooled/static throughput {ratio} (long trace, 16 instances); placement round at {n} instances {ms:.2} ms"
-    )
+    writeln!(out, "{}", summary.line(largest))
+}
+
+/// What the summary line reports, gathered row by row.
+#[derive(Default)]
+struct Summary {
+    /// Long trace at 16 and at the largest GPU count: ratio and the best static's name.
+    long: Vec<(usize, f64, String)>,
+    /// The lowest pooled/best-static ratio over every row, and where.
+    worst: Option<(f64, &'static str, usize)>,
+    /// The highest pooled/best-static short TTFT ratios (p50, p99), and where.
+    ttft50: Option<(f64, &'static str, usize)>,
+    ttft99: Option<(f64, &'static str, usize)>,
+    round_ms: f64,
+}
+
+impl Summary {
+    fn add(&mut self, cmp: &Comparison, largest: bool) {
+        let ratio = cmp.ratio();
+        let best = cmp.best_static();
+        if cmp.trace == "long" && (cmp.gpus == 16 || largest) {
+            self.long.push((cmp.gpus, ratio, best.0.clone()));
+        }
+        let keep_min = |slot: &mut Option<(f64, &'static str, usize)>, v: f64| {
+            if slot.is_none_or(|(w, _, _)| v < w) {
+                *slot = Some((v, cmp.trace, cmp.gpus));
+            }
+        };
+        keep_min(&mut self.worst, ratio);
+        let ttft = |p: f64, s: f64| if s > 0.0 { p / s } else { 1.0 };
+        let keep_max = |slot: &mut Option<(f64, &'static str, usize)>, v: f64| {
+            if slot.is_none_or(|(w, _, _)| v > w) {
+                *slot = Some((v, cmp.trace, cmp.gpus));
+            }
+        };
+        keep_max(
+            &mut self.ttft50,
+            ttft(cmp.pooled.short_ttft_p50_s, best.1.short_ttft_p50_s),
+        );
+        keep_max(
+            &mut self.ttft99,
+            ttft(cmp.pooled.short_ttft_p99_s, best.1.short_ttft_p99_s),
+        );
+        if largest {
+            self.round_ms = self.round_ms.max(cmp.pooled.placement_round_ms);
+        }
+    }
+
+    fn line(&self, largest: usize) -> String {
+        let long: Vec<String> = self
+            .long
+            .iter()
+            .map(|(n, r, name)| format!("{r:.2}x at {n} GPUs (best static: {name})"))
+            .collect();
+        let at = |s: &Option<(f64, &'static str, usize)>| {
+            s.map_or("n/a".into(), |(v, t, n)| format!("{v:.2}x ({t}, {n} GPUs)"))
+        };
+        format!(
+            "summary: pooled/best static tokens/s on the long trace {}; lowest over all rows {}; \
+             short-prompt TTFT pooled/best static at worst p50 {} p99 {}; placement round at {largest} GPUs {:.2} ms",
+            long.join(", "),
+            at(&self.worst),
+            at(&self.ttft50),
+            at(&self.ttft99),
+            self.round_ms,
+        )
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use infinite_llm_workload::trace::Request;
+
     use super::*;
 
-    /// Long requests larger than one worker's pool: static can never serve them, pooled must.
+    /// GPUs with about 32K tokens of KV each.
+    fn small_gpu() -> Measured {
+        Measured {
+            hbm_bytes: 25e9,
+            ..Measured::default()
+        }
+    }
+
+    /// Long requests larger than one GPU's pool: one-GPU static instances can never serve
+    /// them, pooled ones must.
     #[test]
     fn pooled_serves_long_requests_that_static_cannot() {
-        let mut cluster = ClusterConfig::measured(4, &Measured::default());
-        cluster.kv_tokens_per_worker = 32_768;
+        let cluster = ClusterConfig::measured(4, 1, &small_gpu());
+        assert!(cluster.kv_tokens_per_worker < 40_000);
         let trace = TraceConfig {
             name: "oversized",
             rate_per_instance: 0.05,
@@ -198,8 +352,9 @@ mod tests {
             output_tokens: (16, 64),
             seed: 3,
         };
-        let cmp = compare(&trace, &cluster);
-        let (s, p) = (&cmp.static_, &cmp.pooled);
+        let requests = trace.generate(4);
+        let run = |policy| cluster::run(&cluster, policy, &requests, trace.duration_s);
+        let (s, p) = (run(Policy::Static), run(Policy::Pooled));
         assert_eq!(s.completed_oversized, 0, "static cannot hold them");
         assert!(
             p.completed_oversized > 0,
@@ -220,8 +375,8 @@ mod tests {
             ..Measured::default()
         };
         let (h200, h100) = (
-            ClusterConfig::measured(4, &m),
-            ClusterConfig::measured(4, &Measured::default()),
+            ClusterConfig::measured(4, 1, &m),
+            ClusterConfig::measured(4, 1, &Measured::default()),
         );
         assert!(h200.kv_tokens_per_worker > h100.kv_tokens_per_worker);
         assert!(h200.placement.cost.weight_read_s < h100.placement.cost.weight_read_s);
@@ -233,13 +388,37 @@ mod tests {
             first.contains(&format!("KV {} tokens", m.kv_capacity_tokens())),
             "{first}"
         );
+        for config in ["pooled", "static ", "static-tp2", "static-tp4"] {
+            assert!(text.contains(config), "no {config} row:\n{text}");
+        }
+        assert!(text.contains("summary: "), "{text}");
+    }
+
+    /// Tensor parallel instances hold the KV all their GPUs' memory leaves once the weights
+    /// are split, and pay all-reduces per step.
+    #[test]
+    fn tensor_parallel_instances_pool_their_gpus_and_pay_all_reduces() {
+        let m = Measured::default();
+        let (one, tp2) = (
+            ClusterConfig::measured(8, 1, &m),
+            ClusterConfig::measured(8, 2, &m),
+        );
+        assert_eq!((one.instances, tp2.instances), (8, 4));
+        assert!(
+            tp2.kv_tokens_per_worker > 2 * one.kv_tokens_per_worker,
+            "the weights are stored once per instance"
+        );
+        assert_eq!(one.step_overhead, (0.0, 0.0));
+        let (fixed, per_row) = tp2.step_overhead;
+        assert!(fixed > 0.0 && per_row > 0.0);
+        assert!(tp2.placement.cost.weight_read_s < one.placement.cost.weight_read_s);
     }
 
     /// One request alone on one worker decodes at the cost model's step time.
     #[test]
     fn a_lone_request_takes_the_cost_models_time() {
-        let cluster = ClusterConfig::measured(1, &Measured::default());
-        let requests = [infinite_llm_workload::trace::Request {
+        let cluster = ClusterConfig::measured(1, 1, &Measured::default());
+        let requests = [Request {
             arrival_s: 0.0,
             prompt_tokens: 16,
             output_tokens: 2_000,
@@ -261,5 +440,22 @@ mod tests {
                 out.p50_latency_s
             );
         }
+    }
+
+    /// A request grows by the blocks its tokens need: two requests whose prompts and outputs
+    /// together outgrow the pool start at once, and the newest yields (recomputed later)
+    /// rather than either waiting for a reservation.
+    #[test]
+    fn requests_start_with_their_first_chunk_and_the_newest_yields_when_full() {
+        let cluster = ClusterConfig::measured(1, 1, &small_gpu());
+        let kv = cluster.kv_tokens_per_worker;
+        let requests = [0.0, 0.01].map(|arrival_s| Request {
+            arrival_s,
+            prompt_tokens: kv / 4,
+            output_tokens: kv / 3,
+        });
+        let out = cluster::run(&cluster, Policy::Static, &requests, 600.0);
+        assert_eq!(out.completed, 2, "{out:?}");
+        assert!(out.preemptions >= 1, "{out:?}");
     }
 }

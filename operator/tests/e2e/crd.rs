@@ -124,9 +124,9 @@ async fn invalid_specs_are_refused_with_a_message() {
             message: "kvCache.lendFraction must be in [0, 1]",
         },
         Invalid {
-            what: "long-request home share above one",
-            edit: |s| s["kvCache"]["longHomeShare"] = 1.5.into(),
-            message: "kvCache.longHomeShare must be in [0, 1]",
+            what: "long prefill share of zero",
+            edit: |s| s["scheduling"] = serde_json::json!({"longPrefillShare": 0.0}),
+            message: "scheduling.longPrefillShare must be in (0, 1]",
         },
         Invalid {
             what: "NCCL for CPU workers",

@@ -188,7 +188,8 @@ async fn children_have_the_right_specs_and_owners() {
         ("ILM_BLOCK_TOKENS", "16"),
         ("ILM_GPU_MEMORY_FRACTION", "0.8"),
         ("ILM_LEND_FRACTION", "0.4"),
-        ("ILM_LONG_HOME_SHARE", "0.25"),
+        ("ILM_LONG_PREFILL_TOKENS", "256"),
+        ("ILM_QUEUE_TIMEOUT_SECS", "60"),
         ("ILM_GRACE_PERIOD_SECS", "295"),
         ("ILM_TOKEN_FILE", "/var/run/infinite-llm/token/token"),
         (

@@ -200,6 +200,8 @@ pub async fn run(args: LocalArgs, worker_flags: Vec<String>, output: Output) -> 
             flags.push(format!("--device={device}"));
         }
         let mut engine = args.engine.clone();
+        // Every worker started here is in the pool from the start, joined or not yet.
+        engine.pool_workers = engine.pool_workers.max(usize::from(args.workers));
         if let Some(&f) = args.lend_fractions.get(usize::from(i)) {
             engine.lend_fraction = f;
         }

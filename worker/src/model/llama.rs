@@ -7,11 +7,10 @@
 use std::path::Path;
 
 use crate::backend::{AttnSeq, AttnShape, Backend, DeviceLink, KvShape, ReplayKey};
-use crate::dist_attention::{self, AttnCall, PartOut, QkvLayout};
+use crate::dist_attention::{self, AttnCall, PartOut, QkvLayout, RemotePart};
 use crate::model::config::ModelConfig;
 use crate::model::weights::{Weights, WeightsError};
 use crate::sampling::RowDraw;
-use crate::scheduler::RemotePart;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use infinite_llm_policy::StepRule;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -34,19 +35,31 @@ pub struct EngineArgs {
     /// Most requests in one running batch.
     #[arg(long, env = "ILM_MAX_NUM_SEQS", default_value_t = EngineOptions::default().max_num_seqs)]
     pub max_num_seqs: usize,
-    /// Most tokens (prefill chunks plus decodes) in one engine step.
-    #[arg(long, env = "ILM_MAX_BATCHED_TOKENS", default_value_t = EngineOptions::default().max_batched_tokens)]
+    /// Most tokens (prefill chunks plus decodes) in one engine step. Decodes go first, then
+    /// prefill chunks, short prompts ahead of long ones.
+    #[arg(long, env = "ILM_MAX_BATCHED_TOKENS", default_value_t = StepRule::default().max_batched_tokens)]
     pub max_batched_tokens: usize,
+    /// A prompt with more tokens than this left to prefill is long: short ones go ahead of it.
+    #[arg(long, env = "ILM_LONG_PREFILL_TOKENS", default_value_t = StepRule::default().long_prefill_tokens)]
+    pub long_prefill_tokens: usize,
+    /// The most of a step's token budget one long prefill takes while other requests want
+    /// the step (0 to 1).
+    #[arg(long, env = "ILM_LONG_PREFILL_SHARE", default_value_t = StepRule::default().long_prefill_share)]
+    pub long_prefill_share: f64,
     /// Most requests queued before new ones get 429.
     #[arg(long, env = "ILM_MAX_WAITING", default_value_t = EngineOptions::default().max_waiting)]
     pub max_waiting: usize,
     /// Share of this worker's pool that other workers may borrow at once (0 to 1).
     #[arg(long, env = "ILM_LEND_FRACTION", default_value_t = EngineOptions::default().lend_fraction)]
     pub lend_fraction: f64,
-    /// Share of this worker's pool a long request keeps here: it borrows the rest from idle
-    /// workers before it starts, so the pool keeps room for the batch (0 to 1; 1 turns it off).
-    #[arg(long, env = "ILM_LONG_HOME_SHARE", default_value_t = EngineOptions::default().long_home_share)]
-    pub long_home_share: f64,
+    /// How long a request may wait for KV blocks (to start, or to start again after it
+    /// yielded them) before it gets a retryable 503.
+    #[arg(long, env = "ILM_QUEUE_TIMEOUT_SECS", default_value_t = EngineOptions::default().queue_timeout.as_secs_f64())]
+    pub queue_timeout_secs: f64,
+    /// Workers the pool is configured with, this one included: requests up to this worker's
+    /// pool plus their lend caps are accepted (and wait for blocks) even before all have joined.
+    #[arg(long, env = "ILM_POOL_WORKERS", default_value_t = EngineOptions::default().pool_workers)]
+    pub pool_workers: usize,
     /// On a GPU, the share of the memory left after the weights that the KV pool takes (0 to 1).
     #[arg(long, env = "ILM_GPU_MEMORY_FRACTION", default_value_t = EngineOptions::default().gpu_memory_fraction)]
     pub gpu_memory_fraction: f64,
@@ -66,10 +79,15 @@ impl EngineArgs {
             block_tokens: self.block_tokens,
             kv_blocks: self.kv_blocks,
             max_num_seqs: self.max_num_seqs,
-            max_batched_tokens: self.max_batched_tokens,
+            step_rule: StepRule {
+                max_batched_tokens: self.max_batched_tokens,
+                long_prefill_tokens: self.long_prefill_tokens,
+                long_prefill_share: self.long_prefill_share,
+            },
             max_waiting: self.max_waiting,
             lend_fraction: self.lend_fraction,
-            long_home_share: self.long_home_share,
+            queue_timeout: Duration::from_secs_f64(self.queue_timeout_secs.min(1e9).max(0.0)),
+            pool_workers: self.pool_workers,
             gpu_memory_fraction: self.gpu_memory_fraction,
             unfilled_prompts: self.unfilled_prompts,
             enforce_eager: self.enforce_eager,
@@ -84,8 +102,11 @@ impl EngineArgs {
             format!("--max-num-seqs={}", self.max_num_seqs),
             format!("--max-batched-tokens={}", self.max_batched_tokens),
             format!("--max-waiting={}", self.max_waiting),
+            format!("--long-prefill-tokens={}", self.long_prefill_tokens),
+            format!("--long-prefill-share={}", self.long_prefill_share),
             format!("--lend-fraction={}", self.lend_fraction),
-            format!("--long-home-share={}", self.long_home_share),
+            format!("--queue-timeout-secs={}", self.queue_timeout_secs),
+            format!("--pool-workers={}", self.pool_workers),
             format!("--gpu-memory-fraction={}", self.gpu_memory_fraction),
         ];
         if let Some(blocks) = self.kv_blocks {
@@ -294,13 +315,23 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     &engine,
                 )
             });
-            server.install(engine.clone(), tokenizer);
-            tracing::info!("ready");
             let (leave, left) = oneshot::channel();
-            let heartbeats = member.map(|m| tokio::spawn(m.run(engine, left)));
-            tokio::select! {
-                () = &mut shutdown => {}
-                () = server.drained() => tracing::info!("drained on request"),
+            let (registered, joined) = oneshot::channel();
+            let heartbeats = member.map(|m| tokio::spawn(m.run(engine.clone(), registered, left)));
+            // In a pool, ready once registered: before that no peer lends here and the pool's
+            // size is unknown to the gManager.
+            let stopped = heartbeats.is_some()
+                && tokio::select! {
+                    _ = joined => false,
+                    () = &mut shutdown => true,
+                };
+            server.install(engine, tokenizer);
+            if !stopped {
+                tracing::info!("ready");
+                tokio::select! {
+                    () = &mut shutdown => {}
+                    () = server.drained() => tracing::info!("drained on request"),
+                }
             }
             // Still a member while draining: heartbeats report the loans going back, and
             // the gManager advises no one to borrow here (nothing is lendable any more).

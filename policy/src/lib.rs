@@ -1,0 +1,164 @@
+//! The pool's serving policy as pure rules (no I/O, no clock): how one step's token budget is
+//! shared, how many blocks a growing request borrows at once, and when a preempted request may
+//! start again. The worker's scheduler runs them on real requests and the operator's simulator
+//! on simulated ones, so `make simulate` measures the policy the engine has.
+//!
+//! The rule as a whole (DESIGN.md §2, Growth): a request's KV grows block by block as its tokens
+//! arrive. Admission needs only the blocks of its next prefill chunk; `max_tokens` is a limit,
+//! never a reservation. A block comes from the home's free blocks first, else from a creditor
+//! the gManager advised (a batch at a time, [`borrow_batch`]), else the newest running request
+//! at the home yields its blocks and is recomputed later, so the oldest always progresses. A
+//! request that yielded starts again only with room for its context ([`resume_blocks`]).
+
+/// How one step's token budget is shared between requests.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepRule {
+    /// Most tokens (decodes plus prefill chunks) in one step.
+    pub max_batched_tokens: usize,
+    /// A prompt with more tokens than this left to prefill is long: short ones go first.
+    pub long_prefill_tokens: usize,
+    /// The most of a step's budget one long prefill takes while other work wants the step.
+    pub long_prefill_share: f64,
+}
+
+impl Default for StepRule {
+    fn default() -> Self {
+        Self {
+            max_batched_tokens: 512,
+            long_prefill_tokens: 256,
+            long_prefill_share: 0.5,
+        }
+    }
+}
+
+impl StepRule {
+    /// The most tokens one long prefill takes in a step shared with other work.
+    pub fn long_prefill_cap(&self) -> usize {
+        ((self.max_batched_tokens as f64 * self.long_prefill_share) as usize).max(1)
+    }
+
+    fn is_long(&self, w: &Want) -> bool {
+        !w.decode && w.pending > self.long_prefill_tokens
+    }
+}
+
+/// What one request wants from the next step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Want {
+    /// Tokens whose K/V is not in the cache yet.
+    pub pending: usize,
+    /// Its prompt is in the cache: it wants one token to decode.
+    pub decode: bool,
+}
+
+/// Shares a step's budget over `wants` (given oldest first): decodes first, then prefill chunks
+/// of short prompts, then of long ones, each group in the order given; while anything else wants
+/// the step, a long prefill takes at most [`StepRule::long_prefill_cap`] tokens, so short
+/// requests stay fast beside long ones. Returns (index into `wants`, tokens) in serving order;
+/// requests that get nothing this step are left out.
+pub fn share_step(rule: &StepRule, wants: &[Want]) -> Vec<(usize, usize)> {
+    let group = |i: &usize| {
+        let w = &wants[*i];
+        match (w.decode, rule.is_long(w)) {
+            (true, _) => 0,
+            (false, false) => 1,
+            (false, true) => 2,
+        }
+    };
+    let mut order: Vec<usize> = (0..wants.len()).filter(|&i| wants[i].pending > 0).collect();
+    // Stable: the order given holds within each group.
+    order.sort_by_key(group);
+    let contended = order.len() > 1;
+    let mut budget = rule.max_batched_tokens;
+    let mut out = Vec::new();
+    for i in order {
+        if budget == 0 {
+            break;
+        }
+        let w = &wants[i];
+        let mut n = w.pending.min(budget);
+        if contended && rule.is_long(w) {
+            n = n.min(rule.long_prefill_cap());
+        }
+        out.push((i, n));
+        budget -= n;
+    }
+    out
+}
+
+/// Blocks a request borrows in one round when it lacks `short` blocks and may grow by at most
+/// `room` more blocks before its limit: a batch at a time, so neither a long prefill nor a
+/// decode pays a round trip per block. Never less than it lacks.
+pub const BORROW_BATCH_BLOCKS: usize = 8;
+
+pub fn borrow_batch(short: usize, room: usize) -> usize {
+    short.max(BORROW_BATCH_BLOCKS.min(room))
+}
+
+/// Blocks that must be free at home before a preempted request of `context_blocks` starts
+/// again, on a home whose own requests can use `home_blocks` (its pool less what it lends):
+/// room for its whole context, or the home to itself when its context is larger. So it does
+/// not take back at once the blocks the request it yielded to grows into, and two homes that
+/// borrow from each other do not trade the same blocks back and forth.
+pub fn resume_blocks(context_blocks: usize, home_blocks: usize) -> usize {
+    context_blocks.min(home_blocks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(budget: usize) -> StepRule {
+        StepRule {
+            max_batched_tokens: budget,
+            long_prefill_tokens: 100,
+            long_prefill_share: 0.25,
+        }
+    }
+
+    fn prefill(pending: usize) -> Want {
+        Want {
+            pending,
+            decode: false,
+        }
+    }
+
+    const DECODE: Want = Want {
+        pending: 1,
+        decode: true,
+    };
+
+    #[test]
+    fn decodes_go_first_then_short_prompts_then_long_ones() {
+        let wants = [prefill(1000), prefill(20), DECODE, prefill(30), DECODE];
+        let plan = share_step(&rule(512), &wants);
+        assert_eq!(plan, [(2, 1), (4, 1), (1, 20), (3, 30), (0, 128)]);
+    }
+
+    #[test]
+    fn a_long_prefill_alone_takes_the_whole_budget() {
+        assert_eq!(share_step(&rule(512), &[prefill(1000)]), [(0, 512)]);
+    }
+
+    #[test]
+    fn the_budget_bounds_the_step_and_nothing_is_planned_empty() {
+        let wants = [DECODE, prefill(0), prefill(90), prefill(50)];
+        let plan = share_step(&rule(64), &wants);
+        assert_eq!(plan, [(0, 1), (2, 63)]);
+        assert_eq!(plan.iter().map(|p| p.1).sum::<usize>(), 64);
+    }
+
+    #[test]
+    fn borrowing_comes_in_batches_within_the_limit() {
+        assert_eq!(borrow_batch(1, 100), BORROW_BATCH_BLOCKS);
+        assert_eq!(borrow_batch(32, 100), 32, "a long chunk's whole need");
+        assert_eq!(borrow_batch(1, 2), 2, "no further than the limit");
+        assert_eq!(borrow_batch(3, 0), 3, "never less than it lacks");
+    }
+
+    #[test]
+    fn a_preempted_request_waits_for_its_context_or_the_whole_home() {
+        assert_eq!(resume_blocks(10, 64), 10);
+        assert_eq!(resume_blocks(100, 64), 64);
+    }
+}
