@@ -311,7 +311,7 @@ fn start_with<B: Backend>(
                 limits: FrameLimits {
                     kv: model.kv_shape(blocks, opts.block_tokens),
                     q_heads: model.config().num_attention_heads,
-                    max_rows: opts.max_batched_tokens,
+                    max_rows: opts.step_rule.max_batched_tokens,
                 },
                 rejects: c.rejects.clone(),
             };

@@ -15,7 +15,7 @@ use super::wire::PROTOCOL_VERSION;
 use super::{PeerMsg, Responder};
 use crate::backend::cpu::Cpu;
 use crate::backend::{AttnShape, Backend, KvSegment, KvShape};
-use crate::cluster_link::{KvWork, serve_pool_request};
+use crate::creditor::{KvWork, serve_pool_request};
 use crate::dist_attention::{self, Append, AttnCall, PartIn, PartOut};
 use crate::rmanager::RManager;
 
