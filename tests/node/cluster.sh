@@ -148,6 +148,18 @@ write_pki() {
 	cert kubelet "/O=system:nodes/CN=system:node:$node_name" "IP:$node_ip,DNS:$node_name"
 	# The API server's identity towards the kubelet, for logs, exec and port-forward.
 	cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client"
+	# The aggregation layer's own CA and the API server's client certificate under it: the
+	# operator's external metrics API trusts requests that carry it.
+	openssl req -x509 -newkey rsa:2048 -nodes -keyout "$pki/front-proxy-ca.key" \
+		-out "$pki/front-proxy-ca.crt" -days 30 -subj "/CN=infinite-llm-front-proxy-ca" 2>/dev/null
+	openssl genrsa -out "$pki/front-proxy-client.key" 2048 2>/dev/null
+	openssl req -new -key "$pki/front-proxy-client.key" -subj "/CN=front-proxy-client" \
+		-out "$pki/front-proxy-client.csr" 2>/dev/null
+	printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' \
+		>"$pki/front-proxy-client.ext"
+	openssl x509 -req -in "$pki/front-proxy-client.csr" -CA "$pki/front-proxy-ca.crt" \
+		-CAkey "$pki/front-proxy-ca.key" -CAcreateserial -days 30 \
+		-extfile "$pki/front-proxy-client.ext" -out "$pki/front-proxy-client.crt" 2>/dev/null
 	openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
 	openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
 }
@@ -452,7 +464,14 @@ up() {
 		--kubelet-client-certificate "$pki/apiserver-kubelet-client.crt" \
 		--kubelet-client-key "$pki/apiserver-kubelet-client.key" \
 		--kubelet-certificate-authority "$pki/ca.crt" --kubelet-preferred-address-types InternalIP \
-		--allow-privileged=false
+		--allow-privileged=false \
+		--requestheader-client-ca-file "$pki/front-proxy-ca.crt" \
+		--requestheader-allowed-names front-proxy-client \
+		--requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
+		--requestheader-extra-headers-prefix X-Remote-Extra- \
+		--proxy-client-cert-file "$pki/front-proxy-client.crt" \
+		--proxy-client-key-file "$pki/front-proxy-client.key" \
+		--enable-aggregator-routing=true
 	wait_for kube-apiserver 90 kc get --raw /readyz
 	start kube-controller-manager "$bin/kube-controller-manager" --kubeconfig "$kubeconfig" \
 		--bind-address "$node_ip" --leader-elect=false \

@@ -564,13 +564,34 @@ impl Shared {
     }
 }
 
+/// Lets this worker's running requests newer than the one a `Reserve` asks for yield their
+/// blocks to it; whether any did.
+fn yield_for(scheduler: &mut Scheduler, m: &Incoming) -> bool {
+    let Incoming::Request {
+        msg: PeerMsg::Reserve { seq, blocks, .. },
+        ..
+    } = m
+    else {
+        return false;
+    };
+    let yielded = scheduler.yield_to(*seq, *blocks as usize);
+    if !yielded.is_empty() {
+        tracing::debug!(
+            ?yielded,
+            "newer requests yield blocks to an older one of another home"
+        );
+    }
+    !yielded.is_empty()
+}
+
 struct Active {
     req: GenerateRequest,
     sampler: Sampler,
     tx: mpsc::UnboundedSender<Event>,
     generated: usize,
-    /// When it last made progress (arrived, or got a token): a request waiting for blocks
-    /// longer than the queue time limit since then ends with a retryable error.
+    /// When it last made progress (arrived, or was in a step): a request waiting for blocks,
+    /// to start or to grow, longer than the queue time limit since then ends with a
+    /// retryable error.
     progress_at: Instant,
 }
 
@@ -605,7 +626,7 @@ impl<B: Backend> Runner<B> {
             }
             self.reclaim_if_draining();
             self.recover();
-            self.expire_waiting();
+            self.expire_stalled();
             self.link_devices();
             if self.scheduler.is_idle() {
                 self.publish();
@@ -790,7 +811,12 @@ impl<B: Backend> Runner<B> {
         for (seq, want) in wants {
             let round = link.borrow(seq, want, rx, &mut |m| match m {
                 Inbox::Submit(s) => stash.push(s),
-                Inbox::Peer(m) => serve_home(model, kv, scheduler, m),
+                Inbox::Peer(m) => {
+                    // Two homes that borrow at once still let the older request progress;
+                    // the releases go out after the round.
+                    yield_for(scheduler, &m);
+                    serve_home(model, kv, scheduler, m);
+                }
                 Inbox::Drain => {}
             });
             for (peer, blocks) in round.grants {
@@ -806,29 +832,19 @@ impl<B: Backend> Runner<B> {
     /// The pool-wide half of "the oldest progresses": asked to lend for another home's request
     /// while full, this worker's running requests that arrived after it yield their blocks.
     fn yield_to_older(&mut self, m: &Incoming) {
-        if let Incoming::Request {
-            msg: PeerMsg::Reserve { seq, blocks, .. },
-            ..
-        } = m
-        {
-            let yielded = self.scheduler.yield_to(*seq, *blocks as usize);
-            if !yielded.is_empty() {
-                tracing::debug!(
-                    ?yielded,
-                    "newer requests yield blocks to an older one of another home"
-                );
-                self.send_releases();
-            }
+        if yield_for(&mut self.scheduler, m) {
+            self.send_releases();
         }
     }
 
     /// Ends requests that waited for blocks longer than the queue time limit since they last
     /// made progress, with a retryable error: the pool cannot hold them now.
-    fn expire_waiting(&mut self) {
+    fn expire_stalled(&mut self) {
         let limit = self.queue_timeout;
         let expired: Vec<SeqId> = self
             .scheduler
             .waiting_ids()
+            .chain(self.scheduler.running_ids())
             .filter(|id| {
                 self.active
                     .get(id)
@@ -907,6 +923,12 @@ impl<B: Backend> Runner<B> {
         if step.items.is_empty() {
             return false;
         }
+        let now = Instant::now();
+        for it in &step.items {
+            if let Some(a) = self.active.get_mut(&it.seq) {
+                a.progress_at = now;
+            }
+        }
         // When no sampling row needs more than its token, only token ids leave the device.
         let token_only = step.items.iter().filter(|it| it.samples).all(|it| {
             self.active
@@ -983,7 +1005,6 @@ impl<B: Backend> Runner<B> {
                 Picked::Logits(l) => a.sampler.sample(&l[row * vocab..(row + 1) * vocab]),
             };
             a.generated += 1;
-            a.progress_at = Instant::now();
             let sent = a.tx.send(Event::Token { id: token, logprob });
             let eos = a.req.ends_on(token);
             let done = if eos {

@@ -242,6 +242,10 @@ impl Scheduler {
         self.waiting.iter().copied()
     }
 
+    pub fn running_ids(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.running.iter().copied()
+    }
+
     pub fn blocks_total(&self) -> usize {
         self.rm.total()
     }
@@ -358,11 +362,17 @@ impl Scheduler {
                 continue;
             }
             // Running (unless it yielded earlier in this step): local blocks, then the newest
-            // running request yields until it fits, or itself is the newest.
+            // running request yields until it fits, or itself is the newest. Alone, it keeps
+            // its blocks and waits for a loan: yielding would free blocks no request here can
+            // use, and it would only refill them (an older request of another home that needs
+            // them takes them through `yield_to`).
             while self.running.contains(&id) {
                 let fit = self.grow(id, want);
                 if fit > 0 {
                     planned.push((id, fit));
+                    break;
+                }
+                if self.running.len() == 1 {
                     break;
                 }
                 let victim = self.newest_running().expect("id is running");
@@ -394,6 +404,8 @@ impl Scheduler {
         let chunk = self.seqs[&id].table.blocks_needed(skip + n, bt);
         let local = self.rm.alloc_local(chunk);
         let seq = self.seqs.get_mut(&id).unwrap();
+        // Running again, it grows (and borrows) as any running request does.
+        seq.yielded = false;
         seq.table.extend_blocks(Holder::Local, &local);
         for (peer, blocks) in seq.reserved.drain(..) {
             seq.table.extend_blocks(Holder::Peer(peer), &blocks);
@@ -761,6 +773,35 @@ mod tests {
             0..8,
             "prompt and its sampled token are recomputed"
         );
+    }
+
+    #[test]
+    fn a_lone_request_out_of_blocks_keeps_them_and_waits_for_a_loan() {
+        let mut s = sched(2, 64);
+        s.add(1, (0..7).collect(), 8);
+        drive(&mut s, 2);
+        assert_eq!(s.blocks_used(), 2);
+        // Its 9th token needs a third block of 4 tokens, and nothing here can free one.
+        let step = s.schedule();
+        assert!(step.items.is_empty() && step.preempted.is_empty());
+        assert_eq!((s.running(), s.preemptions(), s.blocks_used()), (1, 0, 2));
+        // It may still grow to 15 tokens (4 blocks): it asks the pool for the 2 it may use.
+        assert_eq!(s.shortfalls(), [(1, 2)]);
+    }
+
+    #[test]
+    fn a_request_that_yielded_and_started_again_borrows_as_it_grows() {
+        let mut s = sched(4, 64);
+        s.add(5, (0..15).collect(), 8);
+        drive(&mut s, 1);
+        assert_eq!(s.yield_to(1, 2), [5], "an older request of another home asks");
+        s.rmanager_mut().lend_up_to(("w1".into(), 1), 2).unwrap();
+        // Its 16 tokens need 4 blocks; the home can give it 2, all it has: it starts again.
+        let step = s.schedule();
+        assert_eq!(step.items[0].seq, 5);
+        drive(&mut s, 1);
+        // It lacks 2 blocks for the rest of its context and may grow to 6: a batch of 4.
+        assert_eq!(s.shortfalls(), [(5, 4)]);
     }
 
     #[test]

@@ -1,14 +1,14 @@
 //! Join, with real processes in local mode: a worker started after the pool registers with the
-//! gManager, becomes a creditor, and takes blocks of a request the pool could not hold before
-//! it came. The text is a single big worker's.
+//! gManager, becomes a creditor, and takes blocks of a request that waited, holding what its
+//! home had, for a pool large enough. The text is a single big worker's.
 
 mod local_support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use local_support::{
-    LONG_NEW_TOKENS as NEW_TOKENS, LONG_PROMPT as PROMPT, demo_model, greedy_text, metric,
-    post_greedy, prompt, start_pool, until_metric,
+    LONG_NEW_TOKENS as NEW_TOKENS, LONG_PROMPT as PROMPT, demo_model, greedy_text, metric, prompt,
+    start_pool, until_metric,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,26 +27,25 @@ async fn a_worker_that_joins_later_lends_to_the_pool() {
         NEW_TOKENS,
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let refused = post_greedy(&client, &home, &long, NEW_TOKENS).await;
-    assert_eq!(refused.status(), 400, "12 blocks fit nowhere yet");
+    // The request is taken in and waits: the pool it was configured with can hold it, and
+    // blocks are borrowed as it grows.
+    let waiting = tokio::spawn(greedy_text(
+        client.clone(),
+        home.clone(),
+        long.clone(),
+        NEW_TOKENS,
+    ));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!waiting.is_finished(), "12 blocks fit nowhere yet");
+    assert_eq!(metric(&client, &home, "ilm_requests_running").await, 1.0);
 
-    // A third worker of 8 blocks lending half joins the running pool.
+    // A third worker of 8 blocks lending half joins the running pool; once the home hears of
+    // it (its heartbeat reads the pool), the request borrows there and finishes.
     let (_late, late_url) = local_support::start_late_worker(&model, &pool, 8);
-
-    // Once the home has heard of it (its heartbeat reads the pool), the request fits.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let got = loop {
-        let resp = post_greedy(&client, &home, &long, NEW_TOKENS).await;
-        let status = resp.status();
-        let v: serde_json::Value = resp.json().await.unwrap();
-        if status.is_success() {
-            break v["choices"][0]["text"].as_str().unwrap().to_owned();
-        }
-        assert_eq!(status, 400, "{v}");
-        assert!(Instant::now() < deadline, "the pool never grew: {v}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let got = tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("the request finishes once the pool has grown")
+        .unwrap();
     assert_eq!(got, want, "the text of one big worker");
     let home_borrowed = metric(&client, &home, "ilm_kv_borrow_total").await;
     assert!(
