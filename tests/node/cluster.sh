@@ -397,8 +397,10 @@ bindAddress: $node_ip
 healthzBindAddress: $node_ip:10256
 metricsBindAddress: $node_ip:10249
 clusterCIDR: $pod_cidr
-# Replies from a Pod behind a Service go back through this host's NAT, bridge or not.
-iptables: {masqueradeAll: true, localhostNodePorts: false}
+# No masquerade of Pod-to-Service traffic (bridge-nf-call-iptables lets conntrack undo the
+# DNAT of replies across the bridge): the gManager checks that a worker registers from its
+# own Pod IP, so the source address must survive, as on most CNIs.
+iptables: {masqueradeAll: false, localhostNodePorts: false}
 # Leave the host's conntrack sysctls alone.
 conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
 EOF

@@ -24,7 +24,7 @@ use crate::inbox::{Inbox, Submitted};
 use crate::model::llama::{Exchange, Waited};
 use crate::peer::tcp::TcpPeers;
 use crate::peer::{Incoming, PeerMsg, Responder};
-use crate::rmanager::RManager;
+use crate::rmanager::{LoanKey, RManager};
 use crate::scheduler::SeqId;
 
 /// How long a home waits after a borrowing round fell short, in milliseconds.
@@ -49,6 +49,8 @@ pub struct ClusterLink {
     troubled: BTreeSet<u16>,
     /// Creditors that asked for their blocks back since the engine last looked.
     reclaiming: BTreeSet<u16>,
+    /// Requests whose loans a creditor called back (`Recall`), not yet yielded.
+    recalled: Vec<SeqId>,
     /// Workers not to borrow from until the instant given.
     shunned: HashMap<String, Instant>,
     /// Creditor connections lost since start (a counter for metrics).
@@ -94,6 +96,7 @@ impl ClusterLink {
             backoff: None,
             troubled: BTreeSet::new(),
             reclaiming: BTreeSet::new(),
+            recalled: Vec::new(),
             shunned: HashMap::new(),
             losses_total: 0,
             links: HashMap::new(),
@@ -201,8 +204,8 @@ impl ClusterLink {
         self.troubled.insert(peer);
     }
 
-    /// Takes what the engine must react to out of an inbox message: a lost creditor, or one
-    /// that takes its blocks back. Everything else is handed back.
+    /// Takes what the engine must react to out of an inbox message: a lost creditor, a loan
+    /// called back, or a creditor that takes its blocks back. Everything else is handed back.
     pub fn intercept(&mut self, m: Inbox) -> Option<Inbox> {
         match m {
             Inbox::Peer(Incoming::Lost { peer, error }) => self.lost(peer, &error),
@@ -239,6 +242,10 @@ impl ClusterLink {
                 self.shunned.insert(worker, Instant::now() + SHUN);
                 self.reclaiming.insert(peer);
             }
+            Inbox::Peer(Incoming::Reply {
+                msg: PeerMsg::Recall { seq },
+                ..
+            }) => self.recalled.push(seq),
             other => return Some(other),
         }
         None
@@ -252,6 +259,18 @@ impl ClusterLink {
     /// Creditors that asked for their blocks back since the last call.
     pub fn take_reclaiming(&mut self) -> Vec<u16> {
         std::mem::take(&mut self.reclaiming).into_iter().collect()
+    }
+
+    /// Requests whose loans creditors called back since the last call.
+    pub fn take_recalled(&mut self) -> Vec<SeqId> {
+        std::mem::take(&mut self.recalled)
+    }
+
+    /// Calls back the loans of newer requests (`RManager::recall_newer`) from their homes.
+    pub fn recall(&self, loans: &[LoanKey]) {
+        for (home, seq) in loans {
+            self.peers.tell_home(home, &PeerMsg::Recall { seq: *seq });
+        }
     }
 
     /// The advised creditors a migration may move blocks to, best first, other than `except`;

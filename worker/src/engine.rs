@@ -31,7 +31,7 @@ use crate::peer::tcp::{Guard, TcpPeers};
 use crate::peer::{Incoming, PeerMsg, Transport};
 use crate::rblock_pool::Holder;
 use crate::request::{Event, FinishReason, GenerateRequest, SubmitError};
-use crate::rmanager::RManager;
+use crate::rmanager::{LoanKey, RManager};
 use crate::sampling::{RowDraw, Sampler};
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
 
@@ -564,24 +564,37 @@ impl Shared {
     }
 }
 
-/// Lets this worker's running requests newer than the one a `Reserve` asks for yield their
-/// blocks to it; whether any did.
-fn yield_for(scheduler: &mut Scheduler, m: &Incoming) -> bool {
+/// Makes room here for the request a `Reserve` asks for: this worker's running requests
+/// newer than it yield their blocks, and if the lend cap still leaves it short, the loans held
+/// for newer requests of other homes are to be called back. Whether any request here yielded,
+/// and the loans to call back.
+fn yield_for(scheduler: &mut Scheduler, m: &Incoming) -> (bool, Vec<LoanKey>) {
     let Incoming::Request {
         msg: PeerMsg::Reserve { seq, blocks, .. },
         ..
     } = m
     else {
-        return false;
+        return (false, Vec::new());
     };
-    let yielded = scheduler.yield_to(*seq, *blocks as usize);
+    let asked = *blocks as usize;
+    let yielded = scheduler.yield_to(*seq, asked);
     if !yielded.is_empty() {
         tracing::debug!(
             ?yielded,
             "newer requests yield blocks to an older one of another home"
         );
     }
-    !yielded.is_empty()
+    let rm = scheduler.rmanager_mut();
+    let can = rm.lend_cap().saturating_sub(rm.lent()).min(rm.free());
+    let recalls = rm.recall_newer(*seq, asked.saturating_sub(can));
+    if !recalls.is_empty() {
+        tracing::debug!(
+            asker = seq,
+            ?recalls,
+            "calling back loans of newer requests"
+        );
+    }
+    (!yielded.is_empty(), recalls)
 }
 
 struct Active {
@@ -728,9 +741,25 @@ impl<B: Backend> Runner<B> {
         }
     }
 
-    /// Requests with blocks on creditors that were lost or take their blocks back go back to
-    /// the queue and are recomputed from their token ids (elsewhere, as borrowing allows).
+    /// Requests whose loans a creditor called back, and those with blocks on creditors that
+    /// were lost, go back to the queue and are recomputed from their token ids (elsewhere, as
+    /// borrowing allows).
     fn recover(&mut self) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let recalled = link.take_recalled();
+        if !recalled.is_empty() {
+            let running: Vec<SeqId> = recalled
+                .into_iter()
+                .filter(|&id| self.scheduler.recall(id))
+                .collect();
+            tracing::debug!(
+                ?running,
+                "loans called back for older requests; these yield and are recomputed"
+            );
+            self.send_releases();
+        }
         let Some(link) = self.link.as_mut() else {
             return;
         };
@@ -809,16 +838,18 @@ impl<B: Backend> Runner<B> {
             return;
         }
         for (seq, want) in wants {
+            let mut recalls = Vec::new();
             let round = link.borrow(seq, want, rx, &mut |m| match m {
                 Inbox::Submit(s) => stash.push(s),
                 Inbox::Peer(m) => {
                     // Two homes that borrow at once still let the older request progress;
-                    // the releases go out after the round.
-                    yield_for(scheduler, &m);
+                    // the releases and recalls go out after the round.
+                    recalls.extend(yield_for(scheduler, &m).1);
                     serve_home(model, kv, scheduler, m);
                 }
                 Inbox::Drain => {}
             });
+            link.recall(&recalls);
             for (peer, blocks) in round.grants {
                 scheduler.add_borrowed(seq, peer, &blocks);
             }
@@ -832,8 +863,12 @@ impl<B: Backend> Runner<B> {
     /// The pool-wide half of "the oldest progresses": asked to lend for another home's request
     /// while full, this worker's running requests that arrived after it yield their blocks.
     fn yield_to_older(&mut self, m: &Incoming) {
-        if yield_for(&mut self.scheduler, m) {
+        let (yielded, recalls) = yield_for(&mut self.scheduler, m);
+        if yielded {
             self.send_releases();
+        }
+        if let Some(link) = &self.link {
+            link.recall(&recalls);
         }
     }
 

@@ -34,6 +34,8 @@ pub struct RManager {
     lend_cap: usize,
     lent: HashMap<LoanKey, Vec<u32>>,
     lent_count: usize,
+    /// Loans whose homes were asked to give them back ([`RManager::recall_newer`]).
+    recalled: HashSet<LoanKey>,
 }
 
 impl RManager {
@@ -44,6 +46,7 @@ impl RManager {
             lend_cap: (total_blocks as f64 * lend_fraction.clamp(0.0, 1.0)).floor() as usize,
             lent: HashMap::new(),
             lent_count: 0,
+            recalled: HashSet::new(),
         }
     }
 
@@ -139,6 +142,7 @@ impl RManager {
 
     /// Takes back everything lent for one request.
     pub fn take_back(&mut self, key: &LoanKey) -> usize {
+        self.recalled.remove(key);
         let blocks = self.lent.remove(key).unwrap_or_default();
         self.pool.release(&blocks);
         self.lent_count -= blocks.len();
@@ -172,6 +176,31 @@ impl RManager {
         homes
     }
 
+    /// The loans to call back so that request `asker` of another home may borrow `short` more
+    /// blocks here: those held for requests newer than it, newest first, until they cover
+    /// `short`; each is called back once. Ids are arrival times across the pool, so the
+    /// oldest request is never called back and always progresses.
+    pub fn recall_newer(&mut self, asker: u64, short: usize) -> Vec<LoanKey> {
+        let mut newer: Vec<(&LoanKey, usize)> = self
+            .lent
+            .iter()
+            .filter(|(k, _)| k.1 > asker && !self.recalled.contains(*k))
+            .map(|(k, b)| (k, b.len()))
+            .collect();
+        newer.sort_unstable_by(|a, b| b.0.1.cmp(&a.0.1).then_with(|| a.0.0.cmp(&b.0.0)));
+        let mut covered = 0;
+        let mut out = Vec::new();
+        for (key, blocks) in newer {
+            if covered >= short {
+                break;
+            }
+            covered += blocks;
+            out.push(key.clone());
+        }
+        self.recalled.extend(out.iter().cloned());
+        out
+    }
+
     /// Takes back everything lent to one worker (it left or died).
     pub fn take_back_all(&mut self, home: &str) -> usize {
         let keys: Vec<LoanKey> = self.lent.keys().filter(|k| k.0 == home).cloned().collect();
@@ -185,6 +214,29 @@ mod tests {
 
     fn key(h: &str, r: u64) -> LoanKey {
         (h.to_string(), r)
+    }
+
+    #[test]
+    fn loans_to_newer_requests_are_called_back_newest_first_and_once() {
+        let mut rm = RManager::new(16, 0.5);
+        rm.lend_up_to(key("a", 10), 3).unwrap();
+        rm.lend_up_to(key("b", 30), 2).unwrap();
+        rm.lend_up_to(key("c", 20), 3).unwrap();
+        // At the cap: request 15 of another home asks for 4.
+        assert_eq!(rm.recall_newer(15, 4), [key("b", 30), key("c", 20)]);
+        assert!(
+            rm.recall_newer(15, 4).is_empty(),
+            "each loan is called back once"
+        );
+        assert!(rm.recall_newer(5, 1).contains(&key("a", 10)));
+        assert!(
+            rm.recall_newer(40, 8).is_empty(),
+            "an older loan is never called back"
+        );
+        // Given back and lent again, a loan may be called back again.
+        rm.take_back(&key("b", 30));
+        rm.lend_up_to(key("b", 30), 1).unwrap();
+        assert_eq!(rm.recall_newer(15, 1), [key("b", 30)]);
     }
 
     #[test]

@@ -362,17 +362,17 @@ impl Scheduler {
                 continue;
             }
             // Running (unless it yielded earlier in this step): local blocks, then the newest
-            // running request yields until it fits, or itself is the newest. Alone, it keeps
-            // its blocks and waits for a loan: yielding would free blocks no request here can
-            // use, and it would only refill them (an older request of another home that needs
-            // them takes them through `yield_to`).
+            // running request yields until it fits, or itself is the newest. Alone, and with
+            // no older request waiting here, it keeps its blocks and waits for a loan:
+            // yielding would free blocks no older request here wants, and it would only refill
+            // them (an older request of another home takes them through `yield_to`).
             while self.running.contains(&id) {
                 let fit = self.grow(id, want);
                 if fit > 0 {
                     planned.push((id, fit));
                     break;
                 }
-                if self.running.len() == 1 {
+                if self.running.len() == 1 && self.waiting.iter().all(|&w| w > id) {
                     break;
                 }
                 let victim = self.newest_running().expect("id is running");
@@ -523,6 +523,21 @@ impl Scheduler {
 
     /// Waiting requests with blocks reserved on `peers` drop all their reservations (all or
     /// nothing) and borrow again; returns them.
+    /// A creditor calls back what it lent request `id` for an older request of another
+    /// home: a running `id` yields everything it holds (recomputed later), a waiting one its
+    /// reservations. Whether it was running.
+    pub fn recall(&mut self, id: SeqId) -> bool {
+        if self.running.contains(&id) {
+            self.preempt(id);
+            return true;
+        }
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            self.released
+                .extend(seq.reserved.drain(..).map(|(p, _)| (id, p)));
+        }
+        false
+    }
+
     pub fn drop_reservations_on(&mut self, peers: &[u16]) -> Vec<SeqId> {
         let mut dropped = Vec::new();
         for &id in &self.waiting {
@@ -790,11 +805,28 @@ mod tests {
     }
 
     #[test]
+    fn a_lone_request_out_of_blocks_yields_to_an_older_one_waiting_here() {
+        let mut s = sched(4, 64);
+        s.add(5, (0..15).collect(), 8);
+        drive(&mut s, 2);
+        // An older request yielded here earlier (to another home) and waits for room.
+        s.add(3, (0..9).collect(), 8);
+        s.seqs.get_mut(&3).unwrap().yielded = true;
+        let step = s.schedule();
+        assert_eq!(step.preempted, [5]);
+        assert_eq!(step.items[0].seq, 3, "the older request takes the blocks");
+    }
+
+    #[test]
     fn a_request_that_yielded_and_started_again_borrows_as_it_grows() {
         let mut s = sched(4, 64);
         s.add(5, (0..15).collect(), 8);
         drive(&mut s, 1);
-        assert_eq!(s.yield_to(1, 2), [5], "an older request of another home asks");
+        assert_eq!(
+            s.yield_to(1, 2),
+            [5],
+            "an older request of another home asks"
+        );
         s.rmanager_mut().lend_up_to(("w1".into(), 1), 2).unwrap();
         // Its 16 tokens need 4 blocks; the home can give it 2, all it has: it starts again.
         let step = s.schedule();

@@ -359,8 +359,8 @@ impl Ledger {
         gone
     }
 
-    /// Creditors for `req.home`: live workers other than the home with something to lend,
-    /// most lendable blocks first (ties by id, so advice is stable).
+    /// Creditors for `req.home`: live workers other than the home that lend, most lendable
+    /// blocks first (ties by id, so advice is stable); see [`placement::rank_lenders`].
     pub fn advise(&self, req: &BorrowRequest, now: Instant) -> Result<BorrowAdvice, LedgerError> {
         let (ids, instances) = self.instances(now);
         let home = ids

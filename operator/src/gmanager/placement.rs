@@ -310,11 +310,14 @@ pub fn role(i: &Instance, cfg: &PlacementConfig) -> Role {
     }
 }
 
-/// Workers other than `home` that can lend now, most lendable first (ties keep slice order).
-/// This is borrow advice for a home that must borrow at once, so the watermark does not apply.
+/// Workers other than `home` that lend at all (a lend cap; a draining one has none), most
+/// lendable now first (ties keep slice order). Those with nothing free stay on the list, last:
+/// asked for an older request, their newer requests yield or their loans are called back
+/// (wound-wait), so the oldest request in the pool can always grow. This is borrow advice for a
+/// home that must borrow at once, so the watermark does not apply.
 pub fn rank_lenders(instances: &[Instance], home: usize) -> Vec<usize> {
     let mut ranked: Vec<usize> = (0..instances.len())
-        .filter(|&i| i != home && instances[i].lendable_blocks() > 0)
+        .filter(|&i| i != home && instances[i].lend_cap_blocks > 0)
         .collect();
     ranked.sort_by_key(|&i| Reverse(instances[i].lendable_blocks()));
     ranked
@@ -613,13 +616,17 @@ mod tests {
 
     #[test]
     fn lenders_rank_by_lendable_blocks_without_the_home() {
+        let mut draining = worker(100, 0, 0, 0);
+        draining.lend_cap_blocks = 0;
         let ws = [
             worker(100, 0, 0, 0),
             worker(100, 90, 0, 0),
             worker(100, 10, 0, 0),
+            worker(100, 100, 1, 0),
+            draining,
         ];
-        assert_eq!(rank_lenders(&ws, 0), [2, 1]);
-        assert_eq!(rank_lenders(&ws, 2), [0, 1]);
+        assert_eq!(rank_lenders(&ws, 0), [2, 1, 3], "a full worker last");
+        assert_eq!(rank_lenders(&ws, 2), [0, 1, 3]);
     }
 
     #[test]

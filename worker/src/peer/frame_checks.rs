@@ -155,6 +155,7 @@ impl FrameLimits {
             | PeerMsg::Stored { .. }
             | PeerMsg::Moved { .. }
             | PeerMsg::Reclaim
+            | PeerMsg::Recall { .. }
             | PeerMsg::LinkAnswer { .. } => Ok(()),
             other => Err(unexpected(other, "a creditor")),
         }

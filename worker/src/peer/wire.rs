@@ -62,6 +62,12 @@ pub enum PeerMsg {
     /// From a creditor that drains: take back everything this worker holds here (the home
     /// migrates those blocks elsewhere, recomputing only what finds no room, and releases them).
     Reclaim,
+    /// From a creditor at its lend cap that an older request of another home asks to lend:
+    /// request `seq` of this worker yields what it holds (wound-wait, so that the oldest
+    /// request in the pool always progresses) and is recomputed later.
+    Recall {
+        seq: u64,
+    },
     /// From a home with a GPU, right after `Hello`: join a direct link (NCCL) as rank 1 with
     /// this unique id; attention calls may then move their rows over it.
     LinkOffer {
@@ -277,6 +283,10 @@ impl PeerMsg {
                 e.str(message);
             }
             PeerMsg::Reclaim => e.u8(8),
+            PeerMsg::Recall { seq } => {
+                e.u8(22);
+                e.u64(*seq);
+            }
             PeerMsg::LinkOffer { id } => {
                 e.u8(20);
                 e.u32s(&id.iter().map(|&b| u32::from(b)).collect::<Vec<_>>());
@@ -429,6 +439,7 @@ impl PeerMsg {
                 message: d.str()?,
             },
             8 => PeerMsg::Reclaim,
+            22 => PeerMsg::Recall { seq: d.u64()? },
             20 => PeerMsg::LinkOffer {
                 id: d.u32s()?.into_iter().map(|b| b as u8).collect(),
             },
@@ -537,6 +548,7 @@ impl PeerMsg {
             PeerMsg::Hello { .. }
             | PeerMsg::Release { .. }
             | PeerMsg::Reclaim
+            | PeerMsg::Recall { .. }
             | PeerMsg::LinkOffer { .. }
             | PeerMsg::LinkAnswer { .. }
             | PeerMsg::ReleaseBlocks { .. } => None,
@@ -615,6 +627,7 @@ mod tests {
             message: "lost".into(),
         });
         round_trip(PeerMsg::Reclaim);
+        round_trip(PeerMsg::Recall { seq: 1 << 50 });
         round_trip(PeerMsg::LinkOffer {
             id: (0..128).map(|i| (i * 7) as u8).collect(),
         });
