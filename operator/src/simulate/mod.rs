@@ -116,7 +116,7 @@ pub fn compare(trace: &TraceConfig, gpus: usize, m: &Measured) -> Comparison {
     let pooled_cfg = ClusterConfig::measured(gpus, 1, m);
     let statics: Vec<ClusterConfig> = STATIC_GPUS
         .iter()
-        .filter(|&&g| gpus % g == 0)
+        .filter(|&&g| gpus.is_multiple_of(g))
         .map(|&g| ClusterConfig::measured(gpus, g, m))
         .collect();
     let run = |cfg: &ClusterConfig, policy| cluster::run(cfg, policy, &requests, trace.duration_s);

@@ -54,7 +54,7 @@ pub struct EngineArgs {
     pub lend_fraction: f64,
     /// How long a request may wait for KV blocks (to start, or to start again after it
     /// yielded them) before it gets a retryable 503.
-    #[arg(long, env = "ILM_QUEUE_TIMEOUT_SECS", default_value_t = EngineOptions::default().queue_timeout.as_secs_f64())]
+    #[arg(long, env = "ILM_QUEUE_TIMEOUT_SECS", default_value_t = EngineOptions::default().queue_timeout.as_secs_f64(), value_parser = parse_seconds)]
     pub queue_timeout_secs: f64,
     /// Workers the pool is configured with, this one included: requests up to this worker's
     /// pool plus their lend caps are accepted (and wait for blocks) even before all have joined.
@@ -86,7 +86,7 @@ impl EngineArgs {
             },
             max_waiting: self.max_waiting,
             lend_fraction: self.lend_fraction,
-            queue_timeout: Duration::from_secs_f64(self.queue_timeout_secs.min(1e9).max(0.0)),
+            queue_timeout: Duration::from_secs_f64(self.queue_timeout_secs),
             pool_workers: self.pool_workers,
             gpu_memory_fraction: self.gpu_memory_fraction,
             unfilled_prompts: self.unfilled_prompts,
@@ -119,6 +119,21 @@ impl EngineArgs {
             flags.push("--enforce-eager".into());
         }
         flags
+    }
+}
+
+/// A duration in seconds: finite, not negative, and at most a year (so it fits a `Duration`
+/// and an `Instant` sum).
+fn parse_seconds(value: &str) -> Result<f64, String> {
+    let secs: f64 = value
+        .parse()
+        .map_err(|e| format!("{value:?} is not a number: {e}"))?;
+    if (0.0..=365.0 * 86_400.0).contains(&secs) {
+        Ok(secs)
+    } else {
+        Err(format!(
+            "{value} seconds is out of range; expected 0 to 31536000"
+        ))
     }
 }
 
