@@ -339,8 +339,14 @@ async fn register_heartbeat_borrow_and_view_the_pool() {
     assert_eq!(advice.epoch, 4);
     assert_eq!(creditor_ids(&advice), ["small"]);
 
-    // Re-registering replaces the worker's figures and is a membership change.
+    // Re-registering replaces the worker's figures and is a membership change. A full lender
+    // stays on the advice with nothing lendable (it can call back newer loans); one that
+    // lends nothing leaves it.
     assert_eq!(g.register(TOKEN, "small", pool(4, 4, 0, 2)).await.epoch, 5);
+    let advice: BorrowAdvice = g.borrow(TOKEN, "home").await.json().await.unwrap();
+    assert_eq!(creditor_ids(&advice), ["small"]);
+    assert_eq!(advice.creditors[0].lendable_blocks, 0);
+    assert_eq!(g.register(TOKEN, "small", pool(4, 0, 0, 0)).await.epoch, 6);
     let advice: BorrowAdvice = g.borrow(TOKEN, "home").await.json().await.unwrap();
     assert!(advice.creditors.is_empty());
     g.stop().await;

@@ -625,14 +625,19 @@ mod tests {
     }
 
     #[test]
-    fn workers_with_nothing_to_lend_are_never_advised() {
+    fn workers_that_never_lend_are_not_advised_and_full_ones_come_last() {
+        // A full lender stays on the advice: asked for an older request, it calls back the
+        // loans of newer ones (wound-wait). A worker with no lend cap never lends.
         let t = Instant::now();
         let mut l = ledger();
         l.register(reg("home", pool(8, 8, 0, 4)), t).unwrap();
         l.register(reg("full", pool(8, 8, 0, 4)), t).unwrap();
         l.register(reg("at_cap", pool(8, 0, 4, 4)), t).unwrap();
         l.register(reg("no_cap", pool(8, 0, 0, 0)), t).unwrap();
-        assert!(l.advise(&ask("home"), t).unwrap().creditors.is_empty());
+        l.register(reg("spare", pool(8, 6, 0, 4)), t).unwrap();
+        let advice = l.advise(&ask("home"), t).unwrap();
+        assert_eq!(ids(&advice), ["spare", "at_cap", "full"]);
+        assert_eq!(advice.creditors[2].lendable_blocks, 0);
     }
 
     #[test]
