@@ -14,7 +14,7 @@ VENV    := .venv
 
 WORKER_BIN := target/release/infinite-llm-worker
 
-.PHONY: help build run test test-phases lint lint-docker unit test-python test-node bench bench-pool venv tools node-tools cluster cluster-down crds simulate gpu-bundle test-gpu bench-gpu bench-dist
+.PHONY: help build build-tests run test test-phases lint lint-docker unit test-python test-node bench bench-pool venv tools node-tools cluster cluster-down crds simulate gpu-bundle test-gpu bench-gpu bench-dist
 
 help:
 	@echo "make run        local pool: gManager + WORKERS=$(WORKERS) workers behind http://127.0.0.1:$(PORT) (MODEL=, KV_BLOCKS=, LEND_FRACTION=)"
@@ -33,6 +33,11 @@ help:
 
 build:
 	$(CARGO) build --release --workspace --bins
+
+# The binaries with the test targets' features (dev-dependencies unify some): after `unit`
+# this reuses its build instead of compiling the workspace a second time.
+build-tests:
+	$(CARGO) build --release --workspace --bins --tests
 
 run: build
 	$(WORKER_BIN) local --workers $(WORKERS) --port $(PORT) \
@@ -74,7 +79,7 @@ cluster-down:
 	bash tests/node/cluster.sh down
 
 # The operator and workers as Pods on that cluster, started and stopped around the tests.
-test-node: build node-tools venv
+test-node: build-tests node-tools venv
 	PYTHON=$(CURDIR)/$(VENV)/bin/python bash tests/node/run.sh
 
 # The CRD twice from one source: crds/ for kubectl, and the chart's template.
@@ -89,7 +94,7 @@ $(VENV)/.installed: tests/python/requirements.txt
 
 venv: $(VENV)/.installed
 
-test-python: build venv
+test-python: build-tests venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash tests/python/run_against_local.sh
 
 bench:

@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
-# Runs the openai client tests against local mode: builds in release, starts the pool on a free
-# port in the background, waits until it is ready, runs pytest, and always stops the pool.
-# Needs python3 with tests/python/requirements.txt installed (`make test-python` provides it).
+# Runs the openai client tests against local mode: starts the pool on a free port in the
+# background, waits until it is ready, runs pytest, and always stops the pool. Run it through
+# `make test-python`, which builds the release binaries and the venv it needs.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-
-cargo build --release -p infinite-llm-worker --bin infinite-llm-worker
 
 port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 log="$(mktemp -t ilm-local.XXXXXX.log)"
