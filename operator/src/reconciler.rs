@@ -136,6 +136,10 @@ async fn reconcile(ilc: Arc<InfiniteLLMCluster>, ctx: Arc<Context>) -> Result<Ac
     let desired = Desired::build(&ilc, &ctx.settings);
 
     ensure_token(&ilc, &names, &ns, &ctx).await?;
+    ctx.gmanager.configure_workers(
+        &gmanager_cluster(&ns, &names),
+        u32::try_from(ilc.spec.workers.replicas).unwrap_or(0),
+    );
     let metrics = &ctx.metrics;
     for service in [desired.peer_service, desired.client_service] {
         ensure(

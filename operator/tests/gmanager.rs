@@ -16,6 +16,8 @@ const TOKEN: &str = "local-token";
 const INTERVAL: Duration = Duration::from_millis(100);
 
 struct GManager {
+    /// The service itself, for what the operator's reconciler tells it.
+    manager: gmanager::GManager,
     base: String,
     http: Client,
     stop: Option<oneshot::Sender<()>>,
@@ -32,10 +34,17 @@ impl GManager {
             ..GManagerConfig::default()
         };
         let (stop, stopped) = oneshot::channel();
-        let served = tokio::spawn(gmanager::serve(listener, config, tokens, async {
-            let _ = stopped.await;
-        }));
+        let manager = gmanager::GManager::new(config, tokens);
+        let serving = manager.clone();
+        let served = tokio::spawn(async move {
+            serving
+                .serve(listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
         GManager {
+            manager,
             base,
             http: Client::new(),
             stop: Some(stop),
@@ -285,7 +294,8 @@ async fn register_heartbeat_borrow_and_view_the_pool() {
         first,
         Registered {
             epoch: 1,
-            heartbeat_interval_ms: 100
+            heartbeat_interval_ms: 100,
+            configured_workers: 0,
         }
     );
     assert_eq!(g.register(TOKEN, "small", pool(8, 0, 0, 2)).await.epoch, 2);
@@ -539,5 +549,29 @@ async fn heartbeats_with_placements_build_debts_debtors_and_creditors() {
     ] {
         assert!(metrics.contains(line), "missing {line} in\n{metrics}");
     }
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn workers_learn_how_many_workers_their_cluster_is_configured_with() {
+    let g = GManager::local().await;
+    assert_eq!(
+        g.register(TOKEN, "a", pool(8, 0, 0, 4))
+            .await
+            .configured_workers,
+        0,
+        "unknown until the reconciler says"
+    );
+    g.manager.configure_workers("local", 3);
+    assert_eq!(
+        g.register(TOKEN, "b", pool(8, 0, 0, 4))
+            .await
+            .configured_workers,
+        3
+    );
+    // A scale reaches the workers already registered with their next heartbeat.
+    g.manager.configure_workers("local", 5);
+    let ack: HeartbeatAck = g.heartbeat("a", pool(8, 0, 0, 4)).await.json().await.unwrap();
+    assert_eq!(ack.configured_workers, 5);
     g.stop().await;
 }

@@ -33,6 +33,11 @@ pub struct Register {
 pub struct Registered {
     pub epoch: u64,
     pub heartbeat_interval_ms: u64,
+    /// Workers the cluster is configured with (its spec's replicas; 0 when the gManager does
+    /// not know): a worker counts on their lend caps for the longest request it accepts,
+    /// before all of them have registered.
+    #[serde(default)]
+    pub configured_workers: u32,
 }
 
 /// A worker's KV pool, in rBlocks.
@@ -98,6 +103,9 @@ pub struct HeartbeatAck {
     /// Moves of this worker's requests to carry out (by migration), each handed out once.
     #[serde(default)]
     pub moves: Vec<PlannedMove>,
+    /// As in [`Registered`], for clusters that scale.
+    #[serde(default)]
+    pub configured_workers: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,6 +15,8 @@ kv_blocks="${KV_BLOCKS:-64}"
 read -r -a loadgen_args <<<"${LOADGEN_ARGS:---trace long --rate 1.5 --duration 60 --scale-tokens 0.03 --max-prompt-tokens 1900 --seed 1}"
 
 cargo build --release --workspace --bins
+# Requests of at most one worker's tokens: the ones static serves too, whose TTFT is compared.
+fit_tokens=$((kv_blocks * 16))
 
 free_port() {
 	python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -55,7 +57,7 @@ run() {
 	sleep 3
 	echo "== $name: $workers workers of $kv_blocks blocks; loadgen ${loadgen_args[*]}"
 	target/release/infinite-llm-loadgen --url "http://127.0.0.1:$port" "${loadgen_args[@]}" \
-		--json >"$out/$name.json" 2>"$out/$name.loadgen.log"
+		--fit-tokens "$fit_tokens" --json >"$out/$name.json" 2>"$out/$name.loadgen.log"
 	stop_pool
 }
 
@@ -76,12 +78,14 @@ def ms(v):
     return "-" if v is None else f"{v:.0f}"
 
 print(f"{'':8} {'ok':>5} {'failed':>7} {'429':>5} {'503':>5} {'other':>6} {'req/s':>7} "
-      f"{'out tok/s':>10} {'all tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")
+      f"{'out tok/s':>10} {'all tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'fit p99':>8} "
+      f"{'ITL p50':>8} {'ITL p99':>8}")
 for name, r in runs.items():
     other = r["failed"] - r["rejected_429"] - r["unavailable_503"]
     print(f"{name:8} {r['ok']:>5} {r['failed']:>7} {r['rejected_429']:>5} {r['unavailable_503']:>5} "
           f"{other:>6} {r['requests_per_s']:>7.2f} {r['output_tokens_per_s']:>10.1f} "
           f"{all_tokens_per_s(r):>10.1f} {ms(r['ttft_ms']['p50']):>9} {ms(r['ttft_ms']['p99']):>9} "
+          f"{ms(r['fitting_ttft_ms']['p99']):>8} "
           f"{ms(r['itl_ms']['p50']):>8} {ms(r['itl_ms']['p99']):>8}")
     if r["failures"]:
         print(f"{'':8} failures by status: {r['failures']}")
@@ -91,6 +95,7 @@ def ratio(f):
 
 print(f"pooled/static: prompt+output tokens/s {ratio(all_tokens_per_s):.2f}, "
       f"output tokens/s {ratio(lambda r: r['output_tokens_per_s']):.2f}, "
-      f"requests/s {ratio(lambda r: r['requests_per_s']):.2f}")
+      f"requests/s {ratio(lambda r: r['requests_per_s']):.2f}; TTFT p99 of the requests both "
+      f"serve (fit p99: prompt+max_tokens within one worker) {ratio(lambda r: r['fitting_ttft_ms']['p99'] or 0):.2f}")
 PY
 echo "reports and logs: $out"

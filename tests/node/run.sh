@@ -14,6 +14,6 @@ bash "$here/cluster.sh" up
 echo "node tests: cluster up in $((SECONDS - start)) s"
 start=$SECONDS
 status=0
-(cd "$here" && "$python" -m pytest -v -p no:cacheprovider "$@") || status=$?
+(cd "$here" && "$python" -m pytest -v -rP -p no:cacheprovider "$@") || status=$?
 echo "node tests: ran in $((SECONDS - start)) s"
 exit "$status"

@@ -18,6 +18,10 @@ pub struct GManagerClient {
     base: String,
     token: String,
     register: Register,
+    /// What the gManager last said of the pool: the others' lend caps it knows, and how many
+    /// workers the cluster is configured with.
+    registered_lend_caps: usize,
+    configured_workers: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,14 +79,26 @@ fn placement_deltas(
     (deltas, next)
 }
 
-/// The most blocks the other workers could ever lend at once: what a request here may count on
-/// when they are not busy. Decides which requests are too long for the pool and which wait.
+fn lend_cap(pool: &PoolFigures) -> usize {
+    pool.lend_cap_blocks.min(pool.total_blocks) as usize
+}
+
+/// What the other registered workers could lend at once, at most.
 fn others_lend_caps(view: &PoolView, me: &str) -> usize {
     view.workers
         .iter()
         .filter(|w| w.worker_id != me)
-        .map(|w| w.pool.lend_cap_blocks.min(w.pool.total_blocks) as usize)
+        .map(|w| lend_cap(&w.pool))
         .sum()
+}
+
+/// The most blocks the other workers could ever lend at once: what a request here may count on
+/// when they are not busy. Decides which requests are too long for the pool and which wait.
+/// Workers the cluster is configured with that have not registered yet (starting, or added by
+/// a scale) count with this worker's own lend cap, so that a request is not refused as too
+/// long only because it came early.
+fn pool_lend_caps(registered: usize, configured_workers: u32, own: &PoolFigures) -> usize {
+    registered.max(configured_workers.saturating_sub(1) as usize * lend_cap(own))
 }
 
 impl GManagerClient {
@@ -108,7 +124,17 @@ impl GManagerClient {
                 block_tokens: engine.block_tokens() as u32,
                 pool: figures(&engine.stats()),
             },
+            registered_lend_caps: 0,
+            configured_workers: 0,
         }
+    }
+
+    fn publish_lend_caps(&self, engine: &EngineHandle) {
+        engine.set_pool_lend_caps(pool_lend_caps(
+            self.registered_lend_caps,
+            self.configured_workers,
+            &self.register.pool,
+        ));
     }
 
     async fn post<T: serde::Serialize, R: serde::de::DeserializeOwned>(
@@ -150,7 +176,9 @@ impl GManagerClient {
                 .await
             {
                 Ok(r) => {
-                    tracing::info!(epoch = r.epoch, gmanager = %self.base, "registered with the gManager");
+                    tracing::info!(epoch = r.epoch, configured_workers = r.configured_workers, gmanager = %self.base, "registered with the gManager");
+                    self.configured_workers = r.configured_workers;
+                    self.publish_lend_caps(engine);
                     return Duration::from_millis(r.heartbeat_interval_ms.max(50));
                 }
                 Err(e) => {
@@ -204,6 +232,8 @@ impl GManagerClient {
             {
                 Ok(ack) => {
                     reported = next;
+                    self.configured_workers = ack.configured_workers;
+                    self.publish_lend_caps(&engine);
                     if !ack.moves.is_empty() {
                         tracing::info!(moves = ?ack.moves, "the gManager planned moves of this worker's blocks");
                         engine.hand_moves(ack.moves);
@@ -232,7 +262,8 @@ impl GManagerClient {
             }
             match self.pool().await {
                 Ok(view) => {
-                    engine.set_pool_lend_caps(others_lend_caps(&view, &id));
+                    self.registered_lend_caps = others_lend_caps(&view, &id);
+                    self.publish_lend_caps(&engine);
                     known = view.workers.into_iter().map(|w| w.worker_id).collect();
                 }
                 Err(e) => tracing::debug!(error = %e, "no pool view this round"),
@@ -251,6 +282,26 @@ impl GManagerClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workers_configured_but_not_registered_count_with_this_workers_lend_cap() {
+        let own = PoolFigures {
+            total_blocks: 64,
+            lend_cap_blocks: 32,
+            ..PoolFigures::default()
+        };
+        // Alone and nothing configured (local mode without a gManager figure yet).
+        assert_eq!(pool_lend_caps(0, 0, &own), 0);
+        // Three configured, none of the other two up yet.
+        assert_eq!(pool_lend_caps(0, 3, &own), 64);
+        // More registered than configured (a scale-in draining): those registered count.
+        assert_eq!(pool_lend_caps(96, 3, &own), 96);
+        let capped = PoolFigures {
+            lend_cap_blocks: 500,
+            ..own
+        };
+        assert_eq!(pool_lend_caps(0, 2, &capped), 64, "a cap beyond the pool lends the pool");
+    }
 
     fn placed(entries: &[(u64, &str, u64)]) -> Placements {
         entries

@@ -1,9 +1,11 @@
 //! Rebalancing, with real processes in local mode: a home whose two long requests fill its pool
 //! while a third waits, with no worker to borrow from, becomes a debtor. When a worker joins,
-//! the gManager's placement round plans moves of the home's blocks to it and hands them to the
-//! home in a heartbeat answer; the home migrates those blocks while the requests decode. Every
-//! text is a single big worker's. (With a lender there from the start, the home borrows as its
-//! requests grow instead: `local_growth`.)
+//! the home's blocks reach it two ways, racing: the gManager's placement round plans moves of
+//! the home's blocks and hands them to the home in a heartbeat answer (the home migrates them
+//! while the requests decode), and the home borrows on it as its requests grow (the advice
+//! names it within a heartbeat, and borrowing needs no placement round, so it often wins).
+//! Either way every text is a single big worker's, and what the home migrated is what the
+//! gManager reports. (With a lender there from the start: `local_growth`.)
 
 mod local_support;
 
@@ -47,7 +49,7 @@ async fn run_all(client: &reqwest::Client, base: &str, long_new_tokens: usize) -
 const LATE_LONG_NEW_TOKENS: usize = 700;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_started_later_takes_the_debtors_moved_blocks() {
+async fn a_worker_started_later_takes_the_debtors_blocks() {
     let (_dir, model) = demo_model();
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let reference = start_pool(&model, 1, 512, &[]);
@@ -68,7 +70,7 @@ async fn a_worker_started_later_takes_the_debtors_moved_blocks() {
         "nowhere to move blocks yet"
     );
     let (_late, late_url) = local_support::start_late_worker(&model, &pool, 128);
-    // The moved blocks sit on the newcomer while the requests run.
+    // The home's blocks sit on the newcomer while the requests run.
     let mut held = 0.0;
     while !requests.is_finished() && held == 0.0 {
         held = lent_now(&client, &late_url).await;
@@ -77,15 +79,17 @@ async fn a_worker_started_later_takes_the_debtors_moved_blocks() {
     let got = requests.await.unwrap();
     let took = started.elapsed();
     assert_eq!(got, want, "the texts of one big worker");
-    assert!(held > 0.0, "the worker started later held moved blocks");
+    assert!(
+        held > 0.0,
+        "the worker started later held the home's blocks (moved or lent)"
+    );
     let migrated = metric(&client, &home, "ilm_kv_migrated_blocks_total").await;
-    assert!(migrated > 0.0, "the home carried out the planned moves");
     assert_eq!(
         metric(&client, &late_url, "ilm_kv_migrated_blocks_total").await,
         0.0,
         "the newcomer only received blocks"
     );
-    // The moved blocks go back when their requests end (the release trails the answer).
+    // They go back when their requests end (the release trails the answer).
     until_zero(
         &client,
         std::slice::from_ref(&late_url),

@@ -63,6 +63,10 @@ struct Args {
     /// Seconds one request may take before it counts as failed.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
+    /// Also report the TTFT of the requests whose prompt plus max_tokens is at most this many
+    /// tokens (those a cluster of smaller pools serves too).
+    #[arg(long)]
+    fit_tokens: Option<usize>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -125,7 +129,11 @@ async fn main() -> anyhow::Result<()> {
         Duration::from_secs(args.timeout_secs),
     )
     .context("setting up the client")?;
-    let report = Report::of(&replay(target, planned, args.concurrency).await);
+    let replayed = replay(target, planned, args.concurrency).await;
+    let report = match args.fit_tokens {
+        Some(n) => Report::of(&replayed).with_fitting(&replayed, n),
+        None => Report::of(&replayed),
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -31,6 +31,11 @@ pub struct Report {
     pub ttft_ms: Summary,
     pub itl_ms: Summary,
     pub e2e_ms: Summary,
+    /// Time to first token of the successful requests whose prompt plus `max_tokens` is at
+    /// most `--fit-tokens`: those a cluster of smaller pools also serves, so that two clusters
+    /// are compared on the same requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fitting_ttft_ms: Option<Summary>,
 }
 
 fn ms(d: &Duration) -> f64 {
@@ -73,7 +78,19 @@ impl Report {
             itl_ms: Summary::of(ok.iter().flat_map(|o| &o.itl).map(ms).collect()),
             e2e_ms: Summary::of(ok.iter().map(|o| ms(&o.e2e)).collect()),
             failures,
+            fitting_ttft_ms: None,
         }
+    }
+
+    /// Adds the TTFT of the successful requests of at most `fit_tokens` prompt and output.
+    pub fn with_fitting(mut self, replay: &Replay, fit_tokens: usize) -> Self {
+        let fitting = replay.outcomes.iter().filter(|o| {
+            o.status == Status::Ok && o.prompt_tokens + o.max_tokens <= fit_tokens
+        });
+        self.fitting_ttft_ms = Some(Summary::of(
+            fitting.filter_map(|o| o.ttft.as_ref()).map(ms).collect(),
+        ));
+        self
     }
 }
 
@@ -187,5 +204,24 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("2.5 tokens/s"), "{table}");
+        assert!(json.get("fitting_ttft_ms").is_none());
+    }
+
+    #[test]
+    fn fitting_ttft_counts_only_the_successful_requests_that_fit() {
+        let mut long = outcome(1, Status::Ok, 900, &[10]);
+        long.prompt_tokens = 1000;
+        let replay = Replay {
+            outcomes: vec![
+                outcome(0, Status::Ok, 100, &[10, 20]),
+                long,
+                outcome(2, Status::Http(503), 5, &[]),
+            ],
+            wall: Duration::from_secs(1),
+        };
+        let r = Report::of(&replay).with_fitting(&replay, 100);
+        let fitting = r.fitting_ttft_ms.unwrap();
+        assert_eq!((fitting.p50, fitting.p99), (Some(100.0), Some(100.0)));
+        assert_eq!(r.ttft_ms.p99.map(|v| v > 800.0), Some(true));
     }
 }

@@ -107,6 +107,13 @@ impl GManager {
         self.service.continue_epoch(cluster, epoch);
     }
 
+    /// How many workers the cluster is configured with (its spec's replicas), told to its
+    /// workers so that they accept requests as long as the whole pool can hold before every
+    /// worker is up.
+    pub fn configure_workers(&self, cluster: &str, workers: u32) {
+        self.service.configure_workers(cluster, workers);
+    }
+
     /// The cluster's pool as `GET /v1/pool` would show it; `None` until a worker of the
     /// cluster has reached this gManager.
     pub fn pool(&self, cluster: &str) -> Option<PoolView> {

@@ -39,6 +39,8 @@ struct Inner {
     /// Epochs to continue from, for clusters whose ledger does not exist yet: creating an
     /// empty one would report an empty pool before the workers re-register.
     epoch_floors: Mutex<BTreeMap<String, u64>>,
+    /// Workers each cluster is configured with, as its reconciler last said.
+    configured: Mutex<BTreeMap<String, u32>>,
     metrics: Metrics,
     /// In Kubernetes: the pods a worker id may register from (`identity`).
     pods: Option<PodLookup>,
@@ -54,6 +56,7 @@ impl Service {
                 tokens,
                 ledgers: Mutex::new(BTreeMap::new()),
                 epoch_floors: Mutex::new(BTreeMap::new()),
+                configured: Mutex::default(),
                 metrics: Metrics::default(),
                 pods,
                 addresses: Mutex::default(),
@@ -66,6 +69,22 @@ impl Service {
         self.inner.tokens.remove(cluster);
         self.ledgers().remove(cluster);
         self.addresses().retain(|(c, _), _| c != cluster);
+        self.configured_map().remove(cluster);
+    }
+
+    pub(super) fn configure_workers(&self, cluster: &str, workers: u32) {
+        self.configured_map().insert(cluster.to_owned(), workers);
+    }
+
+    fn configured_workers(&self, cluster: &str) -> u32 {
+        self.configured_map().get(cluster).copied().unwrap_or(0)
+    }
+
+    fn configured_map(&self) -> MutexGuard<'_, BTreeMap<String, u32>> {
+        self.inner
+            .configured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn addresses(&self) -> MutexGuard<'_, BTreeMap<(String, String), IpAddr>> {
@@ -274,6 +293,7 @@ async fn register(
         epoch,
         heartbeat_interval_ms: u64::try_from(s.inner.config.heartbeat_interval.as_millis())
             .unwrap_or(u64::MAX),
+        configured_workers: s.configured_workers(&cluster),
     }))
 }
 
@@ -298,7 +318,11 @@ async fn heartbeat(
         moves = moves.len(),
         "heartbeat"
     );
-    Ok(Json(HeartbeatAck { epoch, moves }))
+    Ok(Json(HeartbeatAck {
+        epoch,
+        moves,
+        configured_workers: s.configured_workers(&cluster),
+    }))
 }
 
 async fn leave(

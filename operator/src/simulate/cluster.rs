@@ -201,7 +201,7 @@ impl<'a> Sim<'a> {
             .max(1.0) as u64;
         for tick in 0..ticks {
             let now = tick as f64 * self.cfg.tick_s;
-            self.arrive(now + self.cfg.tick_s);
+            self.arrive(now);
             if tick % per_round == 0 {
                 self.time_out(now);
                 if self.policy == Policy::Pooled {
@@ -224,12 +224,13 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// Dispatches arrivals before `until` to the less loaded of two random instances (the
-    /// same front door for both policies), or turns away those that can never fit.
-    fn arrive(&mut self, until: f64) {
+    /// Dispatches arrivals up to `now` to the less loaded of two random instances (the same
+    /// front door for both policies), or turns away those that can never fit. None is served
+    /// before it arrives: the tick's work starts at `now`.
+    fn arrive(&mut self, now: f64) {
         let capacity = self.pool_capacity();
         while let Some(r) = self.trace.get(self.next_arrival) {
-            if r.arrival_s >= until {
+            if r.arrival_s > now {
                 break;
             }
             self.next_arrival += 1;

@@ -16,9 +16,10 @@ use crate::gmanager::placement::{Measured, PlacementConfig};
 /// GPU counts `make simulate` reports on.
 pub const SCALES: [usize; 5] = [4, 16, 64, 256, 1024];
 
-/// GPUs per instance of the static configurations compared: one GPU each (independent vLLM
-/// instances), or tensor-parallel groups of two or four.
-pub const STATIC_GPUS: [usize; 3] = [1, 2, 4];
+/// GPUs per instance of the configurations compared, static and pooled alike: one GPU each
+/// (independent vLLM instances), or tensor-parallel groups of two or four. A pool spans
+/// instances of any size, as in the paper, where each instance is itself model-parallel.
+pub const INSTANCE_GPUS: [usize; 3] = [1, 2, 4];
 
 impl ClusterConfig {
     /// `gpus` GPUs of the `measured` figures (`Measured::default()`: an H100 with a Llama-3-8B
@@ -77,10 +78,9 @@ impl ClusterConfig {
 
     /// How the configuration is named in the report.
     pub fn name(&self, policy: Policy) -> String {
-        match (policy, self.gpus_per_instance) {
-            (Policy::Pooled, _) => "pooled".into(),
-            (Policy::Static, 1) => "static".into(),
-            (Policy::Static, g) => format!("static-tp{g}"),
+        match self.gpus_per_instance {
+            1 => policy.name().into(),
+            g => format!("{}-tp{g}", policy.name()),
         }
     }
 }
@@ -89,54 +89,70 @@ impl ClusterConfig {
 pub struct Comparison {
     pub trace: &'static str,
     pub gpus: usize,
-    pub pooled: Outcome,
-    /// Each static configuration that fits the GPU count: its name and outcome.
+    /// Each configuration that fits the GPU count, per policy: its name and outcome.
+    pub pooled: Vec<(String, Outcome)>,
     pub statics: Vec<(String, Outcome)>,
 }
 
+/// The configuration with the most tokens/s; one-GPU instances always fit.
+fn best(runs: &[(String, Outcome)]) -> &(String, Outcome) {
+    runs.iter()
+        .max_by(|a, b| a.1.tokens_per_s.total_cmp(&b.1.tokens_per_s))
+        .expect("one-GPU instances always fit")
+}
+
 impl Comparison {
-    /// The static configuration with the most tokens/s.
-    pub fn best_static(&self) -> &(String, Outcome) {
-        self.statics
-            .iter()
-            .max_by(|a, b| a.1.tokens_per_s.total_cmp(&b.1.tokens_per_s))
-            .expect("one-GPU instances always fit")
+    pub fn best_pooled(&self) -> &(String, Outcome) {
+        best(&self.pooled)
     }
 
-    /// Pooled tokens/s over the best static configuration's.
+    pub fn best_static(&self) -> &(String, Outcome) {
+        best(&self.statics)
+    }
+
+    /// `o`'s tokens/s over the best static configuration's.
+    pub fn ratio_of(&self, o: &Outcome) -> f64 {
+        o.tokens_per_s / self.best_static().1.tokens_per_s.max(f64::MIN_POSITIVE)
+    }
+
+    /// The best pooled configuration's tokens/s over the best static one's.
     pub fn ratio(&self) -> f64 {
-        self.pooled.tokens_per_s / self.best_static().1.tokens_per_s.max(f64::MIN_POSITIVE)
+        self.ratio_of(&self.best_pooled().1)
     }
 }
 
-/// Runs pooled one-GPU instances and each static configuration on the same generated trace
+/// Runs every policy and instance size that fits the GPU count on the same generated trace
 /// (the same arrivals for the same GPUs), side by side on threads.
 pub fn compare(trace: &TraceConfig, gpus: usize, m: &Measured) -> Comparison {
     let requests = trace.generate(gpus);
-    let pooled_cfg = ClusterConfig::measured(gpus, 1, m);
-    let statics: Vec<ClusterConfig> = STATIC_GPUS
+    let configs: Vec<ClusterConfig> = INSTANCE_GPUS
         .iter()
         .filter(|&&g| gpus.is_multiple_of(g))
         .map(|&g| ClusterConfig::measured(gpus, g, m))
         .collect();
-    let run = |cfg: &ClusterConfig, policy| cluster::run(cfg, policy, &requests, trace.duration_s);
-    let (pooled, statics) = std::thread::scope(|s| {
-        let pooled = s.spawn(|| run(&pooled_cfg, Policy::Pooled));
-        let handles: Vec<_> = statics
-            .iter()
-            .map(|c| s.spawn(move || (c.name(Policy::Static), run(c, Policy::Static))))
-            .collect();
-        let statics = handles
-            .into_iter()
-            .map(|h| h.join().expect("a static run panicked"))
-            .collect::<Vec<_>>();
-        (pooled.join().expect("the pooled run panicked"), statics)
-    });
+    let runs = |policy| {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = configs
+                .iter()
+                .map(|c| {
+                    let requests = &requests;
+                    s.spawn(move || {
+                        let out = cluster::run(c, policy, requests, trace.duration_s);
+                        (c.name(policy), out)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a simulated run panicked"))
+                .collect::<Vec<_>>()
+        })
+    };
     Comparison {
         trace: trace.name,
         gpus,
-        pooled,
-        statics,
+        pooled: runs(Policy::Pooled),
+        statics: runs(Policy::Static),
     }
 }
 
@@ -215,13 +231,15 @@ pub fn report(out: &mut impl Write, scales: &[usize], m: &Measured) -> std::io::
     for t in &traces {
         for &n in scales {
             let cmp = compare(t, n, m);
-            let rows = std::iter::once(("pooled".to_owned(), &cmp.pooled))
-                .chain(cmp.statics.iter().map(|(name, o)| (name.clone(), o)));
-            for (name, o) in rows {
-                let pooled = name == "pooled";
+            let rows = cmp
+                .pooled
+                .iter()
+                .map(|r| (true, r))
+                .chain(cmp.statics.iter().map(|r| (false, r)));
+            for (pooled, (name, o)) in rows {
                 let (ratio, round, moved) = if pooled {
                     (
-                        format!("{:.2}x", cmp.ratio()),
+                        format!("{:.2}x", cmp.ratio_of(o)),
                         format!("{:.3}", o.placement_round_ms),
                         o.moved_blocks.to_string(),
                     )
@@ -257,8 +275,9 @@ pub fn report(out: &mut impl Write, scales: &[usize], m: &Measured) -> std::io::
 /// What the summary line reports, gathered row by row.
 #[derive(Default)]
 struct Summary {
-    /// Long trace at 16 and at the largest GPU count: ratio and the best static's name.
-    long: Vec<(usize, f64, String)>,
+    /// Long trace at 16 and at the largest GPU count: ratio and the best configurations'
+    /// names (pooled, static).
+    long: Vec<(usize, f64, String, String)>,
     /// The lowest pooled/best-static ratio over every row, and where.
     worst: Option<(f64, &'static str, usize)>,
     /// The highest pooled/best-static short TTFT ratios (p50, p99), and where.
@@ -270,9 +289,11 @@ struct Summary {
 impl Summary {
     fn add(&mut self, cmp: &Comparison, largest: bool) {
         let ratio = cmp.ratio();
-        let best = cmp.best_static();
+        let (pooled, best) = (&cmp.best_pooled().1, cmp.best_static());
         if cmp.trace == "long" && (cmp.gpus == 16 || largest) {
-            self.long.push((cmp.gpus, ratio, best.0.clone()));
+            let pooled_name = cmp.best_pooled().0.clone();
+            self.long
+                .push((cmp.gpus, ratio, pooled_name, best.0.clone()));
         }
         let keep_min = |slot: &mut Option<(f64, &'static str, usize)>, v: f64| {
             if slot.is_none_or(|(w, _, _)| v < w) {
@@ -288,14 +309,16 @@ impl Summary {
         };
         keep_max(
             &mut self.ttft50,
-            ttft(cmp.pooled.short_ttft_p50_s, best.1.short_ttft_p50_s),
+            ttft(pooled.short_ttft_p50_s, best.1.short_ttft_p50_s),
         );
         keep_max(
             &mut self.ttft99,
-            ttft(cmp.pooled.short_ttft_p99_s, best.1.short_ttft_p99_s),
+            ttft(pooled.short_ttft_p99_s, best.1.short_ttft_p99_s),
         );
         if largest {
-            self.round_ms = self.round_ms.max(cmp.pooled.placement_round_ms);
+            for (_, o) in &cmp.pooled {
+                self.round_ms = self.round_ms.max(o.placement_round_ms);
+            }
         }
     }
 
@@ -303,14 +326,14 @@ impl Summary {
         let long: Vec<String> = self
             .long
             .iter()
-            .map(|(n, r, name)| format!("{r:.2}x at {n} GPUs (best static: {name})"))
+            .map(|(n, r, pooled, name)| format!("{r:.2}x at {n} GPUs ({pooled} against {name})"))
             .collect();
         let at = |s: &Option<(f64, &'static str, usize)>| {
             s.map_or("n/a".into(), |(v, t, n)| format!("{v:.2}x ({t}, {n} GPUs)"))
         };
         format!(
-            "summary: pooled/best static tokens/s on the long trace {}; lowest over all rows {}; \
-             short-prompt TTFT pooled/best static at worst p50 {} p99 {}; placement round at {largest} GPUs {:.2} ms",
+            "summary: best pooled/best static tokens/s on the long trace {}; lowest over all rows {}; \
+             short-prompt TTFT best pooled/best static at worst p50 {} p99 {}; placement round at {largest} GPUs {:.2} ms",
             long.join(", "),
             at(&self.worst),
             at(&self.ttft50),
@@ -388,7 +411,14 @@ mod tests {
             first.contains(&format!("KV {} tokens", m.kv_capacity_tokens())),
             "{first}"
         );
-        for config in ["pooled", "static ", "static-tp2", "static-tp4"] {
+        for config in [
+            "pooled ",
+            "pooled-tp2",
+            "pooled-tp4",
+            "static ",
+            "static-tp2",
+            "static-tp4",
+        ] {
             assert!(text.contains(config), "no {config} row:\n{text}");
         }
         assert!(text.contains("summary: "), "{text}");
