@@ -571,7 +571,12 @@ async fn workers_learn_how_many_workers_their_cluster_is_configured_with() {
     );
     // A scale reaches the workers already registered with their next heartbeat.
     g.manager.configure_workers("local", 5);
-    let ack: HeartbeatAck = g.heartbeat("a", pool(8, 0, 0, 4)).await.json().await.unwrap();
+    let ack: HeartbeatAck = g
+        .heartbeat("a", pool(8, 0, 0, 4))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(ack.configured_workers, 5);
     g.stop().await;
 }

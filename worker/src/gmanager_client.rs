@@ -300,7 +300,11 @@ mod tests {
             lend_cap_blocks: 500,
             ..own
         };
-        assert_eq!(pool_lend_caps(0, 2, &capped), 64, "a cap beyond the pool lends the pool");
+        assert_eq!(
+            pool_lend_caps(0, 2, &capped),
+            64,
+            "a cap beyond the pool lends the pool"
+        );
     }
 
     fn placed(entries: &[(u64, &str, u64)]) -> Placements {

@@ -84,9 +84,10 @@ impl Report {
 
     /// Adds the TTFT of the successful requests of at most `fit_tokens` prompt and output.
     pub fn with_fitting(mut self, replay: &Replay, fit_tokens: usize) -> Self {
-        let fitting = replay.outcomes.iter().filter(|o| {
-            o.status == Status::Ok && o.prompt_tokens + o.max_tokens <= fit_tokens
-        });
+        let fitting = replay
+            .outcomes
+            .iter()
+            .filter(|o| o.status == Status::Ok && o.prompt_tokens + o.max_tokens <= fit_tokens);
         self.fitting_ttft_ms = Some(Summary::of(
             fitting.filter_map(|o| o.ttft.as_ref()).map(ms).collect(),
         ));
