@@ -4,8 +4,11 @@
 //! the home's blocks and hands them to the home in a heartbeat answer (the home migrates them
 //! while the requests decode), and the home borrows on it as its requests grow (the advice
 //! names it within a heartbeat, and borrowing needs no placement round, so it often wins).
-//! Either way every text is a single big worker's, and what the home migrated is what the
-//! gManager reports. (With a lender there from the start: `local_growth`.)
+//! Which of them happens, if any before the requests end, depends on timing (it varies from run
+//! to run on a loaded machine), so the test asserts what holds in every case: every text is a
+//! single big worker's, the newcomer migrates nothing of its own, its loans come back, and what
+//! the home migrated is what the gManager reports. (With a lender there from the start, the
+//! borrowing is asserted: `local_growth`.)
 
 mod local_support;
 
@@ -49,7 +52,7 @@ async fn run_all(client: &reqwest::Client, base: &str, long_new_tokens: usize) -
 const LATE_LONG_NEW_TOKENS: usize = 700;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_started_later_takes_the_debtors_blocks() {
+async fn a_worker_joining_mid_request_changes_no_text_and_the_ledger_agrees() {
     let (_dir, model) = demo_model();
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let reference = start_pool(&model, 1, 512, &[]);
@@ -79,10 +82,6 @@ async fn a_worker_started_later_takes_the_debtors_blocks() {
     let got = requests.await.unwrap();
     let took = started.elapsed();
     assert_eq!(got, want, "the texts of one big worker");
-    assert!(
-        held > 0.0,
-        "the worker started later held the home's blocks (moved or lent)"
-    );
     let migrated = metric(&client, &home, "ilm_kv_migrated_blocks_total").await;
     assert_eq!(
         metric(&client, &late_url, "ilm_kv_migrated_blocks_total").await,
