@@ -273,13 +273,19 @@ PROMPT_SENTENCE = (
 
 
 def prompt_of(tokens_wanted, reference):
-    """A prompt of about `tokens_wanted` tokens of the demo tokenizer (counted by the
-    reference worker), so that the request's size relative to a worker's pool is known."""
-    per = reference.completions.create(
-        model=DEMO, prompt=PROMPT_SENTENCE, max_tokens=1
-    ).usage.prompt_tokens
-    text = PROMPT_SENTENCE * max(1, tokens_wanted // per)
-    return text, reference.completions.create(model=DEMO, prompt=text, max_tokens=1).usage.prompt_tokens
+    """A prompt of at least `tokens_wanted` tokens of the demo tokenizer (counted by the
+    reference worker), so that the request's size relative to a worker's pool is known.
+    Returns it and its exact token count."""
+    def count(text):
+        return reference.completions.create(model=DEMO, prompt=text, max_tokens=1).usage.prompt_tokens
+
+    # What one more sentence adds, apart from what every prompt carries (BOS).
+    one = count(PROMPT_SENTENCE)
+    per = count(PROMPT_SENTENCE * 2) - one
+    text = PROMPT_SENTENCE * (1 + max(0, -(-(tokens_wanted - one) // per)))
+    tokens = count(text)
+    assert tokens >= tokens_wanted, (tokens, tokens_wanted)
+    return text, tokens
 
 
 class Load:
