@@ -75,6 +75,9 @@ pub struct Outcome {
     pub tokens_per_s: f64,
     /// Output tokens alone.
     pub output_tokens_per_s: f64,
+    /// Prompt and output tokens of every request that arrived, per second over the trace's
+    /// duration: the most any configuration can process, the roofline of `tokens_per_s`.
+    pub offered_tokens_per_s: f64,
     pub p50_latency_s: f64,
     pub p99_latency_s: f64,
     /// Time to first token of requests with prompts under [`SHORT_PROMPT_TOKENS`].
@@ -158,6 +161,7 @@ struct Sim<'a> {
     next_arrival: usize,
     tokens: f64,
     output_tokens: f64,
+    offered: f64,
     latencies: Vec<f64>,
     short_ttfts: Vec<f64>,
     out: Outcome,
@@ -186,6 +190,7 @@ impl<'a> Sim<'a> {
             next_arrival: 0,
             tokens: 0.0,
             output_tokens: 0.0,
+            offered: 0.0,
             latencies: Vec::new(),
             short_ttfts: Vec::new(),
             out: Outcome::default(),
@@ -235,6 +240,7 @@ impl<'a> Sim<'a> {
             }
             self.next_arrival += 1;
             self.out.arrived += 1;
+            self.offered += (r.prompt_tokens + r.output_tokens) as f64;
             let limit_blocks = (r.prompt_tokens + r.output_tokens).div_ceil(self.cfg.block_tokens);
             if limit_blocks > capacity {
                 self.out.rejected += 1;
@@ -621,6 +627,7 @@ impl<'a> Sim<'a> {
     fn finish(mut self, duration_s: f64) -> Outcome {
         self.out.tokens_per_s = self.tokens / duration_s;
         self.out.output_tokens_per_s = self.output_tokens / duration_s;
+        self.out.offered_tokens_per_s = self.offered / duration_s;
         let pick = |v: &mut Vec<f64>, q: f64| {
             if v.is_empty() {
                 return 0.0;

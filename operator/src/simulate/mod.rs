@@ -210,11 +210,12 @@ pub fn report(out: &mut impl Write, scales: &[usize], m: &Measured) -> std::io::
     }
     writeln!(
         out,
-        "{:<6} {:>5} {:<12} {:>11} {:>10} {:>8} {:>8} {:>7} {:>7} {:>8} {:>8} {:>9} {:>9} {:>8}",
+        "{:<6} {:>5} {:<12} {:>11} {:>8} {:>10} {:>8} {:>8} {:>7} {:>7} {:>8} {:>8} {:>9} {:>9} {:>8}",
         "trace",
         "GPUs",
         "config",
         "tokens/s",
+        "offered",
         "output/s",
         "arrived",
         "rejected",
@@ -248,11 +249,12 @@ pub fn report(out: &mut impl Write, scales: &[usize], m: &Measured) -> std::io::
                 };
                 writeln!(
                     out,
-                    "{:<6} {:>5} {:<12} {:>11.0} {:>10.0} {:>8} {:>8} {:>7.1} {:>7.1} {:>8.2} {:>8.2} {:>9} {:>9} {:>8}",
+                    "{:<6} {:>5} {:<12} {:>11.0} {:>7.0}% {:>10.0} {:>8} {:>8} {:>7.1} {:>7.1} {:>8.2} {:>8.2} {:>9} {:>9} {:>8}",
                     t.name,
                     n,
                     name,
                     o.tokens_per_s,
+                    100.0 * o.tokens_per_s / o.offered_tokens_per_s.max(f64::MIN_POSITIVE),
                     o.output_tokens_per_s,
                     o.arrived,
                     o.rejected,
@@ -275,9 +277,9 @@ pub fn report(out: &mut impl Write, scales: &[usize], m: &Measured) -> std::io::
 /// What the summary line reports, gathered row by row.
 #[derive(Default)]
 struct Summary {
-    /// Long trace at 16 and at the largest GPU count: ratio and the best configurations'
-    /// names (pooled, static).
-    long: Vec<(usize, f64, String, String)>,
+    /// Long trace at 16 and at the largest GPU count: ratio, the best configurations' names
+    /// (pooled, static), and the ratio's ceiling (the offered load over the best static).
+    long: Vec<(usize, f64, String, String, f64)>,
     /// The lowest pooled/best-static ratio over every row, and where.
     worst: Option<(f64, &'static str, usize)>,
     /// The highest pooled/best-static short TTFT ratios (p50, p99), and where.
@@ -292,8 +294,9 @@ impl Summary {
         let (pooled, best) = (&cmp.best_pooled().1, cmp.best_static());
         if cmp.trace == "long" && (cmp.gpus == 16 || largest) {
             let pooled_name = cmp.best_pooled().0.clone();
+            let ceiling = best.1.offered_tokens_per_s / best.1.tokens_per_s.max(f64::MIN_POSITIVE);
             self.long
-                .push((cmp.gpus, ratio, pooled_name, best.0.clone()));
+                .push((cmp.gpus, ratio, pooled_name, best.0.clone(), ceiling));
         }
         let keep_min = |slot: &mut Option<(f64, &'static str, usize)>, v: f64| {
             if slot.is_none_or(|(w, _, _)| v < w) {
@@ -326,7 +329,11 @@ impl Summary {
         let long: Vec<String> = self
             .long
             .iter()
-            .map(|(n, r, pooled, name)| format!("{r:.2}x at {n} GPUs ({pooled} against {name})"))
+            .map(|(n, r, pooled, name, ceiling)| {
+                format!(
+                    "{r:.2}x at {n} GPUs ({pooled} against {name}; all offered tokens would be {ceiling:.2}x)"
+                )
+            })
             .collect();
         let at = |s: &Option<(f64, &'static str, usize)>| {
             s.map_or("n/a".into(), |(v, t, n)| format!("{v:.2}x ({t}, {n} GPUs)"))
@@ -385,6 +392,14 @@ mod tests {
         );
         assert!(p.rejected < s.rejected, "{s:?} {p:?}");
         assert!(p.tokens_per_s > s.tokens_per_s, "{s:?} {p:?}");
+        assert_eq!(
+            s.offered_tokens_per_s, p.offered_tokens_per_s,
+            "the same trace"
+        );
+        assert!(
+            p.tokens_per_s <= p.offered_tokens_per_s * (1.0 + 1e-9),
+            "{p:?}"
+        );
         assert_eq!(s.arrived, p.arrived, "the same trace");
     }
 
@@ -462,6 +477,11 @@ mod tests {
         for policy in [Policy::Static, Policy::Pooled] {
             let out = cluster::run(&cluster, policy, &requests, 60.0);
             assert_eq!(out.completed, 1);
+            let served = out.tokens_per_s / out.offered_tokens_per_s;
+            assert!(
+                (served - 1.0).abs() < 1e-9,
+                "all it was offered is served: {out:?}"
+            );
             let error = (out.p50_latency_s - expected).abs() / expected;
             assert!(
                 error < 0.02,
