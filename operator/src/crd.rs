@@ -294,6 +294,11 @@ pub struct SchedulingSpec {
     #[serde(default = "default_long_prefill_share")]
     #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("scheduling.longPrefillShare must be in (0, 1]"))]
     pub long_prefill_share: f64,
+    /// The most attention (query, key) pairs one long prefill chunk does in a step shared
+    /// with other requests, so steps stay short deep into a long context (0: no bound).
+    #[serde(default = "default_long_prefill_pairs")]
+    #[schemars(range(min = 0))]
+    pub long_prefill_pairs: i64,
     /// How long a request may wait for KV blocks before it gets a retryable 503.
     #[serde(default = "default_queue_timeout")]
     #[schemars(range(min = 1, max = 3600))]
@@ -306,6 +311,7 @@ impl Default for SchedulingSpec {
             max_batched_tokens: default_max_batched_tokens(),
             long_prefill_tokens: default_long_prefill_tokens(),
             long_prefill_share: default_long_prefill_share(),
+            long_prefill_pairs: default_long_prefill_pairs(),
             queue_timeout_seconds: default_queue_timeout(),
         }
     }
@@ -322,6 +328,10 @@ fn default_long_prefill_tokens() -> i32 {
 
 fn default_long_prefill_share() -> f64 {
     infinite_llm_policy::StepRule::default().long_prefill_share
+}
+
+fn default_long_prefill_pairs() -> i64 {
+    infinite_llm_policy::StepRule::default().long_prefill_pairs as i64
 }
 
 fn default_queue_timeout() -> i32 {

@@ -19,6 +19,11 @@ pub struct StepRule {
     pub long_prefill_tokens: usize,
     /// The most of a step's budget one long prefill takes while other work wants the step.
     pub long_prefill_share: f64,
+    /// The most attention (query, key) pairs one long prefill chunk does in a step shared with
+    /// other work (0: no bound). A chunk's attention grows with the context before it, so at
+    /// hundreds of thousands of tokens a token cap alone still makes steps that last a second,
+    /// and every decode and short prompt at that worker (or borrowing from it) waits that long.
+    pub long_prefill_pairs: u64,
 }
 
 impl Default for StepRule {
@@ -27,6 +32,8 @@ impl Default for StepRule {
             max_batched_tokens: 512,
             long_prefill_tokens: 256,
             long_prefill_share: 0.5,
+            // A 2,048-token chunk over a 14K context: tens of milliseconds on an H100.
+            long_prefill_pairs: 32 << 20,
         }
     }
 }
@@ -49,12 +56,15 @@ pub struct Want {
     pub pending: usize,
     /// Its prompt is in the cache: it wants one token to decode.
     pub decode: bool,
+    /// Tokens already in the cache, which a prefill chunk attends over.
+    pub context: usize,
 }
 
 /// Shares a step's budget over `wants` (given oldest first): decodes first, then prefill chunks
 /// of short prompts, then of long ones, each group in the order given; while anything else wants
-/// the step, a long prefill takes at most [`StepRule::long_prefill_cap`] tokens, so short
-/// requests stay fast beside long ones. Returns (index into `wants`, tokens) in serving order;
+/// the step, a long prefill takes at most [`StepRule::long_prefill_cap`] tokens, and no more
+/// than [`StepRule::long_prefill_pairs`] of attention (at least a token), so short requests
+/// stay fast beside long ones. Returns (index into `wants`, tokens) in serving order;
 /// requests that get nothing this step are left out.
 pub fn share_step(rule: &StepRule, wants: &[Want]) -> Vec<(usize, usize)> {
     let group = |i: &usize| {
@@ -79,11 +89,22 @@ pub fn share_step(rule: &StepRule, wants: &[Want]) -> Vec<(usize, usize)> {
         let mut n = w.pending.min(budget);
         if contended && rule.is_long(w) {
             n = n.min(rule.long_prefill_cap());
+            if rule.long_prefill_pairs > 0 {
+                n = n
+                    .min(pairs_chunk(rule.long_prefill_pairs, w.context))
+                    .max(1);
+            }
         }
         out.push((i, n));
         budget -= n;
     }
     out
+}
+
+/// The largest chunk `n` whose attention, n x (context + n) pairs, stays within `pairs`.
+fn pairs_chunk(pairs: u64, context: usize) -> usize {
+    let c = context as f64;
+    (((c * c + 4.0 * pairs as f64).sqrt() - c) / 2.0) as usize
 }
 
 /// Blocks a request borrows in one round when it lacks `short` blocks and may grow by at most
@@ -113,6 +134,7 @@ mod tests {
             max_batched_tokens: budget,
             long_prefill_tokens: 100,
             long_prefill_share: 0.25,
+            long_prefill_pairs: 0,
         }
     }
 
@@ -120,12 +142,14 @@ mod tests {
         Want {
             pending,
             decode: false,
+            context: 0,
         }
     }
 
     const DECODE: Want = Want {
         pending: 1,
         decode: true,
+        context: 10,
     };
 
     #[test]
@@ -146,6 +170,43 @@ mod tests {
         let plan = share_step(&rule(64), &wants);
         assert_eq!(plan, [(0, 1), (2, 63)]);
         assert_eq!(plan.iter().map(|p| p.1).sum::<usize>(), 64);
+    }
+
+    #[test]
+    fn a_long_prefill_deep_in_its_context_takes_a_smaller_chunk_when_shared() {
+        let rule = StepRule {
+            long_prefill_pairs: 100 * 1100,
+            ..rule(512)
+        };
+        let deep = Want {
+            context: 1000,
+            ..prefill(5000)
+        };
+        // 100 x (1000 + 100) pairs: the largest chunk within the bound.
+        assert_eq!(share_step(&rule, &[DECODE, deep]), [(0, 1), (1, 100)]);
+        let shallow = Want {
+            context: 10,
+            ..prefill(5000)
+        };
+        assert_eq!(
+            share_step(&rule, &[DECODE, shallow]),
+            [(0, 1), (1, 128)],
+            "the token cap binds first"
+        );
+        assert_eq!(
+            share_step(&rule, &[deep]),
+            [(0, 512)],
+            "alone, it takes the step"
+        );
+        let far = Want {
+            context: 10_000_000,
+            ..prefill(5000)
+        };
+        assert_eq!(
+            share_step(&rule, &[DECODE, far]),
+            [(0, 1), (1, 1)],
+            "always a token"
+        );
     }
 
     #[test]

@@ -281,6 +281,7 @@ impl Scheduler {
                 Want {
                     pending,
                     decode: pending == 1 && s.table.tokens() > 0,
+                    context: s.table.tokens(),
                 }
             })
             .collect();
@@ -653,6 +654,7 @@ mod tests {
                     max_batched_tokens: max_tokens,
                     long_prefill_tokens: 1000,
                     long_prefill_share: 0.5,
+                    long_prefill_pairs: 0,
                 },
             },
             RManager::new(blocks, 0.5),
@@ -731,6 +733,7 @@ mod tests {
                     max_batched_tokens: 16,
                     long_prefill_tokens: 8,
                     long_prefill_share: 0.25,
+                    long_prefill_pairs: 0,
                 },
             },
             RManager::new(64, 0.5),

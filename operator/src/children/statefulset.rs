@@ -226,6 +226,10 @@ fn env(ilc: &InfiniteLLMCluster, settings: &Settings, token_file: &str) -> Vec<E
             sched.long_prefill_share.to_string(),
         ),
         value(
+            "ILM_LONG_PREFILL_PAIRS",
+            sched.long_prefill_pairs.to_string(),
+        ),
+        value(
             "ILM_QUEUE_TIMEOUT_SECS",
             sched.queue_timeout_seconds.to_string(),
         ),
@@ -490,7 +494,7 @@ mod tests {
             "model": {"servedName": "m", "source": {"image": {"reference": "r", "path": "/w/"}}},
             "workers": {"image": "img", "gpusPerWorker": 1},
             "kvCache": {"maxBlocks": 100},
-            "scheduling": {"maxBatchedTokens": 2048, "longPrefillShare": 1.0},
+            "scheduling": {"maxBatchedTokens": 2048, "longPrefillShare": 1.0, "longPrefillPairs": 0},
             "api": {"port": 9000, "apiKeySecret": {"name": "k", "key": "key"}}
         }));
         let sts = build(&ilc, &Names::new("c"), &settings());
@@ -499,6 +503,7 @@ mod tests {
         assert_eq!(env_value(c, "ILM_MAX_BATCHED_TOKENS"), Some("2048"));
         // The worker reads "1" as 1.0: a long prefill may take whole steps.
         assert_eq!(env_value(c, "ILM_LONG_PREFILL_SHARE"), Some("1"));
+        assert_eq!(env_value(c, "ILM_LONG_PREFILL_PAIRS"), Some("0"));
         assert_eq!(env_value(c, "ILM_WRITE_DEMO_MODEL"), None);
         assert_eq!(env_value(c, "ILM_MODEL"), Some("/models/w"));
         assert_eq!(env_value(c, "ILM_PORT"), Some("9000"));

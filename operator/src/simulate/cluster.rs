@@ -338,11 +338,13 @@ impl<'a> Sim<'a> {
             Want {
                 pending: 1,
                 decode: true,
+                context: req.context() as usize,
             }
         } else {
             Want {
                 pending: (req.target - req.prefilled).ceil() as usize,
                 decode: false,
+                context: req.prefilled as usize,
             }
         }
     }

@@ -65,6 +65,7 @@ impl ClusterConfig {
                 max_batched_tokens: 2048,
                 long_prefill_tokens: 2048,
                 long_prefill_share: 0.5,
+                long_prefill_pairs: StepRule::default().long_prefill_pairs,
             },
             max_num_seqs: 256,
             step_overhead,
@@ -177,11 +178,13 @@ pub fn report(out: &mut impl Write, scales: &[usize], m: &Measured) -> std::io::
     let r = base.rule;
     writeln!(
         out,
-        "step rule: {} tokens, decodes first, prompts over {} tokens after shorter ones and at most {:.0}% of a shared step; \
+        "step rule: {} tokens, decodes first, prompts over {} tokens after shorter ones and at most {:.0}% of a shared step \
+         and {} attention pairs; \
          KV grows as tokens arrive (a batch of {} blocks borrowed at once); {} requests per instance; queue limit {} s",
         r.max_batched_tokens,
         r.long_prefill_tokens,
         r.long_prefill_share * 100.0,
+        r.long_prefill_pairs,
         infinite_llm_policy::BORROW_BATCH_BLOCKS,
         base.max_num_seqs,
         base.queue_timeout_s,

@@ -46,6 +46,10 @@ pub struct EngineArgs {
     /// the step (0 to 1).
     #[arg(long, env = "ILM_LONG_PREFILL_SHARE", default_value_t = StepRule::default().long_prefill_share)]
     pub long_prefill_share: f64,
+    /// The most attention (query, key) pairs one long prefill chunk does in a step shared
+    /// with other requests, so steps stay short deep into a long context (0: no bound).
+    #[arg(long, env = "ILM_LONG_PREFILL_PAIRS", default_value_t = StepRule::default().long_prefill_pairs)]
+    pub long_prefill_pairs: u64,
     /// Most requests queued before new ones get 429.
     #[arg(long, env = "ILM_MAX_WAITING", default_value_t = EngineOptions::default().max_waiting)]
     pub max_waiting: usize,
@@ -83,6 +87,7 @@ impl EngineArgs {
                 max_batched_tokens: self.max_batched_tokens,
                 long_prefill_tokens: self.long_prefill_tokens,
                 long_prefill_share: self.long_prefill_share,
+                long_prefill_pairs: self.long_prefill_pairs,
             },
             max_waiting: self.max_waiting,
             lend_fraction: self.lend_fraction,
@@ -104,6 +109,7 @@ impl EngineArgs {
             format!("--max-waiting={}", self.max_waiting),
             format!("--long-prefill-tokens={}", self.long_prefill_tokens),
             format!("--long-prefill-share={}", self.long_prefill_share),
+            format!("--long-prefill-pairs={}", self.long_prefill_pairs),
             format!("--lend-fraction={}", self.lend_fraction),
             format!("--queue-timeout-secs={}", self.queue_timeout_secs),
             format!("--pool-workers={}", self.pool_workers),
