@@ -666,6 +666,15 @@ impl Exchange for LayerExchange<'_> {
         self.wait_for(&mut || Ok(true))
     }
 
+    fn poll(&mut self) -> Waited {
+        while let Ok(m) = self.inbox.try_recv() {
+            if let Some(serve) = self.take(m) {
+                return serve;
+            }
+        }
+        Waited::Done(Vec::new())
+    }
+
     fn settle(&mut self, done: &mut dyn FnMut() -> Result<bool, String>) -> Waited {
         self.wait_for(done)
     }
@@ -728,55 +737,65 @@ impl LayerExchange<'_> {
                     Err(_) => continue,
                 }
             };
-            let Some(m) = self.link.intercept(m) else {
-                let lost = self
-                    .outstanding
-                    .values()
-                    .find(|&&p| !self.link.peers.is_alive(p));
-                if let Some(&peer) = lost {
-                    self.failed = Some(format!("creditor {} lost", self.link.peers.worker(peer)));
+            if let Some(serve) = self.take(m) {
+                return serve;
+            }
+        }
+    }
+
+    /// Handles one message that arrived during the step: replies to this step's calls are
+    /// kept, other homes' requests are answered (an attention call is returned, to be served
+    /// with the cache) or deferred, requests submitted are stashed.
+    fn take(&mut self, m: Inbox) -> Option<Waited> {
+        let Some(m) = self.link.intercept(m) else {
+            let lost = self
+                .outstanding
+                .values()
+                .find(|&&p| !self.link.peers.is_alive(p));
+            if let Some(&peer) = lost {
+                self.failed = Some(format!("creditor {} lost", self.link.peers.worker(peer)));
+            }
+            return None;
+        };
+        match m {
+            Inbox::Submit(s) => self.stash.push(s),
+            // The engine looks at the drain flag between steps.
+            Inbox::Drain => {}
+            Inbox::Peer(Incoming::Reply {
+                msg: PeerMsg::AttnOut { call, parts },
+                ..
+            }) => {
+                if let Some(peer) = self.outstanding.remove(&call) {
+                    self.done.push((peer, parts));
                 }
-                continue;
-            };
-            match m {
-                Inbox::Submit(s) => self.stash.push(s),
-                // The engine looks at the drain flag between steps.
-                Inbox::Drain => {}
-                Inbox::Peer(Incoming::Reply {
-                    msg: PeerMsg::AttnOut { call, parts },
-                    ..
-                }) => {
-                    if let Some(peer) = self.outstanding.remove(&call) {
-                        self.done.push((peer, parts));
-                    }
+            }
+            // A creditor that no longer holds the blocks it lent is as good as lost.
+            Inbox::Peer(Incoming::Reply {
+                peer,
+                msg: PeerMsg::Failure { call, message },
+            }) => {
+                if self.outstanding.remove(&call).is_some() {
+                    self.link.lost(peer, &message);
+                    self.failed = Some(message);
                 }
-                // A creditor that no longer holds the blocks it lent is as good as lost.
-                Inbox::Peer(Incoming::Reply {
-                    peer,
-                    msg: PeerMsg::Failure { call, message },
-                }) => {
-                    if self.outstanding.remove(&call).is_some() {
-                        self.link.lost(peer, &message);
-                        self.failed = Some(message);
+            }
+            Inbox::Peer(Incoming::Reply { .. } | Incoming::Lost { .. }) => {}
+            Inbox::Peer(Incoming::Gone { from }) => take_back_loans(self.rm, &from),
+            Inbox::Peer(Incoming::Request { from, msg, reply }) => {
+                match serve_pool_request(self.rm, from, msg, reply) {
+                    Some(KvWork::Attn { call, attn, reply }) => {
+                        let link = reply.link();
+                        return Some(Waited::Serve(
+                            attn,
+                            link,
+                            Box::new(move |answer| reply.send(&attn_answer(call, answer))),
+                        ));
                     }
-                }
-                Inbox::Peer(Incoming::Reply { .. } | Incoming::Lost { .. }) => {}
-                Inbox::Peer(Incoming::Gone { from }) => take_back_loans(self.rm, &from),
-                Inbox::Peer(Incoming::Request { from, msg, reply }) => {
-                    match serve_pool_request(self.rm, from, msg, reply) {
-                        Some(KvWork::Attn { call, attn, reply }) => {
-                            let link = reply.link();
-                            return Waited::Serve(
-                                attn,
-                                link,
-                                Box::new(move |answer| reply.send(&attn_answer(call, answer))),
-                            );
-                        }
-                        Some(copy) => self.deferred.push(copy),
-                        None => {}
-                    }
+                    Some(copy) => self.deferred.push(copy),
+                    None => {}
                 }
             }
         }
+        None
     }
 }

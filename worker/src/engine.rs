@@ -987,8 +987,12 @@ impl<B: Backend> Runner<B> {
         };
         let mut local = NoExchange;
         let mut pooled;
+        // A worker that lends answers its borrowers' attention calls between the layers of its
+        // own steps, not after them: each layer of a borrower's step waits on that answer. A
+        // device with direct links queues its step whole and answers linked calls after it.
+        let lends = self.scheduler.rmanager().lent() > 0 && !self.model.backend().has_links();
         let exchange: &mut dyn Exchange = match self.link.as_mut() {
-            Some(link) if !step.remote.is_empty() => {
+            Some(link) if !step.remote.is_empty() || lends => {
                 pooled = LayerExchange::new(
                     link,
                     rx,

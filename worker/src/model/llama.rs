@@ -92,6 +92,11 @@ pub trait Exchange {
     }
     /// A creditor's link failed: it is as good as lost.
     fn link_failed(&mut self, _peer: u16, _why: &str) {}
+    /// An attention call of another home that arrived meanwhile, answered between layers so
+    /// that its step does not wait for the whole of this one (`Done` once none is waiting).
+    fn poll(&mut self) -> Waited {
+        Waited::Done(Vec::new())
+    }
     /// Waits for every creditor's answer and for `done` (the device's side of a step queued
     /// whole), within the peer timeout. Without peers to serve, it only looks at `done` until it holds.
     fn settle(&mut self, done: &mut dyn FnMut() -> Result<bool, String>) -> Waited {
@@ -483,6 +488,11 @@ impl<B: Backend> Llama<B> {
                 if let Err(e) = b.link_merge(&link_refs, &mut s.attn, &mut s.lse, h, hd) {
                     return Err(fail_links(exchange, &e.to_string()));
                 }
+            }
+            // Homes that borrowed here wait on these answers layer by layer: served between
+            // layers, not after the step (a step queued whole on the device is not paused).
+            if !linked {
+                serving(b, kv, shape, layers.len(), || exchange.poll()).map_err(RemoteError)?;
             }
             if inline {
                 let replies =
