@@ -64,9 +64,11 @@ pub struct Want {
 /// of short prompts, then of long ones, each group in the order given; while anything else wants
 /// the step, a long prefill takes at most [`StepRule::long_prefill_cap`] tokens, and no more
 /// than [`StepRule::long_prefill_pairs`] of attention (at least a token), so short requests
-/// stay fast beside long ones. Returns (index into `wants`, tokens) in serving order;
-/// requests that get nothing this step are left out.
-pub fn share_step(rule: &StepRule, wants: &[Want]) -> Vec<(usize, usize)> {
+/// stay fast beside long ones. A worker that `lends` never has a step to itself: its
+/// borrowers' steps wait for its steps, so there a long prefill keeps within both bounds even
+/// as the only request. Returns (index into `wants`, tokens) in serving order; requests that
+/// get nothing this step are left out.
+pub fn share_step(rule: &StepRule, wants: &[Want], lends: bool) -> Vec<(usize, usize)> {
     let group = |i: &usize| {
         let w = &wants[*i];
         match (w.decode, rule.is_long(w)) {
@@ -78,7 +80,7 @@ pub fn share_step(rule: &StepRule, wants: &[Want]) -> Vec<(usize, usize)> {
     let mut order: Vec<usize> = (0..wants.len()).filter(|&i| wants[i].pending > 0).collect();
     // Stable: the order given holds within each group.
     order.sort_by_key(group);
-    let contended = order.len() > 1;
+    let contended = lends || order.len() > 1;
     let mut budget = rule.max_batched_tokens;
     let mut out = Vec::new();
     for i in order {
@@ -155,19 +157,19 @@ mod tests {
     #[test]
     fn decodes_go_first_then_short_prompts_then_long_ones() {
         let wants = [prefill(1000), prefill(20), DECODE, prefill(30), DECODE];
-        let plan = share_step(&rule(512), &wants);
+        let plan = share_step(&rule(512), &wants, false);
         assert_eq!(plan, [(2, 1), (4, 1), (1, 20), (3, 30), (0, 128)]);
     }
 
     #[test]
     fn a_long_prefill_alone_takes_the_whole_budget() {
-        assert_eq!(share_step(&rule(512), &[prefill(1000)]), [(0, 512)]);
+        assert_eq!(share_step(&rule(512), &[prefill(1000)], false), [(0, 512)]);
     }
 
     #[test]
     fn the_budget_bounds_the_step_and_nothing_is_planned_empty() {
         let wants = [DECODE, prefill(0), prefill(90), prefill(50)];
-        let plan = share_step(&rule(64), &wants);
+        let plan = share_step(&rule(64), &wants, false);
         assert_eq!(plan, [(0, 1), (2, 63)]);
         assert_eq!(plan.iter().map(|p| p.1).sum::<usize>(), 64);
     }
@@ -183,27 +185,35 @@ mod tests {
             ..prefill(5000)
         };
         // 100 x (1000 + 100) pairs: the largest chunk within the bound.
-        assert_eq!(share_step(&rule, &[DECODE, deep]), [(0, 1), (1, 100)]);
+        assert_eq!(
+            share_step(&rule, &[DECODE, deep], false),
+            [(0, 1), (1, 100)]
+        );
         let shallow = Want {
             context: 10,
             ..prefill(5000)
         };
         assert_eq!(
-            share_step(&rule, &[DECODE, shallow]),
+            share_step(&rule, &[DECODE, shallow], false),
             [(0, 1), (1, 128)],
             "the token cap binds first"
         );
         assert_eq!(
-            share_step(&rule, &[deep]),
+            share_step(&rule, &[deep], false),
             [(0, 512)],
             "alone, it takes the step"
+        );
+        assert_eq!(
+            share_step(&rule, &[deep], true),
+            [(0, 100)],
+            "never alone at a worker that lends"
         );
         let far = Want {
             context: 10_000_000,
             ..prefill(5000)
         };
         assert_eq!(
-            share_step(&rule, &[DECODE, far]),
+            share_step(&rule, &[DECODE, far], false),
             [(0, 1), (1, 1)],
             "always a token"
         );

@@ -326,7 +326,7 @@ impl Scheduler {
         let (ids, wants) = self.candidates();
         let mut free = self.rm.free();
         let mut out = Vec::new();
-        for (i, n) in share_step(&self.cfg.rule, &wants) {
+        for (i, n) in share_step(&self.cfg.rule, &wants, self.rm.lent() > 0) {
             let id = ids[i];
             if free < self.resume_bar(id) {
                 continue;
@@ -350,7 +350,7 @@ impl Scheduler {
         let mut step = Step::default();
         let (ids, wants) = self.candidates();
         let mut planned: Vec<(SeqId, usize)> = Vec::new();
-        for (i, want) in share_step(&self.cfg.rule, &wants) {
+        for (i, want) in share_step(&self.cfg.rule, &wants, self.rm.lent() > 0) {
             let id = ids[i];
             if step.preempted.contains(&id) {
                 continue;
@@ -818,6 +818,28 @@ mod tests {
         let step = s.schedule();
         assert_eq!(step.preempted, [5]);
         assert_eq!(step.items[0].seq, 3, "the older request takes the blocks");
+    }
+
+    #[test]
+    fn a_worker_that_lends_keeps_its_lone_long_prefill_to_the_shared_cap() {
+        let mut s = Scheduler::new(
+            SchedulerConfig {
+                block_tokens: 4,
+                max_num_seqs: 8,
+                rule: StepRule {
+                    max_batched_tokens: 16,
+                    long_prefill_tokens: 8,
+                    long_prefill_share: 0.5,
+                    long_prefill_pairs: 0,
+                },
+            },
+            RManager::new(32, 0.5),
+        );
+        s.add(1, (0..40).collect(), 1);
+        assert_eq!(drive(&mut s, 1)[0].items[0].positions, 0..16, "alone");
+        // Another home's request now waits on this worker's steps.
+        s.rmanager_mut().lend_up_to(("w1".into(), 9), 2).unwrap();
+        assert_eq!(drive(&mut s, 1)[0].items[0].positions, 16..24);
     }
 
     #[test]

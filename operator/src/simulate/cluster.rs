@@ -431,7 +431,7 @@ impl<'a> Sim<'a> {
                 .take(room)
                 .collect();
             let wants: Vec<Want> = ids.iter().map(|&r| self.want(r)).collect();
-            for (i, n) in share_step(&self.cfg.rule, &wants) {
+            for (i, n) in share_step(&self.cfg.rule, &wants, self.workers[home].lent > 0) {
                 let r = ids[i];
                 let w = &self.workers[home];
                 if self.reqs[r].yielded {
@@ -471,7 +471,7 @@ impl<'a> Sim<'a> {
             let running = self.workers[home].running.clone();
             let wants: Vec<Want> = running.iter().map(|&r| self.want(r)).collect();
             plans.push(
-                share_step(&self.cfg.rule, &wants)
+                share_step(&self.cfg.rule, &wants, self.workers[home].lent > 0)
                     .into_iter()
                     .map(|(i, t)| (running[i], t))
                     .collect(),

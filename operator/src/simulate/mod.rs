@@ -120,6 +120,18 @@ impl Comparison {
     pub fn ratio(&self) -> f64 {
         self.ratio_of(&self.best_pooled().1)
     }
+
+    /// Pooled over static tokens/s with one-GPU instances on both sides: the workers the
+    /// operator deploys (one GPU each) against independent one-GPU vLLM-style instances.
+    pub fn one_gpu_ratio(&self) -> f64 {
+        let one = |runs: &[(String, Outcome)], policy: Policy| {
+            runs.iter()
+                .find(|(name, _)| name == policy.name())
+                .map_or(0.0, |(_, o)| o.tokens_per_s)
+        };
+        one(&self.pooled, Policy::Pooled)
+            / one(&self.statics, Policy::Static).max(f64::MIN_POSITIVE)
+    }
 }
 
 /// Runs every policy and instance size that fits the GPU count on the same generated trace
@@ -288,6 +300,10 @@ struct Summary {
     /// The highest pooled/best-static short TTFT ratios (p50, p99), and where.
     ttft50: Option<(f64, &'static str, usize)>,
     ttft99: Option<(f64, &'static str, usize)>,
+    /// One-GPU pooled over one-GPU static on the long trace at 16 and the largest count, and
+    /// the lowest over every row.
+    one_gpu_long: Vec<(usize, f64)>,
+    one_gpu_worst: Option<(f64, &'static str, usize)>,
     round_ms: f64,
 }
 
@@ -307,6 +323,11 @@ impl Summary {
             }
         };
         keep_min(&mut self.worst, ratio);
+        let one_gpu = cmp.one_gpu_ratio();
+        keep_min(&mut self.one_gpu_worst, one_gpu);
+        if cmp.trace == "long" && (cmp.gpus == 16 || largest) {
+            self.one_gpu_long.push((cmp.gpus, one_gpu));
+        }
         let ttft = |p: f64, s: f64| if s > 0.0 { p / s } else { 1.0 };
         let keep_max = |slot: &mut Option<(f64, &'static str, usize)>, v: f64| {
             if slot.is_none_or(|(w, _, _)| v > w) {
@@ -341,14 +362,22 @@ impl Summary {
         let at = |s: &Option<(f64, &'static str, usize)>| {
             s.map_or("n/a".into(), |(v, t, n)| format!("{v:.2}x ({t}, {n} GPUs)"))
         };
+        let one_gpu: Vec<String> = self
+            .one_gpu_long
+            .iter()
+            .map(|(n, r)| format!("{r:.2}x at {n} GPUs"))
+            .collect();
         format!(
             "summary: best pooled/best static tokens/s on the long trace {}; lowest over all rows {}; \
-             short-prompt TTFT best pooled/best static at worst p50 {} p99 {}; placement round at {largest} GPUs {:.2} ms",
+             short-prompt TTFT best pooled/best static at worst p50 {} p99 {}; placement round at {largest} GPUs {:.2} ms; \
+             one-GPU workers (what the operator deploys), pooled/static tokens/s on the long trace {}, lowest over all rows {}",
             long.join(", "),
             at(&self.worst),
             at(&self.ttft50),
             at(&self.ttft99),
             self.round_ms,
+            one_gpu.join(", "),
+            at(&self.one_gpu_worst),
         )
     }
 }
