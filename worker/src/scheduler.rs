@@ -646,14 +646,19 @@ mod tests {
     use super::*;
 
     fn sched(blocks: usize, max_tokens: usize) -> Scheduler {
+        sched_long(blocks, max_tokens, 1000, 0.5)
+    }
+
+    /// Prompts with more than `long` tokens left are long and take `share` of a shared step.
+    fn sched_long(blocks: usize, max_tokens: usize, long: usize, share: f64) -> Scheduler {
         Scheduler::new(
             SchedulerConfig {
                 block_tokens: 4,
                 max_num_seqs: 8,
                 rule: StepRule {
                     max_batched_tokens: max_tokens,
-                    long_prefill_tokens: 1000,
-                    long_prefill_share: 0.5,
+                    long_prefill_tokens: long,
+                    long_prefill_share: share,
                     long_prefill_pairs: 0,
                 },
             },
@@ -725,19 +730,7 @@ mod tests {
 
     #[test]
     fn short_prompts_go_ahead_of_a_long_one_which_takes_at_most_its_share() {
-        let mut s = Scheduler::new(
-            SchedulerConfig {
-                block_tokens: 4,
-                max_num_seqs: 8,
-                rule: StepRule {
-                    max_batched_tokens: 16,
-                    long_prefill_tokens: 8,
-                    long_prefill_share: 0.25,
-                    long_prefill_pairs: 0,
-                },
-            },
-            RManager::new(64, 0.5),
-        );
+        let mut s = sched_long(64, 16, 8, 0.25);
         s.add(1, (0..40).collect(), 4);
         s.add(2, (0..6).collect(), 4);
         let step = s.schedule();
@@ -822,19 +815,7 @@ mod tests {
 
     #[test]
     fn a_worker_that_lends_keeps_its_lone_long_prefill_to_the_shared_cap() {
-        let mut s = Scheduler::new(
-            SchedulerConfig {
-                block_tokens: 4,
-                max_num_seqs: 8,
-                rule: StepRule {
-                    max_batched_tokens: 16,
-                    long_prefill_tokens: 8,
-                    long_prefill_share: 0.5,
-                    long_prefill_pairs: 0,
-                },
-            },
-            RManager::new(32, 0.5),
-        );
+        let mut s = sched_long(32, 16, 8, 0.5);
         s.add(1, (0..40).collect(), 1);
         assert_eq!(drive(&mut s, 1)[0].items[0].positions, 0..16, "alone");
         // Another home's request now waits on this worker's steps.
