@@ -6,9 +6,10 @@
 //! The rule as a whole (DESIGN.md §2, Growth): a request's KV grows block by block as its tokens
 //! arrive. Admission needs only the blocks of its next prefill chunk; `max_tokens` is a limit,
 //! never a reservation. A block comes from the home's free blocks first, else from a creditor
-//! the gManager advised (a batch at a time, [`borrow_batch`]), else the newest running request
-//! at the home yields its blocks and is recomputed later, so the oldest always progresses. A
-//! request that yielded starts again only with room for its context ([`resume_blocks`]).
+//! the gManager advised (a batch at a time, [`borrow_batch`]; creditors busy with requests of
+//! their own only when [`borrows_from_busy`] says so), else the newest running request at the
+//! home yields its blocks and is recomputed later, so the oldest always progresses. A request
+//! that yielded starts again only with room for its context ([`resume_blocks`]).
 
 /// How one step's token budget is shared between requests.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -118,6 +119,17 @@ pub fn borrow_batch(short: usize, room: usize) -> usize {
     short.max(BORROW_BATCH_BLOCKS.min(room))
 }
 
+/// Whether a request may take blocks on creditors that serve requests of their own (idle
+/// creditors lend to anyone). A borrower's every step waits for its creditors' steps, so a busy
+/// creditor slows the borrower for as long as it holds the blocks. So only a request that
+/// outgrows its home (its limit, prompt plus `max_tokens`, is more than the `home_blocks` its
+/// home keeps for its own requests) or that is `starting` (it would otherwise wait in the queue
+/// for its first token) borrows there; a running request that fits grows at home, where the
+/// newest request yields to it, as on one instance.
+pub fn borrows_from_busy(limit_blocks: usize, home_blocks: usize, starting: bool) -> bool {
+    starting || limit_blocks > home_blocks
+}
+
 /// Blocks that must be free at home before a preempted request of `context_blocks` starts
 /// again, on a home whose own requests can use `home_blocks` (its pool less what it lends):
 /// room for its whole context, or the home to itself when its context is larger. So it does
@@ -225,6 +237,20 @@ mod tests {
         assert_eq!(borrow_batch(32, 100), 32, "a long chunk's whole need");
         assert_eq!(borrow_batch(1, 2), 2, "no further than the limit");
         assert_eq!(borrow_batch(3, 0), 3, "never less than it lacks");
+    }
+
+    #[test]
+    fn busy_creditors_lend_to_requests_that_outgrow_their_home_or_are_starting() {
+        assert!(!borrows_from_busy(64, 64, false), "fits: grows at home");
+        assert!(borrows_from_busy(65, 64, false));
+        assert!(
+            borrows_from_busy(10, 64, true),
+            "would wait for its first token"
+        );
+        assert!(
+            borrows_from_busy(40, 32, false),
+            "a home that lends keeps less for its own"
+        );
     }
 
     #[test]

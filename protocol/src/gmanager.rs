@@ -119,6 +119,10 @@ pub struct Creditor {
     pub worker_id: String,
     pub peer_addr: String,
     pub lendable_blocks: u64,
+    /// Requests of its own it runs, as of its last heartbeat: a busy creditor lends only to
+    /// requests that outgrow their home or are starting (`infinite_llm_policy::borrows_from_busy`).
+    #[serde(default)]
+    pub running_requests: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -80,6 +80,7 @@ fn main() {
         worker_id: "creditor".into(),
         peer_addr: creditor.peer_addr().unwrap().to_string(),
         lendable_blocks: 2 * blocks as u64,
+        running_requests: 0,
     }]);
     let (mut t_local, mut t_split, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let mut want = None;

@@ -468,13 +468,23 @@ impl ClusterLink {
         }
     }
 
-    /// Asks the advised creditors, best first, for up to `want` blocks for request `seq`; a
-    /// creditor that refuses (full, or its lend cap reached) is passed over for the next one.
-    /// `serve` handles whatever arrives meanwhile.
+    /// Whether an advised creditor serves no request of its own, as of its last heartbeat.
+    pub fn any_idle_creditor(&self) -> bool {
+        self.creditors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|c| c.running_requests == 0)
+    }
+
+    /// Asks the advised creditors, best first (idle ones only unless `busy_too`), for up to
+    /// `want` blocks for request `seq`; a creditor that refuses (full, or its lend cap
+    /// reached) is passed over for the next one. `serve` handles whatever arrives meanwhile.
     pub fn borrow(
         &mut self,
         seq: SeqId,
         want: usize,
+        busy_too: bool,
         inbox: &Receiver<Inbox>,
         serve: &mut dyn FnMut(Inbox),
     ) -> Round {
@@ -489,7 +499,7 @@ impl ClusterLink {
             if left == 0 {
                 break;
             }
-            if self.is_shunned(&c.worker_id) {
+            if self.is_shunned(&c.worker_id) || !(busy_too || c.running_requests == 0) {
                 continue;
             }
             let peer = match self.peers.peer(&c.worker_id, &c.peer_addr) {

@@ -818,7 +818,8 @@ impl<B: Backend> Runner<B> {
     }
 
     /// Borrows on creditors, before the step, the blocks the local pool cannot give it: for
-    /// each request short of blocks, in the order the step serves them, a batch at a time.
+    /// each request short of blocks, in the order the step serves them, a batch at a time (on
+    /// busy creditors only for the requests the policy lets borrow there).
     /// What a round gets is kept; a round that falls short ends this step's borrowing (the
     /// scheduler then preempts) and the next waits a little, or for new advice.
     fn borrow(&mut self, rx: &std_mpsc::Receiver<Inbox>) {
@@ -837,9 +838,13 @@ impl<B: Backend> Runner<B> {
         if wants.is_empty() || !link.may_borrow() {
             return;
         }
-        for (seq, want) in wants {
+        for (seq, want, busy_too) in wants {
+            if !busy_too && !link.any_idle_creditor() {
+                // It grows at home instead: the newest request there yields to it.
+                continue;
+            }
             let mut recalls = Vec::new();
-            let round = link.borrow(seq, want, rx, &mut |m| match m {
+            let round = link.borrow(seq, want, busy_too, rx, &mut |m| match m {
                 Inbox::Submit(s) => stash.push(s),
                 Inbox::Peer(m) => {
                     // Two homes that borrow at once still let the older request progress;

@@ -17,7 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 
 pub use infinite_llm_policy::StepRule;
-use infinite_llm_policy::{Want, borrow_batch, resume_blocks, share_step};
+use infinite_llm_policy::{Want, borrow_batch, borrows_from_busy, resume_blocks, share_step};
 
 use crate::backend::{AttnSeq, NO_SLOT};
 use crate::dist_attention::RemotePart;
@@ -318,10 +318,11 @@ impl Scheduler {
     }
 
     /// What the next step lacks beyond the free local blocks, in the order it serves requests:
-    /// (request, blocks to borrow for it, a batch at a time within its limit). The engine
-    /// borrows these on creditors before it schedules. A request that yielded borrows only
-    /// once its home has room for it ([`resume_blocks`]).
-    pub fn shortfalls(&self) -> Vec<(SeqId, usize)> {
+    /// (request, blocks to borrow for it, a batch at a time within its limit, whether creditors
+    /// busy with their own requests may lend them: [`borrows_from_busy`]). The engine borrows
+    /// these on creditors before it schedules. A request that yielded borrows only once its
+    /// home has room for it ([`resume_blocks`]).
+    pub fn shortfalls(&self) -> Vec<(SeqId, usize, bool)> {
         let bt = self.cfg.block_tokens;
         let (ids, wants) = self.candidates();
         let mut free = self.rm.free();
@@ -339,8 +340,11 @@ impl Scheduler {
             }
             let s = &self.seqs[&id];
             let held = s.table.blocks().len() + s.reserved_blocks() + local;
-            let room = s.limit_tokens.div_ceil(bt).saturating_sub(held);
-            out.push((id, borrow_batch(need - local, room)));
+            let limit = s.limit_tokens.div_ceil(bt);
+            let room = limit.saturating_sub(held);
+            let home = self.rm.total() - self.rm.lent();
+            let busy_too = borrows_from_busy(limit, home, self.waiting.contains(&id));
+            out.push((id, borrow_batch(need - local, room), busy_too));
         }
         out
     }
@@ -668,7 +672,7 @@ mod tests {
 
     /// Borrows what the scheduler lacks from a peer's pool, then schedules: the engine's loop.
     fn schedule_borrowing(s: &mut Scheduler, peer: u16, lender: &mut RManager) -> Step {
-        for (id, n) in s.shortfalls() {
+        for (id, n, _) in s.shortfalls() {
             if let Ok(blocks) = lender.lend_up_to(("home".into(), id), n) {
                 s.add_borrowed(id, peer, &blocks);
             }
@@ -797,7 +801,7 @@ mod tests {
         assert!(step.items.is_empty() && step.preempted.is_empty());
         assert_eq!((s.running(), s.preemptions(), s.blocks_used()), (1, 0, 2));
         // It may still grow to 15 tokens (4 blocks): it asks the pool for the 2 it may use.
-        assert_eq!(s.shortfalls(), [(1, 2)]);
+        assert_eq!(s.shortfalls(), [(1, 2, true)]);
     }
 
     #[test]
@@ -839,7 +843,7 @@ mod tests {
         assert_eq!(step.items[0].seq, 5);
         drive(&mut s, 1);
         // It lacks 2 blocks for the rest of its context and may grow to 6: a batch of 4.
-        assert_eq!(s.shortfalls(), [(5, 4)]);
+        assert_eq!(s.shortfalls(), [(5, 4, true)]);
     }
 
     #[test]
@@ -905,7 +909,7 @@ mod tests {
         // batch comes at once.
         assert_eq!(
             s.shortfalls(),
-            [(1, infinite_llm_policy::BORROW_BATCH_BLOCKS)]
+            [(1, infinite_llm_policy::BORROW_BATCH_BLOCKS, true)]
         );
         let step = schedule_borrowing(&mut s, 3, &mut lender);
         assert_eq!(lender.lent(), infinite_llm_policy::BORROW_BATCH_BLOCKS);
@@ -1014,7 +1018,11 @@ mod tests {
         let mut released = s.take_released();
         released.sort();
         assert_eq!(released, vec![(1, 3), (1, 4)], "all or nothing");
-        assert_eq!(s.shortfalls(), [(1, 3)], "its 5 blocks, less the home's 2");
+        assert_eq!(
+            s.shortfalls(),
+            [(1, 3, true)],
+            "its 5 blocks, less the home's 2"
+        );
     }
 
     #[test]

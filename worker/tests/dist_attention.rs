@@ -84,7 +84,7 @@ fn run(
     let mut next_peer = 0;
     while tokens.len() <= steps {
         // Spread the loan over the creditors, one block from each in turn.
-        for (seq, n) in sched.shortfalls() {
+        for (seq, n, _) in sched.shortfalls() {
             for _ in 0..n {
                 let peer = next_peer % creditors;
                 next_peer += 1;

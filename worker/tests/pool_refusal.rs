@@ -36,6 +36,7 @@ fn advised(id: &str, engine: &EngineHandle) -> Creditor {
         worker_id: id.into(),
         peer_addr: engine.peer_addr().unwrap().to_string(),
         lendable_blocks: 64,
+        running_requests: 0,
     }
 }
 

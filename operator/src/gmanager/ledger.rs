@@ -373,6 +373,7 @@ impl Ledger {
                 worker_id: ids[i].clone(),
                 peer_addr: self.members[ids[i]].peer_addr.clone(),
                 lendable_blocks: instances[i].lendable_blocks(),
+                running_requests: instances[i].batch,
             })
             .collect();
         Ok(BorrowAdvice {

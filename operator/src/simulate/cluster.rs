@@ -10,7 +10,9 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use infinite_llm_policy::{StepRule, Want, borrow_batch, resume_blocks, share_step};
+use infinite_llm_policy::{
+    StepRule, Want, borrow_batch, borrows_from_busy, resume_blocks, share_step,
+};
 use infinite_llm_workload::trace::Request;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -349,9 +351,10 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// Up to `n` more blocks for `r` at `home`: free local ones first, then (pooled) a batch
-    /// on the advised creditors. Returns how many it got.
-    fn take_blocks(&mut self, home: usize, r: usize, n: u64) -> u64 {
+    /// Up to `n` more blocks for `r` at `home` (`starting`: for its first chunk): free local
+    /// ones first, then (pooled) a batch on the advised creditors, busy ones only as
+    /// [`borrows_from_busy`] allows. Returns how many it got.
+    fn take_blocks(&mut self, home: usize, r: usize, n: u64, starting: bool) -> u64 {
         let local = n.min(self.workers[home].free());
         self.workers[home].used += local;
         self.add_holder(r, home, local);
@@ -362,10 +365,16 @@ impl<'a> Sim<'a> {
             .limit_blocks
             .saturating_sub(self.reqs[r].held());
         let batch = borrow_batch((n - local) as usize, room as usize) as u64;
+        let w = &self.workers[home];
+        let busy_too = borrows_from_busy(
+            self.reqs[r].limit_blocks as usize,
+            (w.total_blocks - w.lent) as usize,
+            starting,
+        );
         let creditors = self
             .creditors
             .get_or_insert_with(|| Creditors::new(&[], &self.cfg.placement));
-        let Some(lent) = creditors.take(batch, home) else {
+        let Some(lent) = creditors.take(batch, home, busy_too) else {
             return local;
         };
         for (c, k) in lent {
@@ -445,7 +454,7 @@ impl<'a> Sim<'a> {
                 let chunk = (n as u64).div_ceil(bt);
                 // The home first among its holders, whatever it holds.
                 self.reqs[r].holders.push((home, 0));
-                if self.take_blocks(home, r, chunk) < chunk {
+                if self.take_blocks(home, r, chunk, true) < chunk {
                     self.release(home, r);
                     continue;
                 }
@@ -536,7 +545,7 @@ impl<'a> Sim<'a> {
                 let need = ((req.context() + add) / bt).ceil() as u64;
                 let mut short = need.saturating_sub(req.held());
                 while short > 0 {
-                    short -= self.take_blocks(home, r, short);
+                    short -= self.take_blocks(home, r, short, false);
                     if short == 0 {
                         break;
                     }
