@@ -126,6 +126,9 @@ def test_a_creditor_force_deleted_mid_request_changes_no_token(kube, demo, refer
     expected = reference.completions.create(**kwargs).choices[0].text
     recomputed = metric(home_ip, "ilm_kv_recomputed_blocks_total")
     losses = metric(home_ip, "ilm_peer_losses_total")
+    # Looked up before the request: a scan of /proc can take longer than its whole decode.
+    home_pid = worker_pid(home)
+    pids = {p: worker_pid(p) for p in others}
     # Straight to one worker, so that which Pods are its creditors is known.
     stream = openai_client(f"http://{home_ip}:8000/v1").completions.create(stream=True, **kwargs)
     text = [next(stream).choices[0].text]
@@ -133,12 +136,11 @@ def test_a_creditor_force_deleted_mid_request_changes_no_token(kube, demo, refer
     # deletes a Pod: the home is frozen after its first token, so that the request is surely
     # still running when its creditor goes, and the creditor is frozen so that it answers
     # nothing more before it is gone.
-    home_pid = worker_pid(home)
     os.kill(home_pid, signal.SIGSTOP)
     try:
         creditors = [p for p in others if metric(ips[p], "ilm_kv_blocks_lent") > 0]
         assert creditors, "the request borrowed from no other worker"
-        os.kill(worker_pid(creditors[0]), signal.SIGSTOP)
+        os.kill(pids[creditors[0]], signal.SIGSTOP)
     finally:
         os.kill(home_pid, signal.SIGCONT)
     kube.kubectl("delete", "pod", creditors[0], "-n", demo.ns, "--grace-period=0", "--force")
