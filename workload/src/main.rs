@@ -130,6 +130,19 @@ async fn main() -> anyhow::Result<()> {
     )
     .context("setting up the client")?;
     let replayed = replay(target, planned, args.concurrency).await;
+    // One line a request (RUST_LOG=infinite_llm_loadgen=debug), to find what made a tail slow.
+    for o in &replayed.outcomes {
+        tracing::debug!(
+            index = o.index,
+            sent_ms = o.sent.as_millis() as u64,
+            prompt_tokens = o.prompt_tokens,
+            max_tokens = o.max_tokens,
+            status = ?o.status,
+            ttft_ms = o.ttft.map(|t| t.as_millis() as u64),
+            e2e_ms = o.e2e.as_millis() as u64,
+            "request"
+        );
+    }
     let report = match args.fit_tokens {
         Some(n) => Report::of(&replayed).with_fitting(&replayed, n),
         None => Report::of(&replayed),
