@@ -130,6 +130,21 @@ pub fn borrows_from_busy(limit_blocks: usize, home_blocks: usize, starting: bool
     starting || limit_blocks > home_blocks
 }
 
+/// Whether the newest running request at a home yields its blocks to an older one there that
+/// lacks a block nothing else can give (none free at home, none on creditors): yes, as in vLLM,
+/// so the oldest progresses, except that a request that fits its home (its limit within the
+/// `home_blocks` its home keeps for its own requests) never yields to one that outgrows it. A
+/// request that fits is one a static instance serves too, and pooling must not make it slower
+/// to serve what static refuses. The request that outgrows waits instead, for requests that
+/// fit and finish without it (or for a loan); no two requests wait on each other.
+pub fn yields_to(
+    grower_limit_blocks: usize,
+    newest_limit_blocks: usize,
+    home_blocks: usize,
+) -> bool {
+    grower_limit_blocks <= home_blocks || newest_limit_blocks > home_blocks
+}
+
 /// Blocks that must be free at home before a preempted request of `context_blocks` starts
 /// again, on a home whose own requests can use `home_blocks` (its pool less what it lends):
 /// room for its whole context, or the home to itself when its context is larger. So it does
@@ -249,6 +264,21 @@ mod tests {
         );
         assert!(
             borrows_from_busy(40, 32, false),
+            "a home that lends keeps less for its own"
+        );
+    }
+
+    #[test]
+    fn a_request_that_fits_its_home_never_yields_to_one_that_outgrows_it() {
+        assert!(yields_to(64, 10, 64), "both fit: the newest yields");
+        assert!(yields_to(100, 80, 64), "both outgrow: the newest yields");
+        assert!(
+            yields_to(10, 100, 64),
+            "one that outgrows yields to one that fits"
+        );
+        assert!(!yields_to(100, 10, 64), "one that fits keeps its blocks");
+        assert!(
+            !yields_to(40, 30, 32),
             "a home that lends keeps less for its own"
         );
     }

@@ -8,7 +8,8 @@
 //! needs a block takes a free local one; the engine borrows on creditors, a batch at a time,
 //! for those the local pool cannot serve ([`Scheduler::shortfalls`]); when neither has one, the
 //! newest running request yields its blocks and goes back to the queue, to be recomputed from
-//! its token ids (vLLM's recompute policy). Request ids grow with arrival time on every worker,
+//! its token ids (vLLM's recompute policy), unless it fits its home and the one lacking a block
+//! outgrows it: then that one waits (`yields_to`). Request ids grow with arrival time on every worker,
 //! so "newest" means the same thing across the pool: a creditor full of its own requests lets
 //! newer ones yield to lend to an older request of another home ([`Scheduler::yield_to`]), and
 //! the oldest request in the pool always progresses.
@@ -17,7 +18,9 @@ use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 
 pub use infinite_llm_policy::StepRule;
-use infinite_llm_policy::{Want, borrow_batch, borrows_from_busy, resume_blocks, share_step};
+use infinite_llm_policy::{
+    Want, borrow_batch, borrows_from_busy, resume_blocks, share_step, yields_to,
+};
 
 use crate::backend::{AttnSeq, NO_SLOT};
 use crate::dist_attention::RemotePart;
@@ -323,7 +326,6 @@ impl Scheduler {
     /// these on creditors before it schedules. A request that yielded borrows only once its
     /// home has room for it ([`resume_blocks`]).
     pub fn shortfalls(&self) -> Vec<(SeqId, usize, bool)> {
-        let bt = self.cfg.block_tokens;
         let (ids, wants) = self.candidates();
         let mut free = self.rm.free();
         let mut out = Vec::new();
@@ -340,7 +342,7 @@ impl Scheduler {
             }
             let s = &self.seqs[&id];
             let held = s.table.blocks().len() + s.reserved_blocks() + local;
-            let limit = s.limit_tokens.div_ceil(bt);
+            let limit = self.limit_blocks(id);
             let room = limit.saturating_sub(held);
             let home = self.rm.total() - self.rm.lent();
             let busy_too = borrows_from_busy(limit, home, self.waiting.contains(&id));
@@ -370,7 +372,8 @@ impl Scheduler {
             // running request yields until it fits, or itself is the newest. Alone, and with
             // no older request waiting here, it keeps its blocks and waits for a loan:
             // yielding would free blocks no older request here wants, and it would only refill
-            // them (an older request of another home takes them through `yield_to`).
+            // them (an older request of another home takes them through `yield_to`). One that
+            // outgrows its home waits for the newest rather than evict it if that one fits.
             while self.running.contains(&id) {
                 let fit = self.grow(id, want);
                 if fit > 0 {
@@ -381,6 +384,12 @@ impl Scheduler {
                     break;
                 }
                 let victim = self.newest_running().expect("id is running");
+                let home = self.rm.total() - self.rm.lent();
+                if victim != id
+                    && !yields_to(self.limit_blocks(id), self.limit_blocks(victim), home)
+                {
+                    break;
+                }
                 self.preempt(victim);
                 planned.retain(|&(p, _)| p != victim);
                 step.preempted.push(victim);
@@ -419,6 +428,11 @@ impl Scheduler {
         self.waiting.retain(|&w| w != id);
         self.running.push(id);
         n
+    }
+
+    /// Blocks request `id` may grow to: its prompt plus `max_tokens`.
+    fn limit_blocks(&self, id: SeqId) -> usize {
+        self.seqs[&id].limit_tokens.div_ceil(self.cfg.block_tokens)
     }
 
     /// The running request that arrived last (ids grow with arrival time).
@@ -788,6 +802,26 @@ mod tests {
             0..8,
             "prompt and its sampled token are recomputed"
         );
+    }
+
+    #[test]
+    fn a_request_that_fits_its_home_keeps_its_blocks_from_one_that_outgrows_it() {
+        let mut s = sched(4, 64);
+        // Request 1 may grow to 37 tokens (10 blocks), more than its home's 4; request 2 fits.
+        s.add(1, (0..7).collect(), 30);
+        s.add(2, (0..5).collect(), 3);
+        drive(&mut s, 2);
+        assert_eq!(s.blocks_used(), 4);
+        // Request 1's 9th token needs a third block: request 2, newer, keeps its blocks.
+        let steps = drive(&mut s, 1);
+        assert!(steps[0].preempted.is_empty());
+        let fed: Vec<SeqId> = steps[0].items.iter().map(|it| it.seq).collect();
+        assert_eq!(fed, [2], "request 1 waits");
+        // It grows once request 2 is done.
+        s.remove(2);
+        let fed: Vec<SeqId> = s.schedule().items.iter().map(|it| it.seq).collect();
+        assert_eq!(fed, [1]);
+        assert_eq!(s.preemptions(), 0);
     }
 
     #[test]

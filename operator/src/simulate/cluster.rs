@@ -4,14 +4,15 @@
 //! blocks of its first chunk), every instance shares its step by `share_step` and takes its
 //! step time from the cost model, requests grow block by block as their tokens arrive (a free
 //! local block, else, pooled, a batch on the creditors the placement code advises, else the
-//! newest running request at that home yields and is recomputed later), finished ones free
+//! newest running request at that home yields and is recomputed later, unless it fits its home
+//! and the one growing does not: that one waits), finished ones free
 //! their blocks, and (pooled) a placement round runs every interval with the gManager's code.
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
 use infinite_llm_policy::{
-    StepRule, Want, borrow_batch, borrows_from_busy, resume_blocks, share_step,
+    StepRule, Want, borrow_batch, borrows_from_busy, resume_blocks, share_step, yields_to,
 };
 use infinite_llm_workload::trace::Request;
 use rand::rngs::StdRng;
@@ -541,7 +542,7 @@ impl<'a> Sim<'a> {
                 } else {
                     (steps * per_step as f64).min(req.target - req.prefilled)
                 };
-                // Blocks for the new tokens: local, borrowed, or the newest yields.
+                // Blocks for the new tokens: local, borrowed, or the newest yields (`yields_to`).
                 let need = ((req.context() + add) / bt).ceil() as u64;
                 let mut short = need.saturating_sub(req.held());
                 while short > 0 {
@@ -550,11 +551,17 @@ impl<'a> Sim<'a> {
                         break;
                     }
                     let reqs = &self.reqs;
-                    let newest = *self.workers[home]
+                    let w = &self.workers[home];
+                    let newest = *w
                         .running
                         .iter()
                         .max_by(|&&a, &&b| reqs[a].arrival_s.total_cmp(&reqs[b].arrival_s))
                         .expect("r is running");
+                    let home_blocks = (w.total_blocks - w.lent) as usize;
+                    let limit = |x: usize| reqs[x].limit_blocks as usize;
+                    if newest != r && !yields_to(limit(r), limit(newest), home_blocks) {
+                        break;
+                    }
                     self.preempt(home, newest, now);
                     if newest == r {
                         break;

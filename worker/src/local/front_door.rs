@@ -1,5 +1,7 @@
-//! The local pool's single address: forwards `/v1/*` to a worker (least outstanding requests,
-//! ties round-robin), streaming responses through as they come, so SSE stays live. A worker
+//! The local pool's single address: forwards `/v1/*` to a worker (least outstanding work: the
+//! body bytes of the requests it serves, a prompt's size standing for its KV and prefill; then
+//! fewest requests; ties round-robin), streaming responses through as they come, so SSE stays
+//! live. A worker
 //! that is full (429), draining (503) or gone is passed over for the next; a worker that dies
 //! mid-request ends it with a retryable 503, or with an error event on a stream.
 
@@ -27,6 +29,8 @@ pub struct Backend {
     pub name: String,
     pub base_url: String,
     outstanding: AtomicUsize,
+    /// Body bytes of the outstanding requests.
+    outstanding_bytes: AtomicUsize,
 }
 
 impl Backend {
@@ -35,18 +39,47 @@ impl Backend {
             name,
             base_url,
             outstanding: AtomicUsize::new(0),
+            outstanding_bytes: AtomicUsize::new(0),
+        }
+    }
+
+    /// Orders backends for a new request: least outstanding work first.
+    fn load(&self) -> (usize, usize) {
+        (
+            self.outstanding_bytes.load(Ordering::Acquire),
+            self.outstanding.load(Ordering::Acquire),
+        )
+    }
+}
+
+/// Counts a request (and its body bytes) against its backend until the response body is
+/// finished or dropped.
+struct Outstanding {
+    door: Arc<FrontDoor>,
+    index: usize,
+    bytes: usize,
+}
+
+impl Outstanding {
+    fn new(door: &Arc<FrontDoor>, index: usize, bytes: usize) -> Self {
+        let backend = &door.backends[index];
+        backend.outstanding.fetch_add(1, Ordering::AcqRel);
+        backend.outstanding_bytes.fetch_add(bytes, Ordering::AcqRel);
+        Self {
+            door: door.clone(),
+            index,
+            bytes,
         }
     }
 }
 
-/// Counts a request against its backend until the response body is finished or dropped.
-struct Outstanding(Arc<FrontDoor>, usize);
-
 impl Drop for Outstanding {
     fn drop(&mut self) {
-        self.0.backends[self.1]
-            .outstanding
-            .fetch_sub(1, Ordering::AcqRel);
+        let backend = &self.door.backends[self.index];
+        backend.outstanding.fetch_sub(1, Ordering::AcqRel);
+        backend
+            .outstanding_bytes
+            .fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
 
@@ -80,14 +113,15 @@ impl FrontDoor {
             .with_state(self.clone())
     }
 
-    /// Backends to try, best first: fewest outstanding requests, ties broken round-robin.
-    /// The rest follow as fallbacks for a worker that cannot be reached.
+    /// Backends to try, best first: least outstanding work (a long prompt weighs more than a
+    /// short one, so short requests go where no long prefill holds the KV), ties broken
+    /// round-robin. The rest follow as fallbacks for a worker that cannot be reached.
     fn candidates(&self) -> Vec<usize> {
         let n = self.backends.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let mut order: Vec<usize> = (0..n).map(|i| (start + i) % n).collect();
         // A stable sort keeps the round-robin order among equals.
-        order.sort_by_key(|&i| self.backends[i].outstanding.load(Ordering::Acquire));
+        order.sort_by_key(|&i| self.backends[i].load());
         order
     }
 }
@@ -138,8 +172,7 @@ async fn forward(State(door): State<Arc<FrontDoor>>, request: Request) -> Respon
     let last = candidates.len() - 1;
     for (n, index) in candidates.into_iter().enumerate() {
         let backend = &door.backends[index];
-        backend.outstanding.fetch_add(1, Ordering::AcqRel);
-        let guard = Outstanding(door.clone(), index);
+        let guard = Outstanding::new(&door, index, body.len());
         let upstream = door
             .client
             .request(parts.method.clone(), format!("{}{path}", backend.base_url))
@@ -358,7 +391,7 @@ mod tests {
     }
 
     #[test]
-    fn least_outstanding_first_ties_round_robin() {
+    fn least_outstanding_work_first_ties_round_robin() {
         let door = FrontDoor::new(
             (0..3)
                 .map(|i| Backend::new(format!("w{i}"), String::new()))
@@ -368,8 +401,17 @@ mod tests {
         assert_eq!(door.candidates()[0], 0);
         assert_eq!(door.candidates()[0], 1);
         assert_eq!(door.candidates()[0], 2);
-        door.backends[0].outstanding.store(2, Ordering::Release);
-        door.backends[1].outstanding.store(1, Ordering::Release);
-        assert_eq!(door.candidates(), vec![2, 1, 0]);
+        let _a = Outstanding::new(&door, 0, 100);
+        let _b = Outstanding::new(&door, 0, 100);
+        let _c = Outstanding::new(&door, 1, 100);
+        assert_eq!(door.candidates(), vec![2, 1, 0], "least work");
+        let long = Outstanding::new(&door, 2, 10_000);
+        assert_eq!(
+            door.candidates(),
+            vec![1, 0, 2],
+            "one long prompt weighs more than two short ones"
+        );
+        drop(long);
+        assert_eq!(door.candidates()[0], 2, "counted until its answer ends");
     }
 }
