@@ -184,9 +184,12 @@ struct Shared {
     draining: AtomicBool,
     /// Submitted and not yet counted in the published `waiting`.
     queued: AtomicUsize,
-    /// The last request id: ids are microseconds since the epoch at arrival (made unique), so
-    /// requests of different workers compare by age.
+    /// The last request id: ids are microseconds since the epoch at arrival (made unique),
+    /// shifted left by `ID_TIE_BITS`, below which every id of this worker carries `id_tie`,
+    /// so requests of different workers compare by age and two that arrive in the same
+    /// microsecond at two workers still differ (equal ids would let each wait on the other).
     last_id: std::sync::atomic::AtomicU64,
+    id_tie: u64,
     /// Tokens the local pool holds; borrowing adds what creditors can lend.
     local_capacity: usize,
     /// What the other workers the pool is configured with could lend at most, in blocks.
@@ -348,6 +351,7 @@ fn start_with<B: Backend>(
         draining: AtomicBool::new(false),
         queued: AtomicUsize::new(0),
         last_id: Default::default(),
+        id_tie: opts.cluster.as_ref().map_or(0, |c| id_tie(&c.worker_id)),
         local_capacity: scheduler.capacity_tokens(),
         configured_lend_caps: opts.pool_workers.saturating_sub(1) * scheduler.rmanager().lend_cap(),
         max_positions: model.config().max_position_embeddings,
@@ -548,19 +552,33 @@ impl EngineHandle {
     }
 }
 
+/// Low bits of a request id that tell workers apart (micros since the epoch fit in 52 bits).
+const ID_TIE_BITS: u32 = 11;
+
+/// This worker's low id bits: a hash of its id (FNV-1a), the same in every process.
+fn id_tie(worker_id: &str) -> u64 {
+    let hash = worker_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    hash & ((1 << ID_TIE_BITS) - 1)
+}
+
 impl Shared {
-    /// A new request id: microseconds since the epoch, above the last one.
+    /// A new request id: microseconds since the epoch with this worker's tie bits, above the
+    /// last one.
     fn next_id(&self) -> SeqId {
-        let now = SystemTime::now()
+        let micros = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);
+        let now = (micros << ID_TIE_BITS) | self.id_tie;
+        let step = 1 << ID_TIE_BITS;
         let last = self
             .last_id
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
-                Some(now.max(last + 1))
+                Some(now.max(last + step))
             })
             .expect("the update always succeeds");
-        now.max(last + 1)
+        now.max(last + step)
     }
 }
 
@@ -855,11 +873,22 @@ impl<B: Backend> Runner<B> {
                 Inbox::Drain => {}
             });
             link.recall(&recalls);
+            let got: usize = round.grants.iter().map(|(_, b)| b.len()).sum();
             for (peer, blocks) in round.grants {
                 scheduler.add_borrowed(seq, peer, &blocks);
             }
             if !round.complete {
-                tracing::debug!(seq, want, "the pool lent less than asked");
+                tracing::debug!(seq, want, got, "the pool lent less than asked");
+                // Wound-wait for this home's own request too: what it lent to newer requests
+                // of other homes comes back, or two homes that each lent to the other's newer
+                // request would wait on each other for ever.
+                let own = scheduler
+                    .rmanager_mut()
+                    .recall_newer(seq, want.saturating_sub(got));
+                if !own.is_empty() {
+                    tracing::debug!(seq, recalls = ?own, "calling back loans to newer requests");
+                    link.recall(&own);
+                }
                 break;
             }
         }
@@ -1117,5 +1146,20 @@ impl<B: Backend> Runner<B> {
         self.shared
             .queued
             .fetch_sub(std::mem::take(&mut self.admitted), Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_of_two_workers_differ_within_a_microsecond_and_still_order_by_age() {
+        let (a, b) = (id_tie("worker-0"), id_tie("worker-1"));
+        assert_ne!(a, b, "same microsecond at two workers");
+        let micros = 1_796_615_704_476_421_u64;
+        let id = |m: u64, tie: u64| (m << ID_TIE_BITS) | tie;
+        assert!(id(micros, a.max(b)) < id(micros + 1, a.min(b)));
+        assert_eq!(id_tie("worker-0"), a, "the same in every process");
     }
 }

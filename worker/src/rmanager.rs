@@ -176,8 +176,8 @@ impl RManager {
         homes
     }
 
-    /// The loans to call back so that request `asker` of another home may borrow `short` more
-    /// blocks here: those held for requests newer than it, newest first, until they cover
+    /// The loans to call back so that request `asker` (of another home, or of this one) may
+    /// have `short` more blocks here: those held for requests newer than it, newest first, until they cover
     /// `short`; each is called back once. Ids are arrival times across the pool, so the
     /// oldest request is never called back and always progresses.
     pub fn recall_newer(&mut self, asker: u64, short: usize) -> Vec<LoanKey> {
