@@ -224,7 +224,8 @@ setup_host() {
 unmount_under() {
 	local p m
 	for p in "$@"; do
-		awk '{ print $2 }' /proc/self/mounts | grep -E "^${p}(/|$)" | sort -r | while read -r m; do
+		# Nothing mounted there is fine (grep's 1 would end the script under pipefail).
+		awk '{ print $2 }' /proc/self/mounts | { grep -E "^${p}(/|$)" || true; } | sort -r | while read -r m; do
 			umount -l "$m" 2>/dev/null || true
 		done
 	done
