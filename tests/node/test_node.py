@@ -122,7 +122,11 @@ def test_a_creditor_force_deleted_mid_request_changes_no_token(kube, demo, refer
     # its first token; with its output it still fits the pool left after one creditor goes.
     prompt, tokens = prompt_of(WORKER_POOL_TOKENS + 80, reference)
     assert tokens + 150 < WORKER_POOL_TOKENS * 3 // 2, tokens
-    kwargs = dict(model=DEMO, prompt=prompt, max_tokens=150, temperature=0)
+    # The demo model may end this prompt after three tokens: `min_tokens` keeps the request
+    # decoding long after its first token, or it could end (and release its loans) before the
+    # home is frozen below.
+    kwargs = dict(model=DEMO, prompt=prompt, max_tokens=150, temperature=0,
+                  extra_body={"min_tokens": 150})
     expected = reference.completions.create(**kwargs).choices[0].text
     recomputed = metric(home_ip, "ilm_kv_recomputed_blocks_total")
     losses = metric(home_ip, "ilm_peer_losses_total")
