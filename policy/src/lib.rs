@@ -9,7 +9,8 @@
 //! the gManager advised (a batch at a time, [`borrow_batch`]; creditors busy with requests of
 //! their own only when [`borrows_from_busy`] says so), else the newest running request at the
 //! home yields its blocks and is recomputed later, so the oldest always progresses. A request
-//! that yielded starts again only with room for its context ([`resume_blocks`]).
+//! that yielded starts again only with room for its context ([`resume_blocks`]). Blocks on a
+//! creditor that has become busy come home as blocks free up there ([`repatriation_room`]).
 
 /// How one step's token budget is shared between requests.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -143,6 +144,16 @@ pub fn yields_to(
     home_blocks: usize,
 ) -> bool {
     grower_limit_blocks <= home_blocks || newest_limit_blocks > home_blocks
+}
+
+/// Local blocks a home may take back from creditors that have become busy: a request holding
+/// blocks on a creditor that now serves requests of its own waits for that creditor's steps at
+/// every step of its own, for as long as the blocks stay there, so when blocks free up at home
+/// they come back. Only what is spare: `free` less one block per `running` request (the
+/// next token of each may need one) and the blocks of the next waiting request's first chunk
+/// (`next_chunk_blocks`), so a move never makes a request yield or a waiting one wait longer.
+pub fn repatriation_room(free: usize, running: usize, next_chunk_blocks: usize) -> usize {
+    free.saturating_sub(running + next_chunk_blocks)
 }
 
 /// Blocks that must be free at home before a preempted request of `context_blocks` starts
@@ -287,5 +298,16 @@ mod tests {
     fn a_preempted_request_waits_for_its_context_or_the_whole_home() {
         assert_eq!(resume_blocks(10, 64), 10);
         assert_eq!(resume_blocks(100, 64), 64);
+    }
+
+    #[test]
+    fn blocks_come_home_only_from_what_running_and_waiting_requests_leave() {
+        assert_eq!(repatriation_room(10, 2, 3), 5);
+        assert_eq!(
+            repatriation_room(4, 2, 3),
+            0,
+            "the next request's chunk comes first"
+        );
+        assert_eq!(repatriation_room(0, 0, 0), 0);
     }
 }

@@ -477,6 +477,17 @@ impl ClusterLink {
             .any(|c| c.running_requests == 0)
     }
 
+    /// Whether creditor `peer` serves requests of its own, as of its last heartbeat (false
+    /// when the advice no longer names it).
+    pub fn is_busy(&self, peer: u16) -> bool {
+        let worker = self.peers.worker(peer);
+        self.creditors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|c| c.worker_id == worker && c.running_requests > 0)
+    }
+
     /// Asks the advised creditors, best first (idle ones only unless `busy_too`), for up to
     /// `want` blocks for request `seq`; a creditor that refuses (full, or its lend cap
     /// reached) is passed over for the next one. `serve` handles whatever arrives meanwhile.

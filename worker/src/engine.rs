@@ -809,6 +809,16 @@ impl<B: Backend> Runner<B> {
         for m in planned {
             self.migrator.offload(m.request, m.to, m.blocks as usize);
         }
+        // Every step of a request waits for its creditors' steps: blocks on a creditor that
+        // now serves requests of its own come home as local blocks free up.
+        if self.scheduler.repatriation_room() > 0 {
+            for peer in self.scheduler.lenders() {
+                if link.is_busy(peer) {
+                    self.migrator
+                        .repatriate(peer, self.scheduler.running_on(peer));
+                }
+            }
+        }
         for peer in link.take_reclaiming() {
             let seqs = self.scheduler.running_on(peer);
             tracing::info!(creditor = %link.peers.worker(peer), requests = ?seqs, "moving the blocks a draining creditor holds");

@@ -31,12 +31,18 @@ pub enum Job {
     /// Up to `blocks` full local blocks of `seq` go to the creditor `to` (a move the gManager
     /// planned: the home makes room before it overflows).
     Offload { seq: SeqId, to: String, left: usize },
+    /// Every block of `seq` held by `from`, a creditor that now serves requests of its own,
+    /// comes home into blocks the home has spare; with none spare the job ends and the blocks
+    /// stay where they are.
+    Repatriate { seq: SeqId, from: u16 },
 }
 
 impl Job {
     pub fn seq(&self) -> SeqId {
         match self {
-            Job::Evacuate { seq, .. } | Job::Offload { seq, .. } => *seq,
+            Job::Evacuate { seq, .. } | Job::Offload { seq, .. } | Job::Repatriate { seq, .. } => {
+                *seq
+            }
         }
     }
 }
@@ -49,9 +55,10 @@ pub struct Pick {
     pub from: BlockRef,
 }
 
-/// The blocks a job may move now, oldest first: for an evacuation every block on the holder
-/// (the tail too: a move runs between two steps of this home, so nothing is appended meanwhile);
-/// for an offload only full local blocks, leaving the tail where new tokens land.
+/// The blocks a job may move now, oldest first: for an evacuation or a repatriation every
+/// block on the holder (the tail too: a move runs between two steps of this home, so nothing is
+/// appended meanwhile); for an offload only full local blocks, leaving the tail where new
+/// tokens land.
 pub fn candidates(job: &Job, table: &BlockTable, block_tokens: usize) -> Vec<Pick> {
     let full = table.tokens() / block_tokens;
     table
@@ -59,7 +66,9 @@ pub fn candidates(job: &Job, table: &BlockTable, block_tokens: usize) -> Vec<Pic
         .iter()
         .enumerate()
         .filter(|(i, b)| match job {
-            Job::Evacuate { from, .. } => b.holder == Holder::Peer(*from),
+            Job::Evacuate { from, .. } | Job::Repatriate { from, .. } => {
+                b.holder == Holder::Peer(*from)
+            }
             Job::Offload { .. } => b.holder == Holder::Local && *i < full,
         })
         .map(|(index, &from)| Pick {
@@ -69,7 +78,7 @@ pub fn candidates(job: &Job, table: &BlockTable, block_tokens: usize) -> Vec<Pic
         })
         .take(match job {
             Job::Offload { left, .. } => *left,
-            Job::Evacuate { .. } => usize::MAX,
+            Job::Evacuate { .. } | Job::Repatriate { .. } => usize::MAX,
         })
         .collect()
 }
@@ -170,7 +179,8 @@ mod tests {
     }
 
     #[test]
-    fn an_evacuation_takes_every_block_on_the_holder_and_an_offload_only_full_local_ones() {
+    fn evacuations_and_repatriations_take_every_block_on_the_holder_offloads_only_full_local_ones()
+    {
         use Holder::*;
         let t = table(&[(Local, 0), (Peer(2), 7), (Local, 1), (Peer(2), 8)], 14);
         let ev: Vec<usize> = candidates(&evacuate(1, 2), &t, BT)
@@ -178,6 +188,15 @@ mod tests {
             .map(|p| p.index)
             .collect();
         assert_eq!(ev, [1, 3], "the half-filled tail on the holder goes too");
+        let home: Vec<usize> = candidates(&Job::Repatriate { seq: 1, from: 2 }, &t, BT)
+            .iter()
+            .map(|p| p.index)
+            .collect();
+        assert_eq!(
+            home,
+            [1, 3],
+            "a repatriation takes what the busy creditor holds"
+        );
         let off = Job::Offload {
             seq: 1,
             to: "w2".into(),

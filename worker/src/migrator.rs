@@ -1,7 +1,9 @@
 //! The home's side of block migration: runs, between two engine steps, the moves `migration`
-//! picks: reserve at the destination (a local block or a creditor's `Reserve`), copy (the
-//! backend's block read and write, `Fetch` from a creditor source, `Store` to a creditor
-//! destination), commit the block table, then free the source (locally or `ReleaseBlocks`).
+//! picks (evacuations off draining creditors, the gManager's planned offloads, repatriations
+//! off creditors that became busy): reserve at the destination (a local block or a creditor's
+//! `Reserve`), copy (the backend's block read and write, `Fetch` from a creditor source,
+//! `Store` to a creditor destination), commit the block table, then free the source (locally
+//! or `ReleaseBlocks`).
 //! Between GPUs with direct links the blocks go over NCCL instead, device to device.
 //! Each step moves a few blocks only, so the requests keep decoding while their blocks move;
 //! while it waits for a peer the engine keeps answering other homes.
@@ -101,6 +103,16 @@ impl Migrator {
         }
     }
 
+    /// Brings home every block of `seqs` that `peer`, now busy with requests of its own,
+    /// holds, as spare local blocks allow; a request already moving gets no second job.
+    pub fn repatriate(&mut self, peer: u16, seqs: Vec<SeqId>) {
+        for seq in seqs {
+            if !self.jobs.iter().any(|j| j.seq() == seq) {
+                self.jobs.push(Job::Repatriate { seq, from: peer });
+            }
+        }
+    }
+
     /// Runs one step's moves. Returns the requests whose evacuation found no room in time:
     /// the engine recomputes them.
     pub fn run<B: Backend>(&mut self, cx: &mut Ctx<'_, B>) -> Vec<SeqId> {
@@ -131,7 +143,7 @@ impl Migrator {
                         drop.push(j);
                     }
                     Job::Evacuate { .. } => {}
-                    Job::Offload { .. } => drop.push(j),
+                    Job::Offload { .. } | Job::Repatriate { .. } => drop.push(j),
                 },
                 // A lost peer sends its requests through recovery; the job ends with them.
                 Err(Missed::Failed) => {}
@@ -205,7 +217,7 @@ fn move_blocks<B: Backend>(
 
 /// Phase one: up to `n` blocks at the destination. An evacuation takes local free blocks
 /// first (no copy over the network), then the advised creditors; an offload goes where the
-/// gManager planned.
+/// gManager planned; a repatriation only into spare local blocks.
 fn reserve<B: Backend>(
     cx: &mut Ctx<'_, B>,
     job: &Job,
@@ -228,6 +240,14 @@ fn reserve<B: Backend>(
             cx.link.destinations(Some(*from))
         }
         Job::Offload { to, .. } => cx.link.advised_peer(to).into_iter().collect(),
+        Job::Repatriate { .. } => {
+            let spare = cx.scheduler.repatriation_room();
+            let local = cx.scheduler.rmanager_mut().alloc_local(n.min(spare));
+            if local.is_empty() {
+                return Err(Missed::NoRoom);
+            }
+            return Ok((Holder::Local, local));
+        }
     };
     for peer in candidates {
         let (link, inbox, mut serve) = cx.split();

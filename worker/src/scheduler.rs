@@ -19,7 +19,7 @@ use std::ops::Range;
 
 pub use infinite_llm_policy::StepRule;
 use infinite_llm_policy::{
-    Want, borrow_batch, borrows_from_busy, resume_blocks, share_step, yields_to,
+    Want, borrow_batch, borrows_from_busy, repatriation_room, resume_blocks, share_step, yields_to,
 };
 
 use crate::backend::{AttnSeq, NO_SLOT};
@@ -581,6 +581,30 @@ impl Scheduler {
             return None;
         }
         self.seqs.get_mut(&id).map(|s| &mut s.table)
+    }
+
+    /// Local blocks that blocks on busy creditors may come home into: what the running
+    /// requests' next tokens and the first chunk of the next waiting request leave
+    /// ([`repatriation_room`]).
+    pub fn repatriation_room(&self) -> usize {
+        let next_chunk = self.waiting.front().map_or(0, |&id| {
+            let s = &self.seqs[&id];
+            let pending = s.tokens.len() - s.table.tokens() - self.skipped(id);
+            self.chunk_need(id, pending.min(self.cfg.rule.max_batched_tokens))
+        });
+        repatriation_room(self.rm.free(), self.running.len(), next_chunk)
+    }
+
+    /// The creditors that hold blocks of running requests.
+    pub fn lenders(&self) -> Vec<u16> {
+        let mut peers: Vec<u16> = self
+            .running
+            .iter()
+            .flat_map(|id| self.seqs[id].table.peers())
+            .collect();
+        peers.sort_unstable();
+        peers.dedup();
+        peers
     }
 
     /// Running requests with blocks on `peer`, oldest first.

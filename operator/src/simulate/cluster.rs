@@ -6,13 +6,15 @@
 //! local block, else, pooled, a batch on the creditors the placement code advises, else the
 //! newest running request at that home yields and is recomputed later, unless it fits its home
 //! and the one growing does not: that one waits), finished ones free
-//! their blocks, and (pooled) a placement round runs every interval with the gManager's code.
+//! their blocks, homes take back what they hold on creditors that became busy as their own
+//! blocks free up, and (pooled) a placement round runs every interval with the gManager's code.
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
 use infinite_llm_policy::{
-    StepRule, Want, borrow_batch, borrows_from_busy, resume_blocks, share_step, yields_to,
+    StepRule, Want, borrow_batch, borrows_from_busy, repatriation_room, resume_blocks, share_step,
+    yields_to,
 };
 use infinite_llm_workload::trace::Request;
 use rand::rngs::StdRng;
@@ -216,6 +218,9 @@ impl<'a> Sim<'a> {
                     self.placement_round();
                 }
             }
+            if self.policy == Policy::Pooled {
+                self.repatriate();
+            }
             self.admit(now);
             self.step(now);
         }
@@ -315,10 +320,7 @@ impl<'a> Sim<'a> {
                 lend_cap_blocks: w.lend_cap,
                 batch: w.running.len() as u64,
                 waiting: w.queue.len() as u64,
-                next_need_blocks: w.queue.front().map_or(0, |&r| {
-                    let chunk = self.cfg.rule.max_batched_tokens as u64;
-                    self.reqs[r].prompt.min(chunk).div_ceil(bt)
-                }),
+                next_need_blocks: self.next_chunk_blocks(i),
                 attention_tokens: attention[i].min((w.used + w.lent) * bt),
                 remote: remote[i],
                 requests: if with_requests {
@@ -640,6 +642,51 @@ impl<'a> Sim<'a> {
             self.out.moved_blocks += k;
         }
         self.creditors = Some(Creditors::new(&self.instances(false), &self.cfg.placement));
+    }
+
+    /// Homes take back, into their spare blocks ([`repatriation_room`]), the blocks their
+    /// running requests hold on creditors that serve requests of their own, oldest request
+    /// first (the worker does it between steps, a few blocks a step).
+    fn repatriate(&mut self) {
+        for home in 0..self.workers.len() {
+            let w = &self.workers[home];
+            let mut room = repatriation_room(
+                w.free() as usize,
+                w.running.len(),
+                self.next_chunk_blocks(home) as usize,
+            ) as u64;
+            for r in self.workers[home].running.clone() {
+                if room == 0 {
+                    break;
+                }
+                let holders = &mut self.reqs[r].holders;
+                for i in 1..holders.len() {
+                    let (c, blocks) = holders[i];
+                    if self.workers[c].running.is_empty() {
+                        continue;
+                    }
+                    let k = blocks.min(room);
+                    room -= k;
+                    holders[i].1 -= k;
+                    holders[0].1 += k;
+                    self.workers[c].lent -= k;
+                    self.workers[home].used += k;
+                    self.out.moved_blocks += k;
+                }
+                holders.retain(|&(h, blocks)| blocks > 0 || h == home);
+            }
+        }
+    }
+
+    /// Blocks of the first chunk of the next request waiting at `home`.
+    fn next_chunk_blocks(&self, home: usize) -> u64 {
+        self.workers[home].queue.front().map_or(0, |&r| {
+            let chunk = self.cfg.rule.max_batched_tokens as u64;
+            self.reqs[r]
+                .prompt
+                .min(chunk)
+                .div_ceil(self.cfg.block_tokens)
+        })
     }
 
     fn finish(mut self, duration_s: f64) -> Outcome {
