@@ -78,6 +78,11 @@ impl Migrator {
     /// Moves every block of `seqs` that `peer` holds elsewhere (it drains).
     pub fn evacuate(&mut self, peer: u16, seqs: Vec<SeqId>) {
         let until = Instant::now() + EVACUATE_PATIENCE;
+        // The evacuation supersedes a repatriation off the same creditor: two jobs would pick
+        // the same blocks, and the second commit would be refused.
+        self.jobs.retain(
+            |j| !matches!(j, Job::Repatriate { seq, from } if *from == peer && seqs.contains(seq)),
+        );
         for seq in seqs {
             let job = Job::Evacuate {
                 seq,
