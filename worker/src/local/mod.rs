@@ -64,6 +64,11 @@ pub struct LocalArgs {
     /// i-th, round robin [default: cpu for all].
     #[arg(long, env = "ILM_DEVICES", value_delimiter = ',')]
     pub devices: Vec<String>,
+    /// Compute threads of each CPU worker [default: this machine's cores shared out among the
+    /// CPU workers, at least one each: a thread per core in every worker would have them spin
+    /// against each other, where GPU workers each have a device of their own].
+    #[arg(long, env = "ILM_CPU_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub cpu_threads: Option<u16>,
     /// How workers exchange attention's queries and partial outputs: auto (NCCL between GPU
     /// workers), tcp or nccl.
     #[arg(long, env = "ILM_TRANSPORT", value_enum, default_value_t = Transport::Auto)]
@@ -167,6 +172,17 @@ pub async fn run(args: LocalArgs, worker_flags: Vec<String>, output: Output) -> 
     gmanager.wait_ready(&client, timeout).await?;
     let gmanager_url = gmanager.base_url();
 
+    let device_of = |i: u16| {
+        (!args.devices.is_empty()).then(|| &args.devices[usize::from(i) % args.devices.len()])
+    };
+    let on_cpu = |i: u16| device_of(i).is_none_or(|d| d == "cpu");
+    let cpu_threads = args.cpu_threads.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let cpu_workers = (0..args.workers).filter(|&i| on_cpu(i)).count();
+        u16::try_from(cores / cpu_workers.max(1))
+            .unwrap_or(u16::MAX)
+            .max(1)
+    });
     let mut workers = Vec::new();
     for i in 0..args.workers {
         let name = format!("worker-{i}");
@@ -195,9 +211,11 @@ pub async fn run(args: LocalArgs, worker_flags: Vec<String>, output: Output) -> 
                     .get_name()
             ),
         ];
-        if !args.devices.is_empty() {
-            let device = &args.devices[usize::from(i) % args.devices.len()];
+        if let Some(device) = device_of(i) {
             flags.push(format!("--device={device}"));
+        }
+        if on_cpu(i) {
+            flags.push(format!("--cpu-threads={cpu_threads}"));
         }
         let mut engine = args.engine.clone();
         // Every worker started here is in the pool from the start, joined or not yet.

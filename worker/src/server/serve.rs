@@ -189,6 +189,11 @@ pub struct ServeArgs {
     /// between GPU workers, TCP otherwise), `tcp`, or `nccl` (refuse to start without it).
     #[arg(long, env = "ILM_TRANSPORT", value_enum, default_value_t = Transport::Auto)]
     pub transport: Transport,
+    /// Threads of the CPU backend's matrix and attention work [default: every core this
+    /// process may use]. Workers sharing a machine (local mode) each take a share of its cores,
+    /// as GPU workers each have their own device.
+    #[arg(long, env = "ILM_CPU_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub cpu_threads: Option<u16>,
     #[command(flatten)]
     pub engine: EngineArgs,
     /// File holding the cluster token that guards internal routes such as /drain.
@@ -261,6 +266,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .advertise_host
         .clone()
         .unwrap_or_else(|| args.host.clone());
+    if let Some(threads) = args.cpu_threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(usize::from(threads))
+            .build_global()
+            .context("setting up the CPU threads")?;
+    }
     let mut options = args.engine.options();
     options.device = args.device;
     if args.gmanager_url.is_some() {
